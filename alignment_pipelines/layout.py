@@ -1,0 +1,46 @@
+"""Where everything lives under the one data root (local path today, object store later)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_ROOT_ENV = "ALIGNMENT_PIPELINES_HOME"
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get(DATA_ROOT_ENV, ".data")).resolve()
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    root: Path
+
+    @property
+    def inbox(self) -> Path:
+        """Drop feedback files here; the inbox sensor turns each into a batch."""
+        return self.root / "inbox"
+
+    def batch_dir(self, batch_key: str) -> Path:
+        return self.root / "batches" / batch_key
+
+    def dataset_dir(self, name: str, version: str) -> Path:
+        return self.root / "datasets" / name / version
+
+    @property
+    def model_store(self) -> Path:
+        """Base models converted once to safetensors (SmolLM2, GGUF imports, the tiny model)."""
+        return self.root / "models"
+
+    def training_dir(self, asset_name: str, run_id: str) -> Path:
+        return self.root / "runs" / asset_name / run_id
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlflow"
+
+    def ensure(self) -> "DataRoot":
+        for path in (self.inbox, self.model_store, self.mlflow_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
