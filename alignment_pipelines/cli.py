@@ -1,0 +1,190 @@
+"""`alignment-pipelines`: the same code the assets run, for users, scripts and GPU workers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from alignment_pipelines.layout import default_data_root
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from alignment_pipelines.data.validation import validate_file
+
+    result = validate_file(args.file)
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.file).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.file).name
+    result.accepted.to_json(out_dir / f"{stem}.accepted.jsonl", orient="records", lines=True, force_ascii=False)
+    result.quarantined.to_json(out_dir / f"{stem}.quarantine.jsonl", orient="records", lines=True, force_ascii=False)
+    print(json.dumps(result.summary(), indent=2))
+    return 0
+
+
+def _training_data(path: str, work_dir: Path) -> str:
+    """Parquet passes through; any file the importer reads is validated and its accepted rows used."""
+    if path.endswith(".parquet"):
+        return path
+    from alignment_pipelines.data.splits import write_records
+    from alignment_pipelines.data.validation import validate_file
+
+    result = validate_file(path)
+    if result.quarantined.shape[0]:
+        print(f"{path}: {len(result.quarantined)} of {result.rows} rows quarantined "
+              f"{result.counts_by_reason()}; training on the {len(result.accepted)} accepted rows",
+              file=sys.stderr)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    target = work_dir / f"{Path(path).name}.accepted.parquet"
+    write_records(result.accepted, target)
+    return str(target)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from alignment_pipelines.methods import config_from_dict, get_method, run_training
+    from alignment_pipelines.models.loading import resolve_model
+
+    get_method(args.method)  # an unknown method fails before anything loads
+    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    overrides = {"model": args.model, "data": args.data, "output_dir": args.output,
+                 "eval_data": args.eval_data, "max_steps": args.max_steps, "lora": args.lora}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for needed in ("model", "data", "output_dir"):
+        if not values.get(needed):
+            raise SystemExit(f"alignment-pipelines train: --{needed.replace('_dir', '')} is required "
+                             "(or give it in --config)")
+    store = Path(args.model_store or default_data_root() / "models")
+    values["model"] = str(resolve_model(values["model"], store, allow_hub=args.allow_hub))
+    work_dir = Path(values["output_dir"]).parent / f"{Path(values['output_dir']).name}.data"
+    values["data"] = _training_data(values["data"], work_dir)
+    if values.get("eval_data"):
+        values["eval_data"] = _training_data(values["eval_data"], work_dir)
+    config = config_from_dict(args.method, values)
+
+    with _worker_reporting() as report:
+        result = run_training(args.method, config, callbacks=report.callbacks())
+        report.finish(result)
+    print(result.to_json())
+    return 0
+
+
+class _worker_reporting:
+    """Streams step metrics to Dagster (when run through Pipes) and MLflow (when given a run)."""
+
+    def __enter__(self):
+        import contextlib
+
+        self._stack = contextlib.ExitStack()
+        self.pipes = None
+        if os.environ.get("DAGSTER_PIPES_CONTEXT"):
+            from dagster_pipes import open_dagster_pipes
+
+            self.pipes = self._stack.enter_context(open_dagster_pipes())
+        self.tracker = None
+        uri = os.environ.get("ALIGNMENT_PIPELINES_MLFLOW_URI")
+        self.mlflow_run_id = os.environ.get("ALIGNMENT_PIPELINES_MLFLOW_RUN_ID")
+        if uri and self.mlflow_run_id:
+            from alignment_pipelines.tracking import Tracker
+
+            self.tracker = Tracker(uri)
+        return self
+
+    def callbacks(self) -> list:
+        from alignment_pipelines.tracking import step_callback
+
+        callbacks = []
+        if self.tracker:
+            callbacks.append(self.tracker.metrics_callback(self.mlflow_run_id))
+        if self.pipes:
+            pipes = self.pipes
+            callbacks.append(step_callback(
+                lambda step, logs: pipes.log.info(f"step {step}: {json.dumps(logs, default=str)}")))
+        return callbacks
+
+    def finish(self, result) -> None:
+        if self.pipes:
+            self.pipes.report_custom_message(json.loads(result.to_json()))
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from alignment_pipelines.tracking import Tracker, local_tracking_uri
+
+    uri = args.tracking_uri or local_tracking_uri(default_data_root() / "mlflow")
+    Tracker(uri).set_alias(args.name, args.version, args.alias)
+    print(json.dumps({"name": args.name, "version": args.version, "alias": args.alias}))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from alignment_pipelines.definitions import run_demo
+
+    summary = run_demo(base_model=args.model)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignment-pipelines",
+        description="Turn feedback on a language model's answers into an aligned, registered model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser(
+        "validate", help="check a feedback file; print a JSON summary; write accepted and quarantined rows",
+        description="Validate a feedback file row by row. Prints {rows, accepted, quarantined, by_reason} "
+                    "and writes FILE.accepted.jsonl and FILE.quarantine.jsonl (each quarantined row with "
+                    "its line number and reason) beside the file or in --output-dir.")
+    validate.add_argument("file")
+    validate.add_argument("--output-dir", help="where to write the accepted and quarantined rows")
+    validate.set_defaults(func=_validate)
+
+    train = commands.add_parser(
+        "train", help="train one method and write a safetensors model folder plus metrics.json",
+        description="Train METHOD from --model on --data and write a merged safetensors model folder and "
+                    "metrics.json to --output. --model takes a local folder, a .gguf file, "
+                    "`smollm2-135m-instruct` (the embedded default) or `tiny-random` (a tiny offline "
+                    "model for smoke tests). --config takes a JSON file of the method's config; flags "
+                    "override it.")
+    train.add_argument("method", help="sft or dpo")
+    train.add_argument("--model", help="model spec (see above)")
+    train.add_argument("--data", help="training data: .parquet, or any file the importer reads (.jsonl[.gz])")
+    train.add_argument("--eval-data", help="optional held-out data, same formats")
+    train.add_argument("--output", help="output folder for the trained model")
+    train.add_argument("--max-steps", type=int)
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--lora", dest="lora", action="store_true", default=None, help="train LoRA adapters (default)")
+    mode.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
+    train.add_argument("--config", help="JSON file with the method's config")
+    train.add_argument("--model-store", help="where named models are converted to (default: <data root>/models)")
+    train.add_argument("--allow-hub", action="store_true", help="allow downloading a hub model named by --model")
+    train.set_defaults(func=_train)
+
+    promote = commands.add_parser("promote", help="point an alias (default: champion) at a model version",
+                                  description="Set an MLflow alias on a registered model version.")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", default="champion")
+    promote.add_argument("--tracking-uri", help="default: the SQLite store under the data root")
+    promote.set_defaults(func=_promote)
+
+    demo = commands.add_parser(
+        "demo", help="materialize the whole asset graph on the demo feedback (into DAGSTER_HOME)",
+        description="Drop the demo feedback in the inbox, run the inbox sensor, and materialize every "
+                    "asset in the Dagster instance at DAGSTER_HOME, so the UI shows them materialized.")
+    demo.add_argument("--model", default=None, help="base model spec (default: smollm2-135m-instruct)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

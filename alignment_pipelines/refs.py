@@ -1,0 +1,38 @@
+"""Small, picklable references that assets hand to each other: paths plus lineage, never tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A versioned, split training dataset on disk."""
+
+    name: str
+    version: str  # content hash of the deduplicated rows
+    train_path: str
+    eval_path: str
+    batches: tuple[str, ...]
+    train_rows: int
+    eval_rows: int
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A trained (or converted base) model folder and where it is registered."""
+
+    path: str
+    method: str
+    base_model: str
+    dataset_version: str | None = None
+    registered_name: str | None = None
+    registered_version: str | None = None
+    mlflow_run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str | None:
+        if self.registered_name and self.registered_version:
+            return f"models:/{self.registered_name}/{self.registered_version}"
+        return None

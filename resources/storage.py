@@ -1,0 +1,17 @@
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from alignment_pipelines.layout import DataRoot, default_data_root
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The one data root: inbox, batches, datasets, model store, training runs, MLflow store."""
+
+    root: str = Field(default_factory=lambda: str(default_data_root()),
+                      description="Local folder for all pipeline outputs (env ALIGNMENT_PIPELINES_HOME).")
+
+    @property
+    def layout(self) -> DataRoot:
+        return DataRoot(root=Path(self.root).resolve()).ensure()
