@@ -1,0 +1,56 @@
+"""The command line: the same code the assets run, callable by users and GPU workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from alignment_pipelines.cli import main
+from alignment_pipelines.data.demo import demo_feedback_path
+
+
+def test_validate_prints_summary_and_writes_both_sides(tmp_path, capsys):
+    source = tmp_path / "feedback.jsonl"
+    lines = demo_feedback_path().read_text().splitlines()[:10]
+    source.write_text("\n".join(lines + ['{"prompt": "x", "chosen": "same", "rejected": "same"}', "{oops"]) + "\n")
+
+    assert main(["validate", str(source)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 12 and summary["accepted"] == 10 and summary["quarantined"] == 2
+    assert summary["by_reason"] == {"identical_pair": 1, "invalid_json": 1}
+    quarantined = [json.loads(l) for l in (tmp_path / "feedback.jsonl.quarantine.jsonl").read_text().splitlines()]
+    assert sorted(q["row"] for q in quarantined) == [11, 12]
+    assert len((tmp_path / "feedback.jsonl.accepted.jsonl").read_text().splitlines()) == 10
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["train"], ["promote"], ["demo"]])
+def test_every_command_explains_itself(command):
+    out = subprocess.run([sys.executable, "-m", "alignment_pipelines.cli", *command, "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "usage: alignment-pipelines" in out
+
+
+def test_train_from_the_command_line_with_the_tiny_model(tmp_path):
+    output = tmp_path / "sft"
+    completed = subprocess.run(
+        [sys.executable, "-m", "alignment_pipelines.cli", "train", "sft", "--model", "tiny-random",
+         "--data", str(demo_feedback_path()), "--output", str(output), "--max-steps", "3",
+         "--model-store", str(tmp_path / "store")],
+        capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["method"] == "sft"
+    with safe_open(str(output / "model.safetensors"), "pt") as weights:
+        assert not any("lora" in k for k in weights.keys())  # merged: loads without PEFT
+
+
+def test_unknown_method_fails_before_loading_anything(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "alignment_pipelines.cli", "train", "ppo-typo", "--model", "tiny-random",
+         "--data", "x.jsonl", "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert completed.returncode != 0
+    assert "ppo-typo" in completed.stderr and "sft" in completed.stderr

@@ -1,0 +1,166 @@
+"""The whole graph in real Dagster runs: sensor → ingestion → gates → training → evaluation → MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import dagster as dg
+import pytest
+
+from alignment_pipelines.data.demo import demo_feedback_path
+from alignment_pipelines.definitions import ALL_ASSETS, ALL_CHECKS, TRAINING_SELECTION, build_definitions, build_resources
+from alignment_pipelines.tracking import Tracker
+from assets.ingestion import feedback_batches, feedback_inbox_sensor, raw_feedback, validate_feedback_batch
+
+pytestmark = pytest.mark.integration
+
+TINY_RUN_CONFIG = {"ops": {
+    "sft_model": {"config": {"max_steps": 4, "max_length": 128}},
+    "policy_dpo": {"config": {"max_steps": 4, "max_length": 128}},
+    "evaluation_report": {"config": {"max_pairs": 8, "max_prompts": 4, "max_new_tokens": 8}},
+}}
+MALFORMED = [
+    '{"prompt": "What is 2+2?", "chosen": "4', # truncated JSON
+    json.dumps({"prompt": "Same?", "chosen": "yes", "rejected": "yes"}),
+    json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}),
+]
+
+
+def _inbox_file(root, name, good_rows=40, bad_lines=()):
+    lines = demo_feedback_path().read_text().splitlines()[:good_rows] + list(bad_lines)
+    inbox = root / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / name).write_text("\n".join(lines) + "\n")
+    return inbox / name
+
+
+def _sense(instance, resources):
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        result = feedback_inbox_sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(feedback_batches.name, list(request.partition_keys))
+    return result
+
+
+def _ingest(instance, resources, key):
+    return dg.materialize([raw_feedback, validate_feedback_batch, *ALL_CHECKS], partition_key=key,
+                          instance=instance, resources=resources, raise_on_error=False)
+
+
+@pytest.fixture
+def env(tmp_path, tiny_model_dir):
+    with dg.instance_for_test() as instance:
+        resources = build_resources(data_root=tmp_path / "data", base_model=str(tiny_model_dir),
+                                    launcher_mode="subprocess")
+        yield instance, resources, tmp_path / "data"
+
+
+def test_feedback_becomes_a_registered_evaluated_policy(env):
+    instance, resources, root = env
+    _inbox_file(root, "feedback.jsonl", bad_lines=MALFORMED)
+
+    sensed = _sense(instance, resources)
+    assert len(sensed.run_requests) == 1
+    key = sensed.run_requests[0].partition_key
+    assert key.startswith("feedback.jsonl-")
+    assert _sense(instance, resources).run_requests in (None, [])  # idempotent: same file, no new batch
+
+    ingest = _ingest(instance, resources, key)
+    assert ingest.success
+    quarantine = ingest.asset_materializations_for_node("validate_feedback_batch")
+    by_key = {m.asset_key.to_user_string(): m.metadata for m in quarantine}
+    assert by_key["validated_feedback"]["dagster/row_count"].value == 40
+    assert by_key["quarantine"]["dagster/row_count"].value == 3
+    reasons = by_key["quarantine"]["counts_by_reason"].value
+    assert reasons == {"invalid_json": 1, "identical_pair": 1, "empty_field": 1}
+    checks = ingest.get_asset_check_evaluations()
+    assert [c.passed for c in checks] == [True]
+
+    result = dg.materialize(ALL_ASSETS, selection=TRAINING_SELECTION, instance=instance,
+                            resources=resources, run_config=TINY_RUN_CONFIG)
+    assert result.success
+
+    tracker = Tracker(resources["mlflow"].resolved_uri())
+    for name, method in (("sft_model", "sft"), ("policy_dpo", "dpo")):
+        version = tracker.version_by_alias(name, "candidate")
+        assert version.tags["lineage.method"] == method
+        assert version.tags["lineage.batches"] == key
+        assert version.tags["lineage.dagster_run_id"] == result.run_id
+        assert version.tags["lineage.dataset_version"] == result.output_for_node("preference_pairs").version
+    dpo = tracker.version_by_alias("policy_dpo", "candidate")
+    assert dpo.tags["lineage.parent_model"] == "models:/sft_model/1"
+    run = tracker.client.get_run(dpo.run_id)
+    assert "rewards/margins" in run.data.metrics  # per-step metrics streamed from the Pipes worker
+    assert len(tracker.client.get_metric_history(dpo.run_id, "loss")) == 4
+
+    report = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    assert 0.0 <= report["win_rate"].value <= 1.0
+    assert 0.0 <= report["preference_accuracy"].value <= 1.0
+    assert "| win_rate |" in report["report"].value
+    assert tracker.client.get_model_version("policy_dpo", dpo.version).tags["evaluation.gate"] in ("passed", "failed")
+
+
+def test_failed_blocking_check_keeps_the_batch_out_of_training(env):
+    instance, resources, root = env
+    _inbox_file(root, "good.jsonl", good_rows=20)
+    _sense(instance, resources)
+    _inbox_file(root, "junk.jsonl", good_rows=2, bad_lines=["not json"] * 10)
+    keys = sorted(instance.get_dynamic_partitions(feedback_batches.name))
+    keys += [r.partition_key for r in _sense(instance, resources).run_requests]
+    for key in keys:
+        _ingest(instance, resources, key)
+
+    junk = next(k for k in keys if k.startswith("junk"))
+    check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("validated_feedback"), "validated_feedback_expectations")])
+    assert check  # the check ran; its per-batch verdict is recorded in the batch summary
+    summary = json.loads((root / "batches" / junk / "summary.json").read_text())
+    assert summary["suite_success"] is False and summary["quarantined"] == 10
+
+    result = dg.materialize(ALL_ASSETS, selection=dg.AssetSelection.assets("preference_pairs"),
+                            instance=instance, resources=resources)
+    dataset = result.output_for_node("preference_pairs")
+    assert junk not in dataset.batches and len(dataset.batches) == 1
+    assert dataset.train_rows + dataset.eval_rows == 20
+
+
+def test_new_data_retrains_and_rejected_data_retrains_nothing(env):
+    instance, resources, root = env
+    defs = build_definitions(data_root=root, base_model="tiny-random")
+    pairs, sft = dg.AssetKey("preference_pairs"), dg.AssetKey("sft_model")
+
+    def tick(previous):
+        return dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                 cursor=previous.cursor if previous else None)
+
+    def ingest(name, **rows):
+        _inbox_file(root, name, **rows)
+        _ingest(instance, resources, _sense(instance, resources).run_requests[0].partition_key)
+
+    def build_pairs():
+        return dg.materialize(ALL_ASSETS, selection=dg.AssetSelection.assets(pairs), instance=instance,
+                              resources=resources).output_for_node("preference_pairs")
+
+    state = tick(None)  # the first tick only records where things stand
+    ingest("first.jsonl", good_rows=10)
+    state = tick(state)
+    assert state.get_num_requested(pairs) == 1
+    assert state.get_num_requested(sft) == 0  # its input does not exist yet
+    first = build_pairs()
+    state = tick(state)
+    assert state.get_num_requested(sft) == 1
+
+    ingest("junk.jsonl", good_rows=1, bad_lines=["not json"] * 5)  # fails its blocking check
+    state = tick(state)
+    assert state.get_num_requested(pairs) == 1
+    assert build_pairs().version == first.version
+    state = tick(state)
+    assert state.get_num_requested(sft) == 0  # nothing new got through the gate
+
+    ingest("second.jsonl", good_rows=14)
+    state = tick(state)
+    assert state.get_num_requested(pairs) == 1
+    assert build_pairs().version != first.version
+    state = tick(state)
+    assert state.get_num_requested(sft) == 1
