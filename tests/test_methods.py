@@ -167,7 +167,7 @@ def test_registry_and_unknown_method(tmp_path, tiny_model_dir, pairs_path):
     assert (METHODS["sft"].needs, METHODS["sft"].starts_from) == ("pairs", "base")
     assert (METHODS["dpo"].needs, METHODS["dpo"].starts_from) == ("pairs", "sft")
     assert get_method("dpo").config_cls is DPOMethodConfig
-    with pytest.raises(ConfigError, match="known: \\['dpo', 'sft'"):
+    with pytest.raises(ConfigError, match="known: \\['dpo', 'kto', 'orpo', 'sft'\\]"):
         get_method("ppo-typo")
     d = {"model": str(tiny_model_dir), "data": str(pairs_path), "output_dir": str(tmp_path / "o"), "beta": 0.2,
          "learning_rate": 1}

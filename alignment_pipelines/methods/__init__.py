@@ -19,22 +19,28 @@ from alignment_pipelines.methods.base import (
     ConfigError,
     TrainingConfig,
     TrainResult,
+    load_binary,
     load_pairs,
 )
-from alignment_pipelines.methods import dpo, sft
+from alignment_pipelines.methods import dpo, kto, orpo, sft
 from alignment_pipelines.methods.dpo import DPOMethodConfig
+from alignment_pipelines.methods.kto import KTOMethodConfig
+from alignment_pipelines.methods.orpo import ORPOMethodConfig
 from alignment_pipelines.methods.sft import SFTMethodConfig
 
 __all__ = [
     "METHODS",
     "ConfigError",
     "DPOMethodConfig",
+    "KTOMethodConfig",
     "MethodSpec",
+    "ORPOMethodConfig",
     "SFTMethodConfig",
     "TrainResult",
     "TrainingConfig",
     "config_from_dict",
     "get_method",
+    "load_binary",
     "load_pairs",
     "run_training",
 ]
@@ -52,6 +58,8 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "sft": MethodSpec("sft", SFTMethodConfig, sft.train, needs="pairs", starts_from="base"),
     "dpo": MethodSpec("dpo", DPOMethodConfig, dpo.train, needs="pairs", starts_from="sft"),
+    "kto": MethodSpec("kto", KTOMethodConfig, kto.train, needs="binary", starts_from="sft"),
+    "orpo": MethodSpec("orpo", ORPOMethodConfig, orpo.train, needs="pairs", starts_from="base"),
 }
 
 

@@ -30,6 +30,7 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 DATA_SUFFIXES = (".parquet", ".jsonl")
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "alignment_config.json"
+CHECKPOINT_CONFIG_FILE = "alignment_checkpoint_config.json"
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,47 @@ def load_pairs(path: str | os.PathLike, required: tuple[str, ...] = PAIR_COLUMNS
     return df.reset_index(drop=True)
 
 
+BINARY_COLUMNS = ("prompt", "completion", "label")
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool) or type(v).__name__ == "bool_"  # numpy.bool_ from Parquet
+
+
+def load_binary(path: str | os.PathLike) -> pd.DataFrame:
+    """Read binary feedback (.parquet or .jsonl): ``row``, ``prompt`` (messages), ``completion`` (str), ``label`` (bool).
+
+    ``label`` True means the completion is desirable. Raises :class:`ConfigError` (field ``data``) for a missing
+    file or column, a non-boolean label, or data where one of the two labels never occurs (KTO needs both).
+    """
+    df = load_pairs(path, required=BINARY_COLUMNS)
+    bad = [(r, v) for r, v in zip(df["row"], df["label"]) if not _is_bool(v)]
+    if bad:
+        row, value = bad[0]
+        raise ConfigError(
+            "data", str(path), f"column 'label' must be boolean (true = desirable); row {row} has {value!r}"
+            f" ({len(bad)} non-boolean value(s))"
+        )
+    df["label"] = df["label"].astype(bool)
+    n_true = int(df["label"].sum())
+    n_false = len(df) - n_true
+    if n_true == 0 or n_false == 0:
+        raise ConfigError(
+            "data", str(path), f"column 'label' must have both values; found {n_true} desirable, {n_false} undesirable"
+        )
+    return df
+
+
+def to_unpaired_dataset(df: pd.DataFrame):
+    """TRL conversational unpaired-preference dataset: prompt messages, one assistant turn, bool label."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": normalize_prompt(p), "completion": _answer(c), "label": bool(lab)}
+        for p, c, lab in zip(df["prompt"], df["completion"], df["label"])
+    ])
+
+
 def _answer(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
@@ -194,6 +236,11 @@ class TrainingConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     disable_tqdm: bool = True
+    # Checkpoints for resuming a killed run. ``checkpoint_dir`` must stay the same across retries (the asset keys
+    # it by the config without ``output_dir``); it is removed after a successful run. ``save_steps`` > 0 writes a
+    # checkpoint every that many optimizer steps (needs ``checkpoint_dir``); 0 writes none.
+    checkpoint_dir: str | None = None
+    save_steps: int = 0
 
     # Columns the training data must have; methods override.
     required_columns: ClassVar[tuple[str, ...]] = PAIR_COLUMNS
@@ -238,6 +285,7 @@ class TrainingConfig:
             raise ConfigError("output_dir", str(out), "exists and is not a folder")
         if out.resolve() == model.resolve():
             raise ConfigError("output_dir", str(out), "must differ from the input model folder")
+        self._validate_checkpointing()
         self._validate_method()
         # data last: it reads the file
         for name in ("data", "eval_data"):
@@ -250,9 +298,48 @@ class TrainingConfig:
             if not p.is_file():
                 raise ConfigError(name, str(path), "file does not exist")
             try:
-                load_pairs(p, required=self.required_columns)
+                self.load_data(p)
             except ConfigError as exc:
                 raise ConfigError(name, str(path), exc.rule if exc.field == "data" else str(exc)) from exc
+
+    def _validate_checkpointing(self) -> None:
+        if not _is_int(self.save_steps) or self.save_steps < 0:
+            raise ConfigError("save_steps", self.save_steps, "must be a non-negative integer (0 = no checkpoints)")
+        if self.checkpoint_dir is None:
+            if self.save_steps > 0:
+                raise ConfigError("checkpoint_dir", None, "is required when save_steps > 0")
+            return
+        if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not str(self.checkpoint_dir).strip():
+            raise ConfigError("checkpoint_dir", self.checkpoint_dir, "must be a non-empty path or null")
+        ckpt, out, model = (Path(x).resolve() for x in (self.checkpoint_dir, self.output_dir, self.model))
+        for other, name in ((out, "output_dir"), (model, "model")):
+            if ckpt == other or other in ckpt.parents or ckpt in other.parents:
+                raise ConfigError("checkpoint_dir", str(self.checkpoint_dir), f"must not overlap {name} ({other})")
+        if ckpt.exists() and not ckpt.is_dir():
+            raise ConfigError("checkpoint_dir", str(self.checkpoint_dir), "exists and is not a folder")
+        saved = ckpt / CHECKPOINT_CONFIG_FILE
+        if saved.is_file():
+            try:
+                previous = json.loads(saved.read_text())
+            except (OSError, json.JSONDecodeError):
+                previous = None
+            if previous is not None and previous != self.checkpoint_fingerprint():
+                changed = sorted(k for k in set(previous) | set(self.checkpoint_fingerprint())
+                                 if previous.get(k) != self.checkpoint_fingerprint().get(k))
+                raise ConfigError("checkpoint_dir", str(self.checkpoint_dir),
+                                  f"holds checkpoints of a different config (differs in {changed}); "
+                                  "use another checkpoint_dir or delete it")
+
+    def checkpoint_fingerprint(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption: the config without paths that may move."""
+        d = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.to_dict().items()
+             if k not in ("output_dir", "checkpoint_dir", "disable_tqdm")}
+        d["__class__"] = type(self).__name__
+        return json.loads(json.dumps(d, default=str))
+
+    def load_data(self, path: str | os.PathLike) -> pd.DataFrame:
+        """Read and check one data file for this method; subclasses override (e.g. binary feedback)."""
+        return load_pairs(path, required=self.required_columns)
 
     def _validate_method(self) -> None:
         """Method-specific checks; subclasses override."""
@@ -346,7 +433,79 @@ def common_args(config: TrainingConfig, trainer_dir: Path) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         "max_length": config.max_length,
         **device_kwargs(),
+        **checkpoint_args(config),
     }
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------
+
+
+def checkpoint_args(config: TrainingConfig) -> dict[str, Any]:
+    """With ``checkpoint_dir`` and ``save_steps`` > 0: the trainer writes ``checkpoint-<step>`` folders there."""
+    if not config.checkpoint_dir or config.save_steps <= 0:
+        return {}
+    return {
+        "output_dir": str(config.checkpoint_dir),
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": 1,  # the newest is only rotated out once its successor is completely written
+    }
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a complete checkpoint folder, or None (trainer_state.json is written last)."""
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike | None) -> tuple[Path | None, int]:
+    """(folder, step) of the newest complete ``checkpoint-<n>`` in ``checkpoint_dir``; (None, 0) if there is none."""
+    if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
+        return None, 0
+    found = []
+    for child in Path(checkpoint_dir).iterdir():
+        if child.is_dir() and child.name.startswith("checkpoint-") and child.name[len("checkpoint-"):].isdigit():
+            step = _checkpoint_step(child)
+            if step is not None:
+                found.append((int(child.name[len("checkpoint-"):]), step, child))
+    if not found:
+        return None, 0
+    _, step, path = max(found)
+    return path, step
+
+
+def _remove_incomplete_checkpoints(checkpoint_dir: Path) -> None:
+    """A run killed while saving leaves a checkpoint folder without trainer_state.json; it must not be resumed."""
+    for child in checkpoint_dir.iterdir():
+        if child.is_dir() and child.name.startswith("checkpoint-") and _checkpoint_step(child) is None:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def train_resumable(trainer, config: TrainingConfig) -> int:
+    """``trainer.train()``, resuming from the newest complete checkpoint in ``config.checkpoint_dir`` if any.
+
+    Returns the step resumed from (0 for a fresh run). Records the config in the checkpoint folder so a later run
+    with a different config refuses to resume from it (see ``TrainingConfig.validate``).
+    """
+    resume, step = None, 0
+    if config.checkpoint_dir:
+        ckpt = Path(config.checkpoint_dir)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / CHECKPOINT_CONFIG_FILE).write_text(json.dumps(config.checkpoint_fingerprint(), indent=2))
+        _remove_incomplete_checkpoints(ckpt)
+        resume, step = latest_checkpoint(ckpt)
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    trainer._alignment_resumed_from_step = step
+    return step
+
+
+def remove_checkpoints(config: TrainingConfig) -> None:
+    if config.checkpoint_dir:
+        shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
 
 
 def quiet_progress(config: TrainingConfig) -> None:
@@ -438,16 +597,21 @@ def _floatable(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def history_and_metrics(trainer) -> tuple[list[dict], dict[str, float]]:
+def history_and_metrics(trainer, resumed_from_step: int | None = None) -> tuple[list[dict], dict[str, float]]:
     """Split ``trainer.state.log_history`` into per-step logs and final summary metrics.
 
-    ``history``: every log entry except the end-of-training summary. ``metrics``: the last
-    logged value of every numeric training metric, the summary (``train_loss``,
-    ``train_runtime``, ...) and ``steps``.
+    ``history``: every log entry of this run except the end-of-training summary (after a resume, the entries up
+    to the checkpoint's step were logged by the killed run and are left out). ``metrics``: the last logged value
+    of every numeric training metric, the summary (``train_loss``, ``train_runtime``, ...), ``steps`` and
+    ``resumed_from_step`` (0 for a fresh run).
     """
+    if resumed_from_step is None:
+        resumed_from_step = getattr(trainer, "_alignment_resumed_from_step", 0)
     history: list[dict] = []
     metrics: dict[str, float] = {}
     for entry in trainer.state.log_history:
+        if "train_runtime" not in entry and int(entry.get("step", 0)) <= resumed_from_step:
+            continue
         clean = {k: (float(v) if _floatable(v) and k != "step" else v) for k, v in entry.items()}
         if "train_runtime" in entry:
             metrics.update({k: float(v) for k, v in entry.items() if _floatable(v) and k != "step"})
@@ -458,6 +622,7 @@ def history_and_metrics(trainer) -> tuple[list[dict], dict[str, float]]:
             if _floatable(v) and k not in ("step", "epoch"):
                 metrics[k] = float(v)
     metrics["steps"] = float(trainer.state.global_step)
+    metrics["resumed_from_step"] = float(resumed_from_step)
     return history, metrics
 
 
@@ -472,8 +637,24 @@ def save_merged(trainer, tokenizer, config: TrainingConfig, staging: StagingDir)
     (staging.model_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
 
-def finish(result: TrainResult, staging: StagingDir) -> TrainResult:
-    """Write metrics.json into the staged model, then rename it to ``output_dir``."""
+def finish(result: TrainResult, staging: StagingDir, config: TrainingConfig | None = None) -> TrainResult:
+    """Write metrics.json into the staged model, rename it to ``output_dir``, then drop the checkpoints."""
     (staging.model_dir / METRICS_FILE).write_text(result.to_json())
     staging.commit()
+    if config is not None:
+        remove_checkpoints(config)
     return result
+
+
+def train_and_save(trainer, tokenizer, config: TrainingConfig, staging: StagingDir, method: str,
+                   evaluate: bool = False, extra_metrics: dict[str, float] | None = None) -> TrainResult:
+    """What every method does once its trainer is built: train (resuming if possible), evaluate, save, commit."""
+    prepare_trainer(trainer, config)
+    resumed = train_resumable(trainer, config)
+    if evaluate:
+        trainer.evaluate()
+    history, metrics = history_and_metrics(trainer, resumed)
+    metrics.update(extra_metrics or {})
+    save_merged(trainer, tokenizer, config, staging)
+    result = TrainResult(method=method, output_dir=str(config.output_dir), metrics=metrics, history=history)
+    return finish(result, staging, config)

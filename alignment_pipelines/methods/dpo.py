@@ -15,14 +15,11 @@ from alignment_pipelines.methods.base import (
     TrainingConfig,
     TrainResult,
     common_args,
-    finish,
-    history_and_metrics,
     load_model_and_tokenizer,
     load_pairs,
-    prepare_trainer,
     quiet_progress,
     lora_config,
-    save_merged,
+    train_and_save,
     to_preference_dataset,
 )
 
@@ -86,11 +83,4 @@ def train(config: DPOMethodConfig, callbacks: list | None = None) -> TrainResult
             peft_config=peft_config,
             callbacks=list(callbacks or []),
         )
-        prepare_trainer(trainer, config)
-        trainer.train()
-        if eval_ds is not None:
-            trainer.evaluate()
-        history, metrics = history_and_metrics(trainer)
-        save_merged(trainer, tokenizer, config, staging)
-        result = TrainResult(method=METHOD, output_dir=str(config.output_dir), metrics=metrics, history=history)
-        return finish(result, staging)
+        return train_and_save(trainer, tokenizer, config, staging, METHOD, evaluate=eval_ds is not None)

@@ -16,14 +16,11 @@ from alignment_pipelines.methods.base import (
     TrainingConfig,
     TrainResult,
     common_args,
-    finish,
-    history_and_metrics,
     load_model_and_tokenizer,
     load_pairs,
-    prepare_trainer,
     quiet_progress,
     lora_config,
-    save_merged,
+    train_and_save,
     to_sft_dataset,
 )
 
@@ -71,11 +68,4 @@ def train(config: SFTMethodConfig, callbacks: list | None = None) -> TrainResult
             peft_config=lora_config(config),
             callbacks=list(callbacks or []),
         )
-        prepare_trainer(trainer, config)
-        trainer.train()
-        if eval_ds is not None:
-            trainer.evaluate()
-        history, metrics = history_and_metrics(trainer)
-        save_merged(trainer, tokenizer, config, staging)
-        result = TrainResult(method=METHOD, output_dir=str(config.output_dir), metrics=metrics, history=history)
-        return finish(result, staging)
+        return train_and_save(trainer, tokenizer, config, staging, METHOD, evaluate=eval_ds is not None)
