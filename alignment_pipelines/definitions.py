@@ -78,7 +78,7 @@ def run_demo(base_model: str | None = None, data_root: str | Path | None = None,
 
     resources = build_resources(data_root=data_root, base_model=base_model)
     layout = resources["storage"].layout
-    shutil.copyfile(demo_feedback_path(), layout.inbox / "demo_feedback.jsonl")
+    shutil.copy2(demo_feedback_path(), layout.inbox / "demo_feedback.jsonl")  # keeps the old mtime: settled
     instance = instance or dg.DagsterInstance.get()
 
     with dg.build_sensor_context(instance=instance, resources=resources) as context:

@@ -43,7 +43,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
         **{f"policy_{k}": v for k, v in length_stats(policy_answers).items()},
         **{f"sft_{k}": v for k, v in length_stats(sft_answers).items()},
     }
-    examples = [{"prompt": p[-1]["content"], "policy": a, "sft": b}
+    examples = [{"prompt": p[-1]["content"], "policy": a, "baseline": b}
                 for p, a, b in zip(prompts[:3], policy_answers, sft_answers)]
     report = build_report(metrics, examples)
     passed = (wins["win_rate"] >= config.min_win_rate

@@ -6,7 +6,7 @@ import shutil
 
 import dagster as dg
 
-from alignment_pipelines.data.inbox import find_batch_file, scan_inbox
+from alignment_pipelines.data.inbox import content_hash_of, find_batch_file, scan_inbox
 from alignment_pipelines.data.splits import read_records, write_records
 from alignment_pipelines.data.validation import ValidationRules, run_expectation_suite, validate_file
 from resources.storage import StorageResource
@@ -112,16 +112,34 @@ def _sample_markdown(quarantined, limit: int = 5) -> str:
     target=[raw_feedback, validate_feedback_batch],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Registers each new inbox file as a feedback batch and ingests it.",
+    description="Registers each new, complete inbox file as a feedback batch and ingests it.",
 )
 def feedback_inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
-    """Idempotent: a batch key is the file name plus its content hash, so a re-dropped file is skipped."""
-    ready = scan_inbox(storage.layout.inbox)
-    known = set(context.instance.get_dynamic_partitions(feedback_batches.name))
-    new_keys = list(dict.fromkeys(f.key for f in ready if f.key not in known))
+    """Idempotent: content already ingested (under any file name) is never a second batch.
+
+    Files still being written (a `.part` suffix, or changed since the last tick) wait; the cursor
+    remembers sizes and hashes so unchanged files are not re-hashed every tick.
+    """
+    previous = json.loads(context.cursor)["seen"] if context.cursor else {}
+    scan = scan_inbox(storage.layout.inbox, previous=previous)
+    known_hashes = {content_hash_of(k) for k in context.instance.get_dynamic_partitions(feedback_batches.name)}
+    new_keys, duplicates = [], []
+    for inbox_file in scan.ready:
+        digest = content_hash_of(inbox_file.key)
+        if digest in known_hashes:
+            duplicates.append(inbox_file.path.name)
+            continue
+        known_hashes.add(digest)
+        new_keys.append(inbox_file.key)
+    cursor = json.dumps({"seen": scan.seen})
     if not new_keys:
-        return dg.SensorResult(skip_reason=f"no new files among {len(ready)} in the inbox")
+        return dg.SensorResult(cursor=cursor, skip_reason=(
+            f"no new feedback: {len(scan.ready)} file(s) already ingested, "
+            f"{len(scan.still_writing)} still being written"))
+    if duplicates:
+        context.log.info(f"skipped files whose content is already a batch: {duplicates}")
     return dg.SensorResult(
+        cursor=cursor,
         run_requests=[dg.RunRequest(partition_key=key, run_key=key) for key in new_keys],
         dynamic_partitions_requests=[feedback_batches.build_add_request(new_keys)],
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import time
 
 import dagster as dg
 import pytest
@@ -32,6 +33,8 @@ def _inbox_file(root, name, good_rows=40, bad_lines=()):
     inbox = root / "inbox"
     inbox.mkdir(parents=True, exist_ok=True)
     (inbox / name).write_text("\n".join(lines) + "\n")
+    settled = time.time() - 60  # as if dropped a minute ago: complete, past the sensor's settle time
+    os.utime(inbox / name, (settled, settled))
     return inbox / name
 
 
