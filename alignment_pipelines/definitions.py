@@ -14,7 +14,7 @@ from assets.datasets import preference_pairs
 from assets.evaluation import evaluation_report
 from assets.ingestion import (feedback_batches, feedback_inbox_sensor, raw_feedback,
                               validate_feedback_batch, validated_feedback_expectations)
-from assets.training import policy_dpo, sft_model
+from assets.training import policy_dpo, policy_orpo, sft_model
 from resources.launcher import TrainingLauncher
 from resources.mlflow import MlflowResource
 from resources.models import BaseModelResource
@@ -22,9 +22,10 @@ from resources.storage import StorageResource
 
 BASE_MODEL_ENV = "ALIGNMENT_PIPELINES_BASE_MODEL"
 
-ALL_ASSETS = [raw_feedback, validate_feedback_batch, preference_pairs, sft_model, policy_dpo, evaluation_report]
+ALL_ASSETS = [raw_feedback, validate_feedback_batch, preference_pairs, sft_model, policy_dpo, policy_orpo,
+              evaluation_report]
 ALL_CHECKS = [validated_feedback_expectations]
-TRAINING_SELECTION = dg.AssetSelection.assets(preference_pairs, sft_model, policy_dpo, evaluation_report)
+TRAINING_SELECTION = dg.AssetSelection.assets(preference_pairs, sft_model, policy_dpo, policy_orpo, evaluation_report)
 
 nightly_retraining = dg.ScheduleDefinition(
     name="nightly_retraining",
@@ -98,10 +99,10 @@ def run_demo(base_model: str | None = None, data_root: str | Path | None = None,
     return {
         "batches": batches,
         "run_id": result.run_id,
-        "policy": result.output_for_node("policy_dpo").uri,
+        "policies": [result.output_for_node(name).uri for name in ("policy_dpo", "policy_orpo")],
         "evaluation": {k: v.value for k, v in
                        result.asset_materializations_for_node("evaluation_report")[0].metadata.items()
-                       if k in ("win_rate", "preference_accuracy", "gate_passed")},
+                       if k.endswith(("/win_rate", "/preference_accuracy")) or k == "promoted_to_champion"},
         "data_root": str(layout.root),
         "env": {DATA_ROOT_ENV: str(layout.root)},
     }

@@ -25,6 +25,7 @@ class ModelRef:
     path: str
     method: str
     base_model: str
+    start_path: str | None = None  # the model it was trained from (its reference for implicit rewards)
     dataset_version: str | None = None
     registered_name: str | None = None
     registered_version: str | None = None

@@ -1,6 +1,10 @@
 """Training assets: one per method, each a thin call into `alignment_pipelines.methods`."""
 
 
+import hashlib
+import json
+from pathlib import Path
+
 import dagster as dg
 
 from alignment_pipelines.methods import config_from_dict
@@ -13,6 +17,8 @@ from resources.models import BaseModelResource
 from resources.storage import StorageResource
 
 TRAINING_POOL = "training"  # dagster.yaml limits it to 1: two trainings never share a device
+# A killed or crashed training is retried; it resumes from its last checkpoint (see `checkpoint_dir_for`).
+TRAINING_RETRIES = dg.RetryPolicy(max_retries=2, delay=10)
 
 
 class TrainingAssetConfig(dg.Config):
@@ -25,6 +31,12 @@ class TrainingAssetConfig(dg.Config):
     max_length: int = 512
     lora: bool = True
     seed: int = 0
+    save_steps: int = 10  # checkpoint interval; a retried run resumes from the last one
+
+
+class ORPOAssetConfig(TrainingAssetConfig):
+    learning_rate: float = 1e-4
+    beta: float = 0.1  # λ, the weight of the odds-ratio term
 
 
 class DPOAssetConfig(TrainingAssetConfig):
@@ -39,9 +51,11 @@ def train_and_register(context: dg.AssetExecutionContext, *, method: str, asset_
     """Train through the launcher, then register the model; a failed run registers nothing."""
     asset_name = context.asset_key.to_user_string()
     output_dir = storage.layout.training_dir(asset_name, context.run_id) / "model"
-    config = config_from_dict(method, asset_config.model_dump() | {
-        "model": start_from, "data": dataset.train_path, "eval_data": dataset.eval_path,
+    values = asset_config.model_dump() | {"model": start_from, "data": dataset.train_path,
+                                          "eval_data": dataset.eval_path}
+    config = config_from_dict(method, values | {
         "output_dir": str(output_dir),
+        "checkpoint_dir": str(checkpoint_dir_for(storage, asset_name, values)),
     })
     tracker = mlflow.tracker()
     lineage = Lineage(method=method, base_model=start_description, dataset_version=dataset.version,
@@ -55,7 +69,7 @@ def train_and_register(context: dg.AssetExecutionContext, *, method: str, asset_
         tracker.end_run(run_id, succeeded=False)
         raise
     tracker.end_run(run_id, succeeded=True)
-    ref = ModelRef(path=str(output_dir), method=method, base_model=start_description,
+    ref = ModelRef(path=str(output_dir), method=method, base_model=start_description, start_path=start_from,
                    dataset_version=dataset.version, registered_name=registered.name,
                    registered_version=registered.version, mlflow_run_id=run_id, metrics=result.metrics)
     return dg.Output(ref, metadata={
@@ -72,7 +86,7 @@ def train_and_register(context: dg.AssetExecutionContext, *, method: str, asset_
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          automation_condition=ON_NEW_DATA)
+          retry_policy=TRAINING_RETRIES, automation_condition=ON_NEW_DATA)
 def sft_model(context: dg.AssetExecutionContext, config: TrainingAssetConfig,
               preference_pairs: DatasetRef, base_model: BaseModelResource, storage: StorageResource,
               mlflow: MlflowResource, launcher: TrainingLauncher) -> dg.Output[ModelRef]:
@@ -83,7 +97,7 @@ def sft_model(context: dg.AssetExecutionContext, config: TrainingAssetConfig,
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
-          automation_condition=ON_NEW_DATA)
+          retry_policy=TRAINING_RETRIES, automation_condition=ON_NEW_DATA)
 def policy_dpo(context: dg.AssetExecutionContext, config: DPOAssetConfig, sft_model: ModelRef,
                preference_pairs: DatasetRef, storage: StorageResource, mlflow: MlflowResource,
                launcher: TrainingLauncher) -> dg.Output[ModelRef]:
@@ -91,6 +105,23 @@ def policy_dpo(context: dg.AssetExecutionContext, config: DPOAssetConfig, sft_mo
     return train_and_register(context, method="dpo", asset_config=config, start_from=sft_model.path,
                               start_description=sft_model.base_model, dataset=preference_pairs,
                               storage=storage, mlflow=mlflow, launcher=launcher, parent_uri=sft_model.uri)
+
+
+@dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
+          retry_policy=TRAINING_RETRIES, automation_condition=ON_NEW_DATA)
+def policy_orpo(context: dg.AssetExecutionContext, config: ORPOAssetConfig, preference_pairs: DatasetRef,
+                base_model: BaseModelResource, storage: StorageResource, mlflow: MlflowResource,
+                launcher: TrainingLauncher) -> dg.Output[ModelRef]:
+    """Odds-Ratio Preference Optimization straight from the base model: no SFT step, no reference."""
+    return train_and_register(context, method="orpo", asset_config=config, start_from=base_model.resolve(),
+                              start_description=base_model.describe(), dataset=preference_pairs,
+                              storage=storage, mlflow=mlflow, launcher=launcher)
+
+
+def checkpoint_dir_for(storage: StorageResource, asset_name: str, values: dict) -> Path:
+    """Stable across retries (which get a new run id): keyed by what the run trains on and how."""
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return storage.layout.root / "checkpoints" / asset_name / digest
 
 
 def _metrics_table(metrics: dict) -> str:

@@ -16,7 +16,7 @@ import requests
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {"raw_feedback", "validated_feedback", "quarantine", "preference_pairs", "sft_model",
-            "policy_dpo", "evaluation_report"}
+            "policy_dpo", "policy_orpo", "evaluation_report"}
 QUERY = "{ assetNodes { assetKey { path } } }"
 
 

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 TINY_RUN_CONFIG = {"ops": {
     "sft_model": {"config": {"max_steps": 4, "max_length": 128}},
     "policy_dpo": {"config": {"max_steps": 4, "max_length": 128}},
+    "policy_orpo": {"config": {"max_steps": 4, "max_length": 128}},
     "evaluation_report": {"config": {"max_pairs": 8, "max_prompts": 4, "max_new_tokens": 8}},
 }}
 MALFORMED = [
@@ -97,11 +98,18 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
     assert "rewards/margins" in run.data.metrics  # per-step metrics streamed from the Pipes worker
     assert len(tracker.client.get_metric_history(dpo.run_id, "loss")) == 4
 
+    orpo = tracker.version_by_alias("policy_orpo", "candidate")
+    assert orpo.tags["lineage.method"] == "orpo" and "lineage.parent_model" not in orpo.tags  # from base
+
     report = result.asset_materializations_for_node("evaluation_report")[0].metadata
-    assert 0.0 <= report["win_rate"].value <= 1.0
-    assert 0.0 <= report["preference_accuracy"].value <= 1.0
-    assert "| win_rate |" in report["report"].value
-    assert tracker.client.get_model_version("policy_dpo", dpo.version).tags["evaluation.gate"] in ("passed", "failed")
+    for policy in ("policy_dpo", "policy_orpo"):
+        assert 0.0 <= report[f"{policy}/win_rate"].value <= 1.0
+        assert 0.0 <= report[f"{policy}/preference_accuracy"].value <= 1.0
+        assert report[f"{policy}/judged"].value == min(4, result.output_for_node("preference_pairs").eval_rows)
+        assert "| win_rate |" in report[f"report/{policy}"].value
+        assert f"| {policy} |" in report["comparison"].value
+        version = tracker.version_by_alias(policy, "candidate")
+        assert tracker.client.get_model_version(policy, version.version).tags["evaluation.gate"] in ("passed", "failed")
 
 
 def test_failed_blocking_check_keeps_the_batch_out_of_training(env):

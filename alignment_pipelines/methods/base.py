@@ -540,9 +540,20 @@ def load_model_and_tokenizer(config: TrainingConfig):
         tokenizer.pad_token = tokenizer.eos_token
     dtype = "auto" if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        config.model, dtype=dtype, trust_remote_code=config.trust_remote_code
+        config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True
     )
     return model, tokenizer
+
+
+def reference_model(config: TrainingConfig, peft_config, dtype):
+    """The frozen reference for full fine-tuning; None with LoRA (the adapter switched off is the reference)."""
+    if peft_config is not None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True
+    )
 
 
 def lora_config(config: TrainingConfig):

@@ -19,6 +19,7 @@ from alignment_pipelines.methods.base import (
     load_pairs,
     quiet_progress,
     lora_config,
+    reference_model,
     train_and_save,
     to_preference_dataset,
 )
@@ -53,18 +54,13 @@ def train(config: DPOMethodConfig, callbacks: list | None = None) -> TrainResult
     """Train with DPO on ``config.data``; save the merged model to ``output_dir``."""
     config.validate()
     quiet_progress(config)
-    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     train_ds = to_preference_dataset(load_pairs(config.data))
     eval_ds = to_preference_dataset(load_pairs(config.eval_data)) if config.eval_data else None
     model, tokenizer = load_model_and_tokenizer(config)
     peft_config = lora_config(config)
-    ref_model = None
-    if peft_config is None:  # full fine-tuning: an explicit frozen copy of the start model
-        ref_model = AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=model.dtype, trust_remote_code=config.trust_remote_code
-        )
+    ref_model = reference_model(config, peft_config, model.dtype)
     with StagingDir(config.output_dir) as staging:
         args = DPOConfig(
             **common_args(config, staging.trainer_dir),

@@ -29,6 +29,7 @@ from alignment_pipelines.methods.base import (
     load_binary,
     load_model_and_tokenizer,
     lora_config,
+    reference_model,
     quiet_progress,
     to_unpaired_dataset,
     train_and_save,
@@ -79,18 +80,13 @@ def train(config: KTOMethodConfig, callbacks: list | None = None) -> TrainResult
     """Train with KTO on ``config.data`` (binary feedback); save the merged model to ``output_dir``."""
     config.validate()
     quiet_progress(config)
-    from transformers import AutoModelForCausalLM
     from trl import KTOConfig, KTOTrainer
 
     train_ds = _dataset(config, config.data)
     eval_ds = _dataset(config, config.eval_data) if config.eval_data else None
     model, tokenizer = load_model_and_tokenizer(config)
     peft_config = lora_config(config)
-    ref_model = None
-    if peft_config is None:  # full fine-tuning: an explicit frozen copy of the start model
-        ref_model = AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=model.dtype, trust_remote_code=config.trust_remote_code
-        )
+    ref_model = reference_model(config, peft_config, model.dtype)
     with StagingDir(config.output_dir) as staging:
         args = KTOConfig(
             **common_args(config, staging.trainer_dir),
