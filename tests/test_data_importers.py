@@ -109,8 +109,12 @@ def test_undecodable_bytes_and_raw_truncation(tmp_path):
     f = tmp_path / "bytes.jsonl"
     long_line = json.dumps({"prompt": "x" * 5000})
     f.write_bytes(b'{"prompt": "\xff\xfe", "chosen": "c", "rejected": "r"}\n' + long_line.encode() + b"\n")
+    # the only parseable row is a bare prompt: a prompts file, unless the layout is given
     result = read_feedback_file(f)
-    assert result.rejected["reason"].tolist() == [ReasonCode.INVALID_TEXT, ReasonCode.MISSING_FIELD]
+    assert (result.kind, result.layout) == ("prompts", "prompts")
+    assert result.rejected["reason"].tolist() == [ReasonCode.INVALID_TEXT]
+    result = read_feedback_file(f, layout="pairwise")
+    assert result.rejected["reason"].tolist() == [ReasonCode.INVALID_TEXT, ReasonCode.LAYOUT_MISMATCH]
     assert len(result.rejected["raw"].iloc[1]) == 2000
 
 

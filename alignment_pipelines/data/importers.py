@@ -1,35 +1,65 @@
-"""Read pairwise feedback files (JSONL, optionally gzipped) into canonical records.
+"""Read feedback files (JSONL, JSON, CSV/TSV, Parquet; any of them gzipped) into canonical records.
 
-Row layouts, detected per row:
+Formats are recognised from the content first (gzip and Parquet magic bytes, a JSON array's
+"["), then from the name (.csv/.tsv, .parquet). Binary data that is none of these is a
+FeedbackFileError ("not a text feedback file"), not a file of quarantined rows.
 
-(a) standard:          {"prompt": str, "chosen": str, "rejected": str}
-(b) conversational:    {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}
-    (also TRL's implicit-prompt form: no "prompt", chosen/rejected are whole conversations)
-(c) HH-RLHF transcript: {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
+Row layouts (names accepted by `layout=`), and the kind of records each produces:
 
-A row that cannot be converted goes to `rejected` with a ReasonCode and its line number;
-it never stops the file. Content checks (empty, identical, too long, control characters,
-duplicates) are the validation suite's job, not the importer's.
+pairwise       {"prompt": str, "chosen": str, "rejected": str}                       -> pairwise
+conversational {"prompt": [messages], "chosen": [assistant msg], "rejected": [...]}
+               or TRL's implicit prompt: chosen/rejected are whole conversations      -> pairwise
+hh-rlhf        {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}      -> pairwise
+ultrafeedback  {"instruction"|"prompt": ..., "completions": [{"response", "overall_score"|...}]}
+               or {"prompt", "responses": [...], "scores": [...]}; chosen = best score,
+               rejected = lowest score (ties: first)                                  -> pairwise
+binary         TRL unpaired preference {"prompt", "completion", "label": bool}        -> binary
+chat-log       OpenAI-style {"messages": [..., final assistant msg], "thumbs"|"feedback"|
+               "rating"|"thumbs_up"|"label"|"vote": up/down}                          -> binary
+messages       TRL conversational LM {"messages": [...]}: the conversation up to its
+               last user turn becomes a prompt                                        -> prompts
+prompts        {"prompt": str | [messages]} (a "completion" without a label is ignored) -> prompts
+
+JSONL, CSV and Parquet are streamed row by row (`iter_feedback_chunks` holds one chunk at a
+time); a JSON document (array or object) is parsed from memory, element by element, so a
+truncated array keeps the elements before the break and quarantines the rest as one row.
+
+One file = one kind. The file's layout is the override, or the most common layout among the
+parseable rows (of the first chunk when streaming). A row of another layout of the same kind
+is converted with its own layout; a row of another kind is quarantined as LAYOUT_MISMATCH; a
+row matching no layout as UNKNOWN_LAYOUT. A file where no row matches any layout is a
+FeedbackFileError naming the file and the fields found.
+
+A row that cannot be converted goes to `rejected` with a ReasonCode and its row number;
+it never stops the file. Row numbers are 1-based: the line for JSONL, the line where the
+record starts for CSV, the element index for JSON arrays and Parquet. Content checks (empty,
+identical, too long, control characters, duplicates, PII) are the validation suite's job.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import re
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 
 from alignment_pipelines.data.schemas import (
     ROLES,
+    FeedbackKind,
     Message,
     ReasonCode,
-    pairs_frame,
     quarantine_frame,
+    records_frame,
     truncate_raw,
 )
 
@@ -58,33 +88,16 @@ class RowError(Exception):
 class ImportResult:
     source: str  # the file path
     rows: int  # number of input rows (non-blank lines)
-    records: pd.DataFrame  # PAIR_COLUMNS
+    records: pd.DataFrame  # COLUMNS_BY_KIND[kind]
     rejected: pd.DataFrame  # QUARANTINE_COLUMNS
     # original text (truncated) of each converted row by line number, so that rows quarantined
     # later by validation can still show the line as it was in the file
     raw_lines: dict[int, str] = dc_field(default_factory=dict, repr=False)
+    kind: FeedbackKind = "pairwise"
+    layout: str = "pairwise"  # the file's layout (detected or the override); "none" if no row parsed
 
     def __post_init__(self) -> None:
         assert len(self.records) + len(self.rejected) == self.rows, "every row must be accounted for"
-
-
-def _read_lines(path: Path) -> list[bytes]:
-    if not path.exists():
-        raise FeedbackFileError(path, "no such file")
-    if not path.is_file():
-        raise FeedbackFileError(path, "not a regular file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FeedbackFileError(path, f"cannot read file: {exc}") from exc
-    if data[:2] == GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise FeedbackFileError(path, f"corrupt gzip data: {exc}") from exc
-    elif path.name.endswith(".gz"):
-        raise FeedbackFileError(path, "file name ends in .gz but the content is not gzip")
-    return data.split(b"\n")
 
 
 def _messages(value: Any, field: str) -> list[Message]:
@@ -203,51 +216,560 @@ def convert_row(obj: Any) -> tuple[list[Message], str, str]:
     return _convert(obj)
 
 
-def read_feedback_file(path: str | Path) -> ImportResult:
-    """Read a JSONL(.gz) feedback file; every non-blank line ends in `records` or `rejected`."""
-    path = Path(path)
-    lines = _read_lines(path)
+
+
+# --------------------------------------------------------------------------- other layouts
+
+THUMBS_FIELDS = ("thumbs", "thumb", "thumbs_up", "feedback", "rating", "vote", "label")
+_UP = {"up", "thumbs_up", "thumbs-up", "thumbsup", "+1", "1", "👍", "positive", "good", "like", "liked", "true", "yes"}
+_DOWN = {"down", "thumbs_down", "thumbs-down", "thumbsdown", "-1", "0", "👎", "negative", "bad", "dislike", "disliked",
+         "false", "no"}
+SCORE_FIELDS = ("overall_score", "score", "rating", "fine-grained_score")
+
+
+def _prompt_value(value: Any, field: str = "prompt") -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return _check_prompt(_messages(value, field), field)
+    raise RowError(ReasonCode.WRONG_TYPE, f"{field} must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _convert_binary(obj: dict) -> dict[str, Any]:
+    missing = [k for k in ("prompt", "completion", "label") if k not in obj]
+    if missing:
+        raise RowError(ReasonCode.MISSING_FIELD, f"missing field(s): {', '.join(missing)}")
+    prompt = _prompt_value(obj["prompt"])
+    completion = _answer(obj["completion"], "completion", isinstance(obj["prompt"], list))
+    label = obj["label"]
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV has no booleans
+        label = label.strip().lower() == "true"
+    # a label of another type is passed on: the suite's "label is a boolean" rule quarantines it
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def _thumbs(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (1, -1, 0):
+        return value == 1
+    if isinstance(value, str) and value.strip().lower() in _UP | _DOWN:
+        return value.strip().lower() in _UP
+    if isinstance(value, dict):  # {"thumbs": {"value": "up"}} / {"feedback": {"rating": "down"}}
+        for key in ("value", "rating", "type", "thumbs", "score"):
+            if key in value:
+                return _thumbs(value[key], f"{field}.{key}")
+    raise RowError(ReasonCode.WRONG_TYPE, f"{field} must be thumbs up/down (bool, 'up'/'down', 1/-1), got {value!r:.60}")
+
+
+def _convert_chat_log(obj: dict) -> dict[str, Any]:
+    msgs = _messages(obj.get("messages"), "messages")
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise RowError(ReasonCode.INVALID_CONVERSATION, "messages must end with the assistant answer that was rated")
+    prompt = msgs[:-1]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RowError(ReasonCode.INVALID_CONVERSATION, "the rated answer must follow a user turn")
+    field = next((f for f in THUMBS_FIELDS if f in obj), None)
+    if field is None:
+        raise RowError(ReasonCode.MISSING_FIELD, f"no thumbs field (one of {', '.join(THUMBS_FIELDS)})")
+    return {"prompt": prompt, "completion": msgs[-1]["content"], "label": _thumbs(obj[field], field)}
+
+
+def _convert_messages(obj: dict) -> dict[str, Any]:
+    msgs = _messages(obj.get("messages"), "messages")
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    if last_user < 0:
+        raise RowError(ReasonCode.INVALID_CONVERSATION, "messages has no user turn")
+    return {"prompt": msgs[: last_user + 1]}
+
+
+def _convert_prompts(obj: dict) -> dict[str, Any]:
+    if "prompt" not in obj:
+        raise RowError(ReasonCode.MISSING_FIELD, "missing field: prompt")
+    return {"prompt": _prompt_value(obj["prompt"])}
+
+
+def _score(value: Any, where: str) -> float:
+    if isinstance(value, dict):  # UltraFeedback annotations: {"Rating": "4", ...}
+        value = value.get("Rating", value.get("rating"))
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise RowError(ReasonCode.WRONG_TYPE, f"{where} must be a number, got {value!r:.40}")
+    return float(value)
+
+
+def _convert_ultrafeedback(obj: dict) -> dict[str, Any]:
+    prompt_field = next((f for f in ("prompt", "instruction") if f in obj), None)
+    if prompt_field is None:
+        raise RowError(ReasonCode.MISSING_FIELD, "missing field: prompt (or instruction)")
+    prompt = _prompt_value(obj[prompt_field], prompt_field)
+    answers: list[tuple[str, float]] = []
+    if "completions" in obj:
+        comps = obj["completions"]
+        if not isinstance(comps, list):
+            raise RowError(ReasonCode.WRONG_TYPE, f"completions must be a list, got {type(comps).__name__}")
+        for i, comp in enumerate(comps):
+            if not isinstance(comp, dict):
+                raise RowError(ReasonCode.WRONG_TYPE, f"completions[{i}] must be an object")
+            text = comp.get("response", comp.get("text", comp.get("completion")))
+            if not isinstance(text, str):
+                raise RowError(ReasonCode.WRONG_TYPE, f"completions[{i}] needs a string 'response'")
+            field = next((f for f in SCORE_FIELDS if f in comp), None)
+            if field is None:
+                raise RowError(ReasonCode.MISSING_FIELD, f"completions[{i}] has no score ({', '.join(SCORE_FIELDS)})")
+            answers.append((text, _score(comp[field], f"completions[{i}].{field}")))
+    else:
+        responses, scores = obj.get("responses"), obj.get("scores")
+        if not isinstance(responses, list) or not isinstance(scores, list):
+            raise RowError(ReasonCode.WRONG_TYPE, "responses and scores must be lists")
+        if len(responses) != len(scores):
+            raise RowError(ReasonCode.WRONG_TYPE, f"{len(responses)} responses but {len(scores)} scores")
+        for i, (text, score) in enumerate(zip(responses, scores)):
+            answers.append((_answer(text, f"responses[{i}]", True), _score(score, f"scores[{i}]")))
+    if len(answers) < 2:
+        raise RowError(ReasonCode.MISSING_FIELD, f"needs at least 2 scored responses, got {len(answers)}")
+    best = max(range(len(answers)), key=lambda i: (answers[i][1], -i))
+    worst = min(range(len(answers)), key=lambda i: (answers[i][1], i))
+    if answers[best][1] == answers[worst][1]:
+        raise RowError(ReasonCode.NO_PREFERENCE, f"all {len(answers)} responses have the same score")
+    return {"prompt": prompt, "chosen": answers[best][0], "rejected": answers[worst][0]}
+
+
+def _convert_pairwise(obj: dict) -> dict[str, Any]:
+    prompt, chosen, rejected = _convert(obj)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# layout -> (kind, converter); pairwise, conversational and hh-rlhf share one converter
+LAYOUTS: dict[str, tuple[str, Any]] = {
+    "pairwise": ("pairwise", _convert_pairwise),
+    "conversational": ("pairwise", _convert_pairwise),
+    "hh-rlhf": ("pairwise", _convert_pairwise),
+    "ultrafeedback": ("pairwise", _convert_ultrafeedback),
+    "binary": ("binary", _convert_binary),
+    "chat-log": ("binary", _convert_chat_log),
+    "messages": ("prompts", _convert_messages),
+    "prompts": ("prompts", _convert_prompts),
+}
+
+
+def detect_layout(obj: Any) -> str | None:
+    """The layout a parsed row looks like (from its field names), or None."""
+    if not isinstance(obj, dict):
+        return None
+    if "chosen" in obj or "rejected" in obj:
+        if "prompt" in obj:
+            return "conversational" if isinstance(obj["prompt"], list) else "pairwise"
+        if "completions" in obj or "responses" in obj:
+            return "ultrafeedback"
+        return "conversational" if isinstance(obj.get("chosen"), list) else "hh-rlhf"
+    if "completions" in obj or ("responses" in obj and "scores" in obj):
+        return "ultrafeedback"
+    if "completion" in obj and "label" in obj:
+        return "binary"
+    if "messages" in obj:
+        return "chat-log" if any(f in obj for f in THUMBS_FIELDS) else "messages"
+    if "prompt" in obj:
+        return "prompts"
+    return None
+
+
+def _loose_match(layout: str, obj: dict) -> bool:
+    """Does a row belong to the file's layout, even with fields missing? (for precise reasons)"""
+    kind = LAYOUTS[layout][0]
+    if kind == "pairwise":
+        return detect_layout(obj) in ("pairwise", "conversational", "hh-rlhf", "ultrafeedback")
+    if layout == "binary":
+        return ("completion" in obj or "label" in obj) and "chosen" not in obj and "rejected" not in obj
+    if layout in ("chat-log", "messages"):
+        return "messages" in obj
+    return detect_layout(obj) == "prompts"
+
+
+def _check_layout(layout: str | None) -> str | None:
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
+    return layout
+
+
+# --------------------------------------------------------------------------- formats
+
+PARQUET_MAGIC = b"PAR1"
+SNIFF_BYTES = 64 * 1024
+CSV_FIELD_LIMIT = 1 << 30
+_JSON_CELLS = ("prompt", "chosen", "rejected", "completion", "messages", "completions", "responses", "scores")
+
+
+@dataclass
+class _Bad:
+    """A row that failed before it became a Python object (JSON, UTF-8, CSV shape)."""
+
+    reason: ReasonCode
+    detail: str
+
+
+# (row number, parsed object or _Bad, original text truncated or None = derive from object)
+RawRow = tuple[int, Any, "str | None"]
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if not path.exists():
+        raise FeedbackFileError(path, "no such file")
+    if not path.is_file():
+        raise FeedbackFileError(path, "not a regular file")
+    try:
+        handle = open(path, "rb")
+        magic = handle.read(2)
+        handle.seek(0)
+    except OSError as exc:
+        raise FeedbackFileError(path, f"cannot read file: {exc}") from exc
+    if magic == GZIP_MAGIC:
+        handle.close()
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if path.name.endswith(".gz"):
+        handle.close()
+        raise FeedbackFileError(path, "file name ends in .gz but the content is not gzip")
+    return handle
+
+
+def _guard(path: Path, iterator: Iterable[Any]) -> Iterator[Any]:
+    """Turn errors of the underlying stream (corrupt gzip, I/O) into FeedbackFileError."""
+    try:
+        yield from iterator
+    except (OSError, EOFError, zlib.error) as exc:
+        kind = "corrupt gzip data" if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)) else "cannot read file"
+        raise FeedbackFileError(path, f"{kind}: {exc}") from exc
+
+
+def _read(path: Path, handle: IO[bytes], size: int = -1) -> bytes:
+    return b"".join(_guard(path, (handle.read(size) for _ in range(1))))
+
+
+def _sniff(path: Path) -> bytes:
+    with _open_binary(path) as handle:
+        return _read(path, handle, SNIFF_BYTES)
+
+
+def _looks_binary(sample: bytes) -> str | None:
+    if not sample:
+        return None
+    text = sample.decode("utf-8", errors="replace")
+    bad = sum(1 for ch in text if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\t\n\r\f") or ord(ch) == 127)
+    if bad > 0.1 * len(text):
+        return f"{100 * bad / len(text):.0f}% of the first {len(sample):,} bytes are not text"
+    return None
+
+
+def _detect_format(path: Path, sample: bytes) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    if sample[:4] == PARQUET_MAGIC:
+        return "parquet"
+    if name.endswith((".parquet", ".pq")):
+        raise FeedbackFileError(path, "named .parquet but the content is not Parquet (no PAR1 magic)")
+    why = _looks_binary(sample)
+    if why:
+        raise FeedbackFileError(path, f"binary data, not a JSONL/JSON/CSV/Parquet feedback file ({why})")
+    if name.endswith((".csv", ".tsv")):
+        return "csv"
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    head = sample.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if head == b"[":
+        return "json"
+    if head == b"{" and name.endswith(".json"):
+        return "json-object"
+    return "jsonl"
+
+
+def _decode_line(raw_bytes: bytes, lineno: int) -> tuple[str | None, _Bad | None, str]:
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        shown = truncate_raw(raw_bytes[: 4 * 2000].decode("utf-8", errors="replace"))
+        return None, _Bad(ReasonCode.INVALID_TEXT, f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})"), shown
+    text = text.rstrip("\r")
+    if lineno == 1:
+        text = text.removeprefix("\ufeff")
+    return text, None, text
+
+
+def _iter_jsonl(path: Path) -> Iterator[RawRow]:
+    with _open_binary(path) as handle:
+        for lineno, raw_bytes in enumerate(_guard(path, handle), start=1):
+            if not raw_bytes.strip():
+                continue
+            text, bad, shown = _decode_line(raw_bytes.rstrip(b"\n"), lineno)
+            if bad is not None:
+                yield lineno, bad, shown
+                continue
+            try:
+                obj = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                yield lineno, _Bad(ReasonCode.INVALID_JSON, f"invalid JSON: {exc}"), truncate_raw(text)
+                continue
+            yield lineno, obj, truncate_raw(text)
+
+
+def _read_text(path: Path) -> str:
+    with _open_binary(path) as handle:
+        data = _read(path, handle)
+    # invalid UTF-8 survives as lone surrogates, which the suite's text rule quarantines per row
+    return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+_WS = re.compile(r"[ \t\r\n]*")
+_ARRAY_KEYS = ("data", "rows", "records", "examples", "items")
+
+
+def _iter_json_elements(text: str, pos: int) -> Iterator[RawRow]:
+    """Elements of the JSON array starting at text[pos] == "[", one by one. A truncated or broken
+    tail becomes one INVALID_JSON row (what parsed before it is kept)."""
+    decoder = json.JSONDecoder()
+    pos = _WS.match(text, pos + 1).end()
+    index = 0
+    if text.startswith("]", pos):
+        return
+    while True:
+        index += 1
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            yield index, _Bad(ReasonCode.INVALID_JSON, f"invalid JSON array element (rest of the file not parsed): {exc}"), truncate_raw(text[pos:])
+            return
+        yield index, obj, None
+        pos = _WS.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+            continue
+        if text.startswith("]", pos):
+            rest = text[pos + 1 :].strip()
+            if rest:
+                yield index + 1, _Bad(ReasonCode.INVALID_JSON, "extra data after the JSON array"), truncate_raw(rest)
+            return
+        detail = "JSON array ends without ']'" if pos >= len(text) else f"expected ',' or ']' at char {pos}"
+        yield index + 1, _Bad(ReasonCode.INVALID_JSON, f"invalid JSON array: {detail}"), truncate_raw(text[pos:])
+        return
+
+
+def _iter_json(path: Path, fmt: str) -> Iterator[RawRow]:
+    text = _read_text(path)
+    start = _WS.match(text).end()
+    if fmt == "json":
+        yield from _iter_json_elements(text, start)
+        return
+    try:  # a .json file starting with "{": one document, else JSON Lines after all
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        yield from _iter_jsonl(path)
+        return
+    if isinstance(doc, dict) and detect_layout(doc) is None:
+        for key in (*_ARRAY_KEYS, *doc.keys()):
+            value = doc.get(key)
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                for i, obj in enumerate(value, start=1):
+                    yield i, obj, None
+                return
+    yield 1, doc, None
+
+
+def _csv_cell(key: str, value: str) -> Any:
+    stripped = value.strip()
+    if key in _JSON_CELLS and stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except (json.JSONDecodeError, RecursionError):
+            return value
+    return value
+
+
+_SURROGATE = re.compile(r"[\udc80-\udcff]")
+
+
+def _iter_csv(path: Path) -> Iterator[RawRow]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    with _open_binary(path) as handle:
+        text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.reader(_guard(path, text), delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            header = [h.strip() for h in header]
+            last = reader.line_num
+            for cells in reader:
+                start, last = last + 1, reader.line_num
+                if not cells or not any(c.strip() for c in cells):
+                    continue
+                shown = truncate_raw(delimiter.join(cells))
+                if len(cells) != len(header):
+                    yield start, _Bad(ReasonCode.MALFORMED_ROW, f"{len(cells)} fields, the header has {len(header)}"), shown
+                    continue
+                bad_col = next((h for h, c in zip(header, cells) if _SURROGATE.search(c)), None)
+                if bad_col is not None:
+                    yield start, _Bad(ReasonCode.INVALID_TEXT, f"{bad_col} is not valid UTF-8"), shown
+                    continue
+                yield start, {h: _csv_cell(h, c) for h, c in zip(header, cells)}, shown
+        except csv.Error as exc:
+            raise FeedbackFileError(path, f"CSV error near line {reader.line_num}: {exc}") from exc
+
+
+def _iter_parquet(path: Path, chunk_rows: int) -> Iterator[RawRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    handle = _open_binary(path)
+    try:
+        source: Any = handle
+        if isinstance(handle, gzip.GzipFile):  # Parquet needs seeking: decompress into memory
+            source = io.BytesIO(_read(path, handle))
+        try:
+            pf = pq.ParquetFile(source)
+            index = 0
+            for batch in pf.iter_batches(batch_size=max(1, min(chunk_rows, 1 << 20))):
+                for obj in batch.to_pylist():
+                    index += 1
+                    yield index, obj, None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise FeedbackFileError(path, f"cannot read Parquet: {exc}") from exc
+    finally:
+        handle.close()
+
+
+def _iter_rows(path: Path, chunk_rows: int) -> Iterator[RawRow]:
+    fmt = _detect_format(path, _sniff(path))
+    if fmt == "parquet":
+        return _iter_parquet(path, chunk_rows)
+    if fmt == "csv":
+        return _iter_csv(path)
+    if fmt in ("json", "json-object"):
+        return _iter_json(path, fmt)
+    return _iter_jsonl(path)
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+def _raw_text(obj: Any) -> str:
+    try:
+        return truncate_raw(json.dumps(obj, ensure_ascii=False, default=str))
+    except (TypeError, ValueError, RecursionError):  # pragma: no cover - exotic objects
+        return truncate_raw(repr(obj))
+
+
+def _keys_of(obj: dict) -> str:
+    return ", ".join(sorted(map(str, obj.keys())))[:200] or "none"
+
+
+def _convert_chunk(source: str, chunk: list[RawRow], layout: str) -> ImportResult:
+    kind = LAYOUTS[layout][0]
     records: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     raw_lines: dict[int, str] = {}
-    rows = 0
-    for lineno, raw_bytes in enumerate(lines, start=1):
-        if not raw_bytes.strip():
-            continue
-        rows += 1
-        try:
-            text = raw_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            rejected.append(
-                {
-                    "row": lineno,
-                    "reason": ReasonCode.INVALID_TEXT,
-                    "detail": f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                    "raw": truncate_raw(raw_bytes.decode("utf-8", errors="replace")),
-                }
-            )
-            continue
-        text = text.rstrip("\r")
-        if lineno == 1:
-            text = text.removeprefix("\ufeff")
-        try:
-            obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            rejected.append(
-                {"row": lineno, "reason": ReasonCode.INVALID_JSON, "detail": f"invalid JSON: {exc}", "raw": truncate_raw(text)}
-            )
+    for row, obj, shown in chunk:
+        if isinstance(obj, _Bad):
+            rejected.append({"row": row, "reason": obj.reason, "detail": obj.detail, "raw": shown or ""})
             continue
         try:
-            prompt, chosen, rejected_answer = _convert(obj)
+            if not isinstance(obj, dict):
+                raise RowError(ReasonCode.NOT_AN_OBJECT, f"a row must be a JSON object, got {type(obj).__name__}")
+            row_layout = layout if _loose_match(layout, obj) else detect_layout(obj)
+            if row_layout is None:
+                raise RowError(ReasonCode.UNKNOWN_LAYOUT, f"no known layout matches this row (keys: {_keys_of(obj)})")
+            row_kind, convert = LAYOUTS[row_layout]
+            if row_kind != kind:
+                raise RowError(
+                    ReasonCode.LAYOUT_MISMATCH,
+                    f"row looks like layout {row_layout!r} ({row_kind}) but the file is {layout!r} ({kind})",
+                )
+            rec = convert(obj)
         except RowError as err:
-            rejected.append({"row": lineno, "reason": err.reason, "detail": err.detail, "raw": truncate_raw(text)})
+            rejected.append({"row": row, "reason": err.reason, "detail": err.detail, "raw": shown if shown is not None else _raw_text(obj)})
             continue
-        records.append({"row": lineno, "prompt": prompt, "chosen": chosen, "rejected": rejected_answer})
-        raw_lines[lineno] = truncate_raw(text)
+        rec["row"] = row
+        records.append(rec)
+        raw_lines[row] = shown if shown is not None else _raw_text(obj)
     return ImportResult(
-        source=str(path),
-        rows=rows,
-        records=pairs_frame(records),
+        source=source,
+        rows=len(chunk),
+        records=records_frame(records, kind),
         rejected=quarantine_frame(rejected),
         raw_lines=raw_lines,
+        kind=kind,  # type: ignore[arg-type]
+        layout=layout,
     )
+
+
+def _majority(chunks: list[list[RawRow]]) -> str | None:
+    counts = Counter(detect_layout(obj) for chunk in chunks for _, obj, _ in chunk if isinstance(obj, dict))
+    counts.pop(None, None)
+    if not counts:
+        return None
+    order = list(LAYOUTS)
+    return max(counts, key=lambda k: (counts[k], -order.index(k)))
+
+
+def _batched(rows: Iterator[RawRow], size: int) -> Iterator[list[RawRow]]:
+    chunk: list[RawRow] = []
+    for item in rows:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def iter_feedback_chunks(
+    path: str | Path, layout: str | None = None, chunk_rows: int = 50_000
+) -> Iterator[ImportResult]:
+    """Read a feedback file chunk by chunk (at most `chunk_rows` input rows each; row numbers
+    global). Yields at least one (possibly empty) result. Without an override the layout is the
+    majority layout of the first chunk that has any recognisable row."""
+    path = Path(path)
+    _check_layout(layout)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    source = str(path)
+    pending: list[list[RawRow]] = []
+    chosen = layout
+    fields: Counter[str] = Counter()
+    yielded = False
+    for chunk in _batched(_iter_rows(path, chunk_rows), chunk_rows):
+        if chosen is None:
+            pending.append(chunk)
+            chosen = _majority(pending)
+            if chosen is None:
+                fields.update(k for _, obj, _ in chunk if isinstance(obj, dict) for k in map(str, obj.keys()))
+                continue
+        for item in pending or [chunk]:
+            yield _convert_chunk(source, item, chosen)
+            yielded = True
+        pending = []
+    if chosen is None and fields:
+        found = ", ".join(f for f, _ in fields.most_common(20))
+        raise FeedbackFileError(
+            path,
+            f"no row matches a known layout (fields found: {found}); "
+            f"pass layout= one of: {', '.join(LAYOUTS)}",
+        )
+    if chosen is None:  # empty, or nothing parsed as an object: every row is quarantined as it is
+        for item in pending:
+            result = _convert_chunk(source, item, "pairwise")
+            result.layout = "none"
+            yield result
+            yielded = True
+    if not yielded:
+        result = _convert_chunk(source, [], chosen or "pairwise")
+        result.layout = chosen or "none"
+        yield result
+
+
+def read_feedback_file(path: str | Path, layout: str | None = None) -> ImportResult:
+    """Read a whole feedback file; every row ends in `records` or `rejected` (see module doc)."""
+    (result,) = iter_feedback_chunks(path, layout=layout, chunk_rows=1 << 62)
+    return result

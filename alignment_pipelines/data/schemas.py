@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import unicodedata
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import pandas as pd
 
@@ -27,6 +28,17 @@ ROLES = ("system", "user", "assistant")
 #   prompt: list[Message], the conversation so far, ending with a user turn
 #   chosen, rejected: the final assistant answers
 PAIR_COLUMNS = ["row", "prompt", "chosen", "rejected"]
+#   completion: the assistant answer that was rated; label: bool, True = desirable (thumbs up)
+BINARY_COLUMNS = ["row", "prompt", "completion", "label"]
+PROMPT_COLUMNS = ["row", "prompt"]
+
+FeedbackKind = Literal["pairwise", "binary", "prompts"]
+KINDS: tuple[str, ...] = ("pairwise", "binary", "prompts")
+COLUMNS_BY_KIND: dict[str, list[str]] = {
+    "pairwise": PAIR_COLUMNS,
+    "binary": BINARY_COLUMNS,
+    "prompts": PROMPT_COLUMNS,
+}
 
 # reason: a ReasonCode value; detail: a human sentence; raw: the original line (<= RAW_MAX_CHARS)
 QUARANTINE_COLUMNS = ["row", "reason", "detail", "raw"]
@@ -48,11 +60,49 @@ class ReasonCode(StrEnum):
     TOO_LONG = "too_long"
     INVALID_TEXT = "invalid_text"
     DUPLICATE = "duplicate"
+    DUPLICATE_ACROSS_BATCHES = "duplicate_across_batches"  # same content as a row of an earlier batch
+    LAYOUT_MISMATCH = "layout_mismatch"  # a row of another kind than the file's detected layout
+    MALFORMED_ROW = "malformed_row"  # CSV row with a different number of fields than the header
+    NO_PREFERENCE = "no_preference"  # scored responses (UltraFeedback) that do not rank: all scores equal
+    PII = "pii"  # e-mail address, phone number or card number found (pii="quarantine")
     TOO_MANY_QUARANTINED = "too_many_quarantined"  # batch-level gate, never a row reason
 
 
+def check_kind(kind: str) -> str:
+    if kind not in COLUMNS_BY_KIND:
+        raise ValueError(f"unknown feedback kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return kind
+
+
+def kind_of(df: pd.DataFrame) -> str:
+    """The kind of a records frame, from its columns."""
+    cols = set(df.columns)
+    if {"chosen", "rejected"} <= cols:
+        return "pairwise"
+    if {"completion", "label"} <= cols:
+        return "binary"
+    if "prompt" in cols:
+        return "prompts"
+    raise ValueError(f"not a feedback records frame (columns: {', '.join(map(str, df.columns))})")
+
+
+def empty_records(kind: str = "pairwise") -> pd.DataFrame:
+    return pd.DataFrame(
+        {c: pd.Series([], dtype="int64" if c == "row" else object) for c in COLUMNS_BY_KIND[check_kind(kind)]}
+    )
+
+
 def empty_pairs() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series([], dtype="int64" if c == "row" else object) for c in PAIR_COLUMNS})
+    return empty_records("pairwise")
+
+
+def records_frame(rows: list[dict[str, Any]], kind: str = "pairwise") -> pd.DataFrame:
+    if not rows:
+        return empty_records(kind)
+    columns = COLUMNS_BY_KIND[check_kind(kind)]
+    # object columns (not pandas' Arrow-backed str): text may hold lone surrogates until validated
+    data = {c: pd.Series([r.get(c) for r in rows], dtype="int64" if c == "row" else object) for c in columns}
+    return pd.DataFrame(data, columns=columns)
 
 
 def empty_quarantine() -> pd.DataFrame:
@@ -62,20 +112,33 @@ def empty_quarantine() -> pd.DataFrame:
 
 
 def pairs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    if not rows:
-        return empty_pairs()
-    df = pd.DataFrame(rows, columns=PAIR_COLUMNS)
-    df["row"] = df["row"].astype("int64")
-    return df
+    return records_frame(rows, "pairwise")
+
+
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
+def storable_text(value: Any) -> str:
+    """A str that Parquet/JSON can store: lone surrogates (from invalid UTF-8 or JSON escapes)
+    become visible backslash escapes."""
+    text = value if isinstance(value, str) else str(value)
+    if _SURROGATES.search(text):
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def quarantine_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return empty_quarantine()
-    df = pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
-    df["row"] = df["row"].astype("int64")
-    df["reason"] = df["reason"].map(str).astype(object)
-    return df
+    return pd.DataFrame(
+        {
+            "row": pd.Series([int(r["row"]) for r in rows], dtype="int64"),
+            "reason": pd.Series([str(r["reason"]) for r in rows], dtype=object),
+            "detail": pd.Series([storable_text(r["detail"]) for r in rows], dtype=object),
+            "raw": pd.Series([storable_text(r["raw"]) for r in rows], dtype=object),
+        },
+        columns=QUARANTINE_COLUMNS,
+    )
 
 
 def truncate_raw(text: str) -> str:

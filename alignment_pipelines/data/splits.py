@@ -1,4 +1,7 @@
-"""Deterministic prompt-level splits, content versions, dedup and Parquet I/O for pair records."""
+"""Deterministic prompt-level splits, content versions, dedup, derivations and Parquet I/O.
+
+Works on all three record kinds (COLUMNS_BY_KIND): pairwise, binary and prompts.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,17 @@ from typing import Any
 
 import pandas as pd
 
-from alignment_pipelines.data.schemas import Message, as_messages, normalize_text
+from alignment_pipelines.data.schemas import (
+    BINARY_COLUMNS,
+    COLUMNS_BY_KIND,
+    PROMPT_COLUMNS,
+    Message,
+    as_messages,
+    check_kind,
+    empty_records,
+    kind_of,
+    normalize_text,
+)
 
 
 def _normalized(prompt: Any) -> list[dict[str, str]]:
@@ -19,7 +32,7 @@ def _normalized(prompt: Any) -> list[dict[str, str]]:
 def prompt_key(prompt: list[Message] | str) -> str:
     """Stable sha256 hex of the normalized prompt (roles lowercased, contents NFC + stripped)."""
     payload = json.dumps(_normalized(prompt), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return hashlib.sha256(payload.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 def _unit(key: str, seed: int) -> float:
@@ -78,60 +91,169 @@ def dataset_version(df: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def deduplicate_pairs(df: pd.DataFrame) -> pd.DataFrame:
-    """Drop rows whose (normalized prompt, chosen, rejected) was already seen; keep the first."""
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def _label_token(label: Any) -> str:
+    return ("1" if label else "0") if _is_bool(label) else repr(label)
+
+
+def record_key(record: dict[str, Any], kind: str) -> str:
+    """sha256 hex of a record's normalized content (the `row` is not content).
+
+    pairwise: prompt + chosen + rejected; binary: prompt + completion + label; prompts: the
+    prompt (equal to `prompt_key`). Used for duplicates within and across batches.
+    """
+    pk = prompt_key(record["prompt"])
+    if kind == "prompts":
+        return pk
+    if kind == "pairwise":
+        parts = [pk, normalize_text(str(record["chosen"])), normalize_text(str(record["rejected"]))]
+    elif kind == "binary":
+        parts = [pk, normalize_text(str(record["completion"])), _label_token(record["label"])]
+    else:
+        check_kind(kind)
+    payload = json.dumps([kind, *parts], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def deduplicate(df: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
+    """Drop rows whose normalized content (see `record_key`) was already seen; keep the first."""
     if not len(df):
         return df.copy()
-    keys = [
-        (prompt_key(p), normalize_text(str(c)), normalize_text(str(r)))
-        for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"])
-    ]
+    kind = kind or kind_of(df)
+    columns = COLUMNS_BY_KIND[kind][1:]
+    keys = [record_key(dict(zip(columns, values)), kind) for values in zip(*(df[c] for c in columns))]
     dup = pd.Series(keys, index=df.index).duplicated(keep="first")
     return df[~dup.to_numpy()].reset_index(drop=True)
 
 
-def _arrow_schema(df: pd.DataFrame):
+def deduplicate_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop rows whose (normalized prompt, chosen, rejected) was already seen; keep the first."""
+    return deduplicate(df, "pairwise")
+
+
+# --------------------------------------------------------------------------- derivations
+
+
+def binary_from_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """BINARY_COLUMNS, two rows per pair: (prompt, chosen, True) then (prompt, rejected, False).
+
+    `row` keeps the pair's row number (both rows share it)."""
+    if not len(pairs):
+        return empty_records("binary")
+    rows = []
+    for row, prompt, chosen, rejected in zip(pairs["row"], pairs["prompt"], pairs["chosen"], pairs["rejected"]):
+        prompt = as_messages(prompt)
+        rows.append({"row": int(row), "prompt": prompt, "completion": chosen, "label": True})
+        rows.append({"row": int(row), "prompt": [dict(m) for m in prompt], "completion": rejected, "label": False})
+    df = pd.DataFrame(rows, columns=BINARY_COLUMNS)
+    df["label"] = df["label"].astype(bool)
+    return df
+
+
+def prompts_from(pairs: pd.DataFrame | None = None, binary: pd.DataFrame | None = None) -> pd.DataFrame:
+    """PROMPT_COLUMNS from pairs and/or binary feedback, deduplicated by `prompt_key` (first kept,
+    pairs before binary)."""
+    frames = [df[["row", "prompt"]] for df in (pairs, binary) if df is not None and len(df)]
+    if not frames:
+        return empty_records("prompts")
+    df = pd.concat(frames, ignore_index=True)
+    keys = df["prompt"].map(prompt_key)
+    out = df[~keys.duplicated(keep="first").to_numpy()].reset_index(drop=True)[PROMPT_COLUMNS]
+    out["prompt"] = out["prompt"].map(as_messages)
+    return out
+
+
+def kto_balance(binary: pd.DataFrame) -> dict[str, Any]:
+    """Desirable:undesirable counts, their ratio, and KTO class weights that balance them.
+
+    The weights satisfy desirable_weight * n == undesirable_weight * m (50/50 in effect), which
+    sits inside TRL's guidance of desirable_weight*n / (undesirable_weight*m) in [1, 4/3]. The
+    larger class keeps weight 1.0 and the smaller one is up-weighted (so no class is scaled below
+    its natural contribution). With one class empty the weights are 1.0 and `balanced` is False.
+    """
+    labels = binary["label"].tolist() if len(binary) else []
+    bad = next((v for v in labels if not _is_bool(v)), None)
+    if bad is not None:
+        raise ValueError(f"label must be a boolean, got {bad!r:.40}")
+    n = sum(1 for v in labels if v)
+    m = len(labels) - n
+    out: dict[str, Any] = {"desirable": n, "undesirable": m}
+    if n == 0 or m == 0:
+        out.update(ratio=None if m == 0 else 0.0, desirable_weight=1.0, undesirable_weight=1.0, balanced=False)
+        if m == 0 and n:
+            out["ratio"] = float("inf")
+        return out
+    if n >= m:
+        w_d, w_u = 1.0, n / m
+    else:
+        w_d, w_u = m / n, 1.0
+    out.update(
+        ratio=n / m,
+        desirable_weight=w_d,
+        undesirable_weight=w_u,
+        weighted_ratio=(w_d * n) / (w_u * m),
+        balanced=True,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- Parquet I/O
+
+def _known_type(col: str):
     import pyarrow as pa
 
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    fields = []
-    for col in df.columns:
-        if col == "prompt":
-            fields.append(pa.field("prompt", pa.list_(message)))
-        elif col == "row":
-            fields.append(pa.field("row", pa.int64()))
-        elif col in ("chosen", "rejected", "completion"):
-            fields.append(pa.field(col, pa.string()))
-    return fields
+    if col == "prompt":
+        return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    if col == "row":
+        return pa.int64()
+    if col in ("chosen", "rejected", "completion"):
+        return pa.string()
+    if col == "label":
+        return pa.bool_()
+    return None
 
 
-def write_records(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write records as Parquet; `prompt` is stored as list<struct<role, content>>."""
+def records_schema(kind: str):
+    """The Arrow schema of `write_records` output for a kind (fixed, also for empty frames)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    known = {f.name: f for f in _arrow_schema(df)}
+    return pa.schema([pa.field(c, _known_type(c)) for c in COLUMNS_BY_KIND[check_kind(kind)]])
+
+
+def records_table(df: pd.DataFrame):
+    """Records as an Arrow table: prompt as list<struct<role, content>>, label as bool."""
+    import pyarrow as pa
+
     arrays, fields = [], []
     for col in df.columns:
         values = df[col].tolist()
         if col == "prompt":
             values = [as_messages(v) for v in values]
-        if col in known:
-            arrays.append(pa.array(values, type=known[col].type))
-            fields.append(known[col])
-        else:
-            arr = pa.array(values)
-            arrays.append(arr)
-            fields.append(pa.field(str(col), arr.type))
-    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-    pq.write_table(table, path)
+        elif col == "label":
+            values = [None if v is None else bool(v) for v in values]
+        typ = _known_type(str(col))
+        arr = pa.array(values, type=typ) if typ is not None else pa.array(values)
+        arrays.append(arr)
+        fields.append(pa.field(str(col), arr.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_records(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write records of any kind as Parquet; `prompt` is stored as list<struct<role, content>>."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(records_table(df), path)
     return path
 
 
 def read_records(path: str | Path) -> pd.DataFrame:
-    """Read records written by `write_records`; `prompt` comes back as list of {"role","content"} dicts."""
+    """Read records written by `write_records`; `prompt` comes back as list of {"role","content"}
+    dicts, `label` as bool."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(Path(path))
