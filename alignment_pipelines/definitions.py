@@ -10,11 +10,11 @@ import dagster as dg
 
 from alignment_pipelines.layout import DATA_ROOT_ENV, default_data_root
 from alignment_pipelines.models.spec import DEFAULT_MODEL
-from assets.datasets import preference_pairs
+from assets.datasets import binary_feedback, preference_pairs, prompts
 from assets.evaluation import evaluation_report
 from assets.ingestion import (feedback_batches, feedback_inbox_sensor, raw_feedback,
                               validate_feedback_batch, validated_feedback_expectations)
-from assets.training import policy_dpo, policy_orpo, sft_model
+from assets.training import policy_dpo, policy_kto, policy_orpo, sft_model
 from resources.launcher import TrainingLauncher
 from resources.mlflow import MlflowResource
 from resources.models import BaseModelResource
@@ -22,10 +22,11 @@ from resources.storage import StorageResource
 
 BASE_MODEL_ENV = "ALIGNMENT_PIPELINES_BASE_MODEL"
 
-ALL_ASSETS = [raw_feedback, validate_feedback_batch, preference_pairs, sft_model, policy_dpo, policy_orpo,
-              evaluation_report]
+DATASETS = [preference_pairs, binary_feedback, prompts]
+POLICIES = [policy_dpo, policy_kto, policy_orpo]
+ALL_ASSETS = [raw_feedback, validate_feedback_batch, *DATASETS, sft_model, *POLICIES, evaluation_report]
 ALL_CHECKS = [validated_feedback_expectations]
-TRAINING_SELECTION = dg.AssetSelection.assets(preference_pairs, sft_model, policy_dpo, policy_orpo, evaluation_report)
+TRAINING_SELECTION = dg.AssetSelection.assets(*DATASETS, sft_model, *POLICIES, evaluation_report)
 
 nightly_retraining = dg.ScheduleDefinition(
     name="nightly_retraining",
@@ -99,7 +100,7 @@ def run_demo(base_model: str | None = None, data_root: str | Path | None = None,
     return {
         "batches": batches,
         "run_id": result.run_id,
-        "policies": [result.output_for_node(name).uri for name in ("policy_dpo", "policy_orpo")],
+        "policies": [result.output_for_node(policy.key.path[-1]).uri for policy in POLICIES],
         "evaluation": {k: v.value for k, v in
                        result.asset_materializations_for_node("evaluation_report")[0].metadata.items()
                        if k.endswith(("/win_rate", "/preference_accuracy")) or k == "promoted_to_champion"},

@@ -16,6 +16,7 @@ class DatasetRef:
     batches: tuple[str, ...]
     train_rows: int
     eval_rows: int
+    balance: dict | None = None  # binary feedback: desirable/undesirable counts and KTO class weights
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,19 @@
 """Training datasets built from every accepted batch whose validation gate passed."""
 
-
 import json
 
 import dagster as dg
 import pandas as pd
 
-from alignment_pipelines.data.splits import (deduplicate_pairs, read_records, split_by_prompt,
-                                             write_records, dataset_version)
+from alignment_pipelines.data.splits import (binary_from_pairs, dataset_version, deduplicate, kto_balance,
+                                             prompts_from, read_records, split_by_prompt, write_records)
+from alignment_pipelines.layout import DataRoot
 from alignment_pipelines.refs import DatasetRef
 from assets.ingestion import ACCEPTED_FILE, SUMMARY_FILE, feedback_batches
 from resources.storage import StorageResource
 
-# A new validated batch rebuilds the dataset; the dataset itself leaves out any batch whose
-# blocking check failed, so its content hash (data version) is unchanged by a rejected batch.
+# A new validated batch rebuilds the datasets; they leave out any batch whose blocking check
+# failed, so their content hash (data version) is unchanged by a rejected batch.
 ON_NEW_BATCH = dg.AutomationCondition.eager()
 # Models retrain only when an input's data version changed: a rejected batch retrains nothing.
 ON_NEW_DATA = dg.AutomationCondition.eager().replace(
@@ -25,43 +25,100 @@ class SplitConfig(dg.Config):
     seed: int = 0
 
 
+class AcceptedBatches:
+    """The accepted rows of every validated batch, by kind; batches that failed their gate are held back."""
+
+    def __init__(self, instance: dg.DagsterInstance, layout: DataRoot):
+        self.frames: dict[str, list[pd.DataFrame]] = {"pairwise": [], "binary": [], "prompts": []}
+        self.used: dict[str, list[str]] = {"pairwise": [], "binary": [], "prompts": []}
+        self.gated: list[str] = []
+        for key in instance.get_dynamic_partitions(feedback_batches.name):
+            batch_dir = layout.batch_dir(key)
+            if not (batch_dir / SUMMARY_FILE).exists():
+                continue  # registered but not validated yet
+            summary = json.loads((batch_dir / SUMMARY_FILE).read_text())
+            if not summary.get("suite_success"):
+                self.gated.append(key)  # its blocking check failed: none of its rows may reach a trainer
+                continue
+            self.frames[summary["kind"]].append(read_records(batch_dir / ACCEPTED_FILE))
+            self.used[summary["kind"]].append(key)
+
+    def rows(self, kind: str) -> pd.DataFrame | None:
+        return pd.concat(self.frames[kind], ignore_index=True) if self.frames[kind] else None
+
+
+def publish(name: str, kind: str, rows: pd.DataFrame | None, batches: list[str], gated: list[str],
+            config: SplitConfig, layout: DataRoot, extra_metadata: dict | None = None,
+            balance: dict | None = None) -> dg.Output[DatasetRef]:
+    """Deduplicate, version by content hash, split by prompt, write train/eval Parquet."""
+    if rows is None or rows.empty:
+        raise dg.Failure(f"{name}: no accepted feedback of a usable kind yet; drop a file in the inbox "
+                         f"({layout.inbox})", metadata={"batches_blocked_by_checks": gated})
+    unique = deduplicate(rows, kind)
+    version = dataset_version(unique)
+    train, evaluation = split_by_prompt(unique, eval_fraction=config.eval_fraction, seed=config.seed)
+    target = layout.dataset_dir(name, version)
+    write_records(train, target / "train.parquet")
+    write_records(evaluation, target / "eval.parquet")
+    ref = DatasetRef(name=name, version=version, train_path=str(target / "train.parquet"),
+                     eval_path=str(target / "eval.parquet"), batches=tuple(batches),
+                     train_rows=len(train), eval_rows=len(evaluation), balance=balance)
+    return dg.Output(ref, data_version=dg.DataVersion(version), metadata={
+        "dataset_version": version,
+        "dagster/row_count": len(unique),
+        "train_rows": len(train),
+        "eval_rows": len(evaluation),
+        "duplicates_removed": len(rows) - len(unique),
+        "batches": dg.MetadataValue.json(list(batches)),
+        "batches_blocked_by_checks": dg.MetadataValue.json(gated),
+        "path": dg.MetadataValue.path(str(target)),
+        **(extra_metadata or {}),
+    })
+
+
 @dg.asset(deps=["validated_feedback"], group_name="datasets", kinds={"parquet"},
           automation_condition=ON_NEW_BATCH)
 def preference_pairs(context: dg.AssetExecutionContext, config: SplitConfig,
                      storage: StorageResource) -> dg.Output[DatasetRef]:
-    """All accepted pairs, deduplicated, split train/eval by prompt hash (no prompt on both sides)."""
-    layout = storage.layout
-    frames, used, gated = [], [], []
-    for key in sorted(context.instance.get_dynamic_partitions(feedback_batches.name)):
-        batch_dir = layout.batch_dir(key)
-        if not (batch_dir / SUMMARY_FILE).exists():
-            continue  # registered but not validated yet
-        if not json.loads((batch_dir / SUMMARY_FILE).read_text()).get("suite_success"):
-            gated.append(key)  # its blocking check failed: none of its rows may reach a trainer
-            continue
-        frames.append(read_records(batch_dir / ACCEPTED_FILE))
-        used.append(key)
-    if not frames:
-        raise dg.Failure("no validated feedback batch yet: drop a file in the inbox "
-                         f"({layout.inbox}) and let the sensor ingest it",
-                         metadata={"batches_blocked_by_checks": gated})
-    combined = pd.concat(frames, ignore_index=True)
-    pairs = deduplicate_pairs(combined)
-    version = dataset_version(pairs)
-    train, evaluation = split_by_prompt(pairs, eval_fraction=config.eval_fraction, seed=config.seed)
-    target = layout.dataset_dir("preference_pairs", version)
-    write_records(train, target / "train.parquet")
-    write_records(evaluation, target / "eval.parquet")
-    ref = DatasetRef(name="preference_pairs", version=version, train_path=str(target / "train.parquet"),
-                     eval_path=str(target / "eval.parquet"), batches=tuple(used),
-                     train_rows=len(train), eval_rows=len(evaluation))
-    return dg.Output(ref, data_version=dg.DataVersion(version), metadata={
-        "dataset_version": version,
-        "dagster/row_count": len(pairs),
-        "train_rows": len(train),
-        "eval_rows": len(evaluation),
-        "duplicates_removed": len(combined) - len(pairs),
-        "batches": dg.MetadataValue.json(used),
-        "batches_blocked_by_checks": dg.MetadataValue.json(gated),
-        "path": dg.MetadataValue.path(str(target)),
-    })
+    """All accepted (prompt, chosen, rejected) pairs, deduplicated, split train/eval by prompt hash."""
+    batches = AcceptedBatches(context.instance, storage.layout)
+    return publish("preference_pairs", "pairwise", batches.rows("pairwise"), batches.used["pairwise"],
+                   batches.gated, config, storage.layout)
+
+
+@dg.asset(deps=["validated_feedback"], group_name="datasets", kinds={"parquet"},
+          automation_condition=ON_NEW_BATCH)
+def binary_feedback(context: dg.AssetExecutionContext, config: SplitConfig,
+                    storage: StorageResource) -> dg.Output[DatasetRef]:
+    """Thumbs up/down (prompt, completion, label): binary batches plus every pair as one desirable
+    and one undesirable row. Its metadata has the KTO balance report and class weights."""
+    batches = AcceptedBatches(context.instance, storage.layout)
+    parts = [frame for frame in (batches.rows("binary"),) if frame is not None]
+    pairs = batches.rows("pairwise")
+    if pairs is not None:
+        parts.append(binary_from_pairs(pairs))
+    rows = pd.concat(parts, ignore_index=True) if parts else None
+    balance = kto_balance(deduplicate(rows, "binary")) if rows is not None else None
+    report = None
+    if balance:
+        report = ("| desirable | undesirable | ratio | desirable_weight | undesirable_weight |\n|---|---|---|---|---|\n"
+                  f"| {balance['desirable']} | {balance['undesirable']} | {balance['ratio']} | "
+                  f"{balance['desirable_weight']:.3f} | {balance['undesirable_weight']:.3f} |")
+    return publish("binary_feedback", "binary", rows, batches.used["binary"] + batches.used["pairwise"],
+                   batches.gated, config, storage.layout, balance=balance,
+                   extra_metadata={"kto_balance": dg.MetadataValue.md(report or "no rows"),
+                                   "class_weights": dg.MetadataValue.json(balance or {})})
+
+
+@dg.asset(deps=["validated_feedback"], group_name="datasets", kinds={"parquet"},
+          automation_condition=ON_NEW_BATCH)
+def prompts(context: dg.AssetExecutionContext, config: SplitConfig,
+            storage: StorageResource) -> dg.Output[DatasetRef]:
+    """Every distinct prompt from prompt-only batches, pairs and binary feedback: what the online
+    methods sample answers for."""
+    batches = AcceptedBatches(context.instance, storage.layout)
+    derived = prompts_from(batches.rows("pairwise"), batches.rows("binary"))
+    parts = [frame for frame in (batches.rows("prompts"), derived) if frame is not None and not frame.empty]
+    rows = pd.concat(parts, ignore_index=True) if parts else None
+    return publish("prompts", "prompts", rows, sum(batches.used.values(), []), batches.gated, config,
+                   storage.layout)

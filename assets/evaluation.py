@@ -25,11 +25,12 @@ class EvaluationConfig(dg.Config):
 
 @dg.asset(group_name="evaluation", kinds={"mlflow"}, pool=TRAINING_POOL, automation_condition=ON_NEW_DATA)
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfig, sft_model: ModelRef,
-                      policy_dpo: ModelRef, policy_orpo: ModelRef, preference_pairs: DatasetRef,
+                      policy_dpo: ModelRef, policy_kto: ModelRef, policy_orpo: ModelRef,
+                      preference_pairs: DatasetRef,
                       storage: StorageResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Each policy's held-out preference accuracy and win-rate against the SFT model (rule judge,
     both orders); each policy version whose gate passes gets the `champion` alias."""
-    policies = {ref.registered_name or ref.method: ref for ref in (policy_dpo, policy_orpo)}
+    policies = {ref.registered_name or ref.method: ref for ref in (policy_dpo, policy_kto, policy_orpo)}
     pairs = read_records(preference_pairs.eval_path).head(config.max_pairs)
     judge = RuleJudge()
     results = evaluate_policies(

@@ -3,12 +3,15 @@
 
 import json
 import shutil
+from dataclasses import asdict
 
 import dagster as dg
 
 from alignment_pipelines.data.inbox import content_hash_of, find_batch_file, scan_inbox
-from alignment_pipelines.data.splits import read_records, write_records
-from alignment_pipelines.data.validation import ValidationRules, run_expectation_suite, validate_file
+from alignment_pipelines.data.splits import read_records
+from alignment_pipelines.data.validation import (ValidationRules, defect_count, row_keys, run_expectation_suite,
+                                                 validate_file_to_parquet)
+from resources.models import BaseModelResource
 from resources.storage import StorageResource
 
 feedback_batches = dg.DynamicPartitionsDefinition(name="feedback_batches")
@@ -45,6 +48,18 @@ def raw_feedback(context: dg.AssetExecutionContext, storage: StorageResource) ->
     })
 
 
+class ValidationConfig(dg.Config):
+    """The batch's validation rules; recorded in its summary so the blocking check applies the same."""
+
+    layout: str | None = None  # force a row layout (e.g. "hh-rlhf", "chat-log") instead of detecting it
+    pii: str = "off"  # "off", "redact" or "quarantine" e-mail addresses, phone and card numbers
+    measure_tokens: bool = True  # token lengths with the base model's own tokenizer
+    max_prompt_tokens: int = 1024
+    max_completion_tokens: int = 1024
+    quarantine_over_length: bool = False  # False: accepted and counted in the truncation statistics
+    max_quarantine_fraction: float = 0.5  # the batch gate: more junk than this blocks the batch
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec("validated_feedback", deps=[raw_feedback], group_name="ingestion", kinds={"parquet"},
@@ -54,34 +69,58 @@ def raw_feedback(context: dg.AssetExecutionContext, storage: StorageResource) ->
     ],
     partitions_def=feedback_batches,
 )
-def validate_feedback_batch(context: dg.AssetExecutionContext, storage: StorageResource):
-    """Route every row of a batch to accepted or quarantine; accepted + quarantined = input."""
-    batch_dir = storage.layout.batch_dir(context.partition_key)
-    rules = ValidationRules()
-    result = validate_file(raw_batch_file(batch_dir), rules)
-    write_records(result.accepted, batch_dir / ACCEPTED_FILE)
-    result.quarantined.to_parquet(batch_dir / QUARANTINE_FILE, index=False)
-    suite = run_expectation_suite(result.accepted, rules, quarantined_count=len(result.quarantined))
-    summary = result.summary() | {"suite_success": suite.success}
-    (batch_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    if len(result.accepted) + len(result.quarantined) != result.rows:  # the contract, checked every time
-        raise dg.Failure(f"{context.partition_key}: rows lost in validation: {summary}")
+def validate_feedback_batch(context: dg.AssetExecutionContext, config: ValidationConfig,
+                            storage: StorageResource, base_model: BaseModelResource):
+    """Route every row of a batch to accepted or quarantine (accepted + quarantined = input), chunk by
+    chunk; rows already accepted in an earlier batch are duplicates."""
+    layout = storage.layout
+    key = context.partition_key
+    batch_dir = layout.batch_dir(key)
+    rules = ValidationRules(
+        tokenizer=base_model.resolve() if config.measure_tokens else None, pii=config.pii,
+        max_prompt_tokens=config.max_prompt_tokens, max_completion_tokens=config.max_completion_tokens,
+        quarantine_over_length=config.quarantine_over_length,
+        max_quarantine_fraction=config.max_quarantine_fraction)
+    earlier = earlier_accepted_keys(context.instance, layout, key)
+    summary = validate_file_to_parquet(raw_batch_file(batch_dir), batch_dir / ACCEPTED_FILE,
+                                       batch_dir / QUARANTINE_FILE, rules, layout=config.layout,
+                                       known_keys=earlier)
+    summary["rules"] = asdict(rules)
+    (batch_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    if summary["accepted"] + summary["quarantined"] != summary["rows"]:  # the contract, checked every time
+        raise dg.Failure(f"{key}: rows lost in validation: {summary}")
 
-    by_reason = result.counts_by_reason()
+    by_reason = summary["by_reason"]
     reasons_md = "| reason | rows |\n|---|---|\n" + "".join(f"| {r} | {n} |\n" for r, n in sorted(by_reason.items()))
     yield dg.MaterializeResult(asset_key="validated_feedback", metadata={
-        "dagster/row_count": len(result.accepted),
-        "input_rows": result.rows,
-        "quarantined_rows": len(result.quarantined),
+        "dagster/row_count": summary["accepted"],
+        "input_rows": summary["rows"],
+        "quarantined_rows": summary["quarantined"],
+        "kind": summary["kind"],
+        "layout": summary["layout"],
+        "truncation": dg.MetadataValue.json(summary.get("truncation") or {}),
+        "pii": dg.MetadataValue.json(summary.get("pii") or {"mode": "off"}),
         "path": dg.MetadataValue.path(str(batch_dir / ACCEPTED_FILE)),
     })
     yield dg.MaterializeResult(asset_key="quarantine", metadata={
-        "dagster/row_count": len(result.quarantined),
+        "dagster/row_count": summary["quarantined"],
         "by_reason": dg.MetadataValue.md(reasons_md),
         "counts_by_reason": dg.MetadataValue.json(by_reason),
-        "sample": dg.MetadataValue.md(_sample_markdown(result.quarantined)),
+        "sample": dg.MetadataValue.md(_sample_markdown(summary.get("samples") or [])),
         "path": dg.MetadataValue.path(str(batch_dir / QUARANTINE_FILE)),
     })
+
+
+def earlier_accepted_keys(instance: dg.DagsterInstance, layout, key: str) -> set[str]:
+    """Row keys of every batch registered before `key`: a row seen there is a cross-batch duplicate."""
+    keys: set[str] = set()
+    for earlier in instance.get_dynamic_partitions(feedback_batches.name):
+        if earlier == key:
+            break
+        accepted = layout.batch_dir(earlier) / ACCEPTED_FILE
+        if accepted.exists():
+            keys |= row_keys(read_records(accepted))
+    return keys
 
 
 @dg.asset_check(asset="validated_feedback", blocking=True, partitions_def=feedback_batches,
@@ -90,21 +129,22 @@ def validated_feedback_expectations(context: dg.AssetCheckExecutionContext,
                                     storage: StorageResource) -> dg.AssetCheckResult:
     batch_dir = storage.layout.batch_dir(context.partition_key)
     summary = json.loads((batch_dir / SUMMARY_FILE).read_text())
-    report = run_expectation_suite(read_records(batch_dir / ACCEPTED_FILE), ValidationRules(),
-                                   quarantined_count=summary["quarantined"])
+    report = run_expectation_suite(read_records(batch_dir / ACCEPTED_FILE), ValidationRules(**summary["rules"]),
+                                   quarantined_count=defect_count(summary["by_reason"]))
     return dg.AssetCheckResult(passed=report.success, metadata={
         "expectations": dg.MetadataValue.md(report.markdown()),
         "failed": [r["expectation"] for r in report.results if not r["success"]],
+        "kind": summary["kind"],
     })
 
 
-def _sample_markdown(quarantined, limit: int = 5) -> str:
-    if quarantined.empty:
+def _sample_markdown(samples: list[dict]) -> str:
+    if not samples:
         return "No rows quarantined."
     lines = ["| row | reason | detail |", "|---|---|---|"]
-    for record in quarantined.head(limit).itertuples():
-        detail = str(record.detail).replace("|", "\\|").replace("\n", " ")[:120]
-        lines.append(f"| {record.row} | {record.reason} | {detail} |")
+    for record in samples:
+        detail = str(record.get("detail", "")).replace("|", "\\|").replace("\n", " ")[:120]
+        lines.append(f"| {record.get('row')} | {record.get('reason')} | {detail} |")
     return "\n".join(lines)
 
 

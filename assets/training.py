@@ -34,6 +34,14 @@ class TrainingAssetConfig(dg.Config):
     save_steps: int = 10  # checkpoint interval; a retried run resumes from the last one
 
 
+class KTOAssetConfig(TrainingAssetConfig):
+    learning_rate: float = 5e-5
+    beta: float = 0.1
+    # None: the class weights from binary_feedback's balance report, which bring it to 50/50.
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
+
+
 class ORPOAssetConfig(TrainingAssetConfig):
     learning_rate: float = 1e-4
     beta: float = 0.1  # λ, the weight of the odds-ratio term
@@ -47,12 +55,12 @@ class DPOAssetConfig(TrainingAssetConfig):
 def train_and_register(context: dg.AssetExecutionContext, *, method: str, asset_config: dg.Config,
                        start_from: str, start_description: str, dataset: DatasetRef,
                        storage: StorageResource, mlflow: MlflowResource, launcher: TrainingLauncher,
-                       parent_uri: str | None = None) -> dg.Output[ModelRef]:
+                       parent_uri: str | None = None, overrides: dict | None = None) -> dg.Output[ModelRef]:
     """Train through the launcher, then register the model; a failed run registers nothing."""
     asset_name = context.asset_key.to_user_string()
     output_dir = storage.layout.training_dir(asset_name, context.run_id) / "model"
-    values = asset_config.model_dump() | {"model": start_from, "data": dataset.train_path,
-                                          "eval_data": dataset.eval_path}
+    values = asset_config.model_dump() | (overrides or {}) | {
+        "model": start_from, "data": dataset.train_path, "eval_data": dataset.eval_path}
     config = config_from_dict(method, values | {
         "output_dir": str(output_dir),
         "checkpoint_dir": str(checkpoint_dir_for(storage, asset_name, values)),
@@ -105,6 +113,25 @@ def policy_dpo(context: dg.AssetExecutionContext, config: DPOAssetConfig, sft_mo
     return train_and_register(context, method="dpo", asset_config=config, start_from=sft_model.path,
                               start_description=sft_model.base_model, dataset=preference_pairs,
                               storage=storage, mlflow=mlflow, launcher=launcher, parent_uri=sft_model.uri)
+
+
+@dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
+          retry_policy=TRAINING_RETRIES, automation_condition=ON_NEW_DATA)
+def policy_kto(context: dg.AssetExecutionContext, config: KTOAssetConfig, sft_model: ModelRef,
+               binary_feedback: DatasetRef, storage: StorageResource, mlflow: MlflowResource,
+               launcher: TrainingLauncher) -> dg.Output[ModelRef]:
+    """Kahneman-Tversky Optimization from the SFT model on thumbs up/down feedback (TRL KTOTrainer),
+    with class weights that balance desirable and undesirable examples."""
+    balance = binary_feedback.balance or {}
+    weights = {
+        "desirable_weight": config.desirable_weight or balance.get("desirable_weight", 1.0),
+        "undesirable_weight": config.undesirable_weight or balance.get("undesirable_weight", 1.0),
+    }
+    context.log.info(f"KTO class weights {weights} for balance {balance}")
+    return train_and_register(context, method="kto", asset_config=config, start_from=sft_model.path,
+                              start_description=sft_model.base_model, dataset=binary_feedback,
+                              storage=storage, mlflow=mlflow, launcher=launcher, parent_uri=sft_model.uri,
+                              overrides=weights)
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,

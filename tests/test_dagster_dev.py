@@ -15,8 +15,8 @@ import requests
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED = {"raw_feedback", "validated_feedback", "quarantine", "preference_pairs", "sft_model",
-            "policy_dpo", "policy_orpo", "evaluation_report"}
+EXPECTED = {"raw_feedback", "validated_feedback", "quarantine", "preference_pairs", "binary_feedback",
+            "prompts", "sft_model", "policy_dpo", "policy_kto", "policy_orpo", "evaluation_report"}
 QUERY = "{ assetNodes { assetKey { path } } }"
 
 

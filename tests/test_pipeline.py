@@ -20,6 +20,7 @@ TINY_RUN_CONFIG = {"ops": {
     "sft_model": {"config": {"max_steps": 4, "max_length": 128}},
     "policy_dpo": {"config": {"max_steps": 4, "max_length": 128}},
     "policy_orpo": {"config": {"max_steps": 4, "max_length": 128}},
+    "policy_kto": {"config": {"max_steps": 4, "max_length": 128}},
     "evaluation_report": {"config": {"max_pairs": 8, "max_prompts": 4, "max_new_tokens": 8}},
 }}
 MALFORMED = [
@@ -102,7 +103,7 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
     assert orpo.tags["lineage.method"] == "orpo" and "lineage.parent_model" not in orpo.tags  # from base
 
     report = result.asset_materializations_for_node("evaluation_report")[0].metadata
-    for policy in ("policy_dpo", "policy_orpo"):
+    for policy in ("policy_dpo", "policy_kto", "policy_orpo"):
         assert 0.0 <= report[f"{policy}/win_rate"].value <= 1.0
         assert 0.0 <= report[f"{policy}/preference_accuracy"].value <= 1.0
         assert report[f"{policy}/judged"].value == min(4, result.output_for_node("preference_pairs").eval_rows)
@@ -127,7 +128,8 @@ def test_failed_blocking_check_keeps_the_batch_out_of_training(env):
         [dg.AssetCheckKey(dg.AssetKey("validated_feedback"), "validated_feedback_expectations")])
     assert check  # the check ran; its per-batch verdict is recorded in the batch summary
     summary = json.loads((root / "batches" / junk / "summary.json").read_text())
-    assert summary["suite_success"] is False and summary["quarantined"] == 10
+    assert summary["suite_success"] is False
+    assert summary["by_reason"] == {"invalid_json": 10, "duplicate_across_batches": 2}  # its 2 good rows were in good.jsonl
 
     result = dg.materialize(ALL_ASSETS, selection=dg.AssetSelection.assets("preference_pairs"),
                             instance=instance, resources=resources)

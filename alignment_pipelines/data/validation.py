@@ -674,7 +674,17 @@ def validate_file(
     return validate_records(read_feedback_file(path, layout=layout), rules, known_keys)
 
 
+# Repeats of rows already accepted are not defects: a weekly export that overlaps last week's is fine.
+NOT_DEFECTS = frozenset({ReasonCode.DUPLICATE, ReasonCode.DUPLICATE_ACROSS_BATCHES})
+
+
+def defect_count(by_reason: dict[str, int]) -> int:
+    """Quarantined rows that count against the batch gate (everything but duplicates)."""
+    return sum(n for reason, n in by_reason.items() if reason not in NOT_DEFECTS)
+
+
 def _gate_result(quarantined: int, rows: int, rules: ValidationRules) -> dict:
+    """`quarantined` defects among `rows` non-duplicate input rows."""
     fraction = (quarantined / rows) if rows else 0.0
     return {
         "expectation": GATE_EXPECTATION,
@@ -711,7 +721,8 @@ def run_expectation_suite(
     kind: str | None = None,
 ) -> SuiteReport:
     """The batch gate: the kind's suite over `df` (COLUMNS_BY_KIND[kind]; the kind is inferred
-    from the columns when not given) plus the quarantine-fraction limit."""
+    from the columns when not given) plus the quarantine-fraction limit, where `quarantined_count`
+    is the number of defective rows (see `defect_count`; duplicates are not defects)."""
     kind = kind or kind_of(df)
     frame = derived_frame(df.reset_index(drop=True), kind, rules)
     results = _report_rows(frame, rules, kind)
@@ -824,7 +835,8 @@ def validate_file_to_parquet(
         raise AssertionError(f"{path}: rows lost in validation: {rows} in, {accepted} accepted, {quarantined} quarantined")
     os.replace(tmp_a, accepted_path)
     os.replace(tmp_q, quarantine_path)
-    gate = _gate_result(quarantined, rows, rules)
+    defects = defect_count(by_reason)
+    gate = _gate_result(defects, rows - (quarantined - defects), rules)
     if not gate["success"]:
         failed_expectations[GATE_EXPECTATION] = {**gate, "reason": str(gate["reason"])}
     return {

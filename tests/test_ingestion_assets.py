@@ -1,0 +1,88 @@
+"""Ingestion assets on real and varied feedback: every row accounted for, in the UI's metadata."""
+
+import gzip
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from alignment_pipelines.data.demo import demo_feedback_path
+from alignment_pipelines.definitions import ALL_ASSETS, ALL_CHECKS, build_resources
+from assets.ingestion import feedback_batches, feedback_inbox_sensor, raw_feedback, validate_feedback_batch
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base.jsonl.gz"
+
+
+def _settle(path: Path) -> None:
+    stamp = time.time() - 60
+    os.utime(path, (stamp, stamp))
+
+
+def _ingest_inbox(instance, resources, run_config=None) -> dict[str, dg.ExecuteInProcessResult]:
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
+        sensed = feedback_inbox_sensor(context)
+    for request in sensed.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(feedback_batches.name, list(request.partition_keys))
+    return {r.partition_key: dg.materialize([raw_feedback, validate_feedback_batch, *ALL_CHECKS],
+                                            partition_key=r.partition_key, instance=instance,
+                                            resources=resources, run_config=run_config)
+            for r in sensed.run_requests}
+
+
+def _metadata(result, asset: str) -> dict:
+    [event] = [m for m in result.asset_materializations_for_node("validate_feedback_batch")
+               if m.asset_key.to_user_string() == asset]
+    return {k: v.value for k, v in event.metadata.items()}
+
+
+@pytest.mark.skipif(not HH.exists(), reason="../shared/data is not beside the project")
+def test_real_hh_rlhf_batch_is_fully_accounted_for_with_token_statistics(tmp_path, tiny_model_dir):
+    resources = build_resources(data_root=tmp_path, base_model=str(tiny_model_dir))
+    inbox = resources["storage"].layout.inbox
+    shutil.copyfile(HH, inbox / HH.name)
+    _settle(inbox / HH.name)
+    with dg.instance_for_test() as instance:
+        [(key, result)] = _ingest_inbox(instance, resources, run_config={"ops": {"validate_feedback_batch": {
+            "config": {"max_prompt_tokens": 256}}}}).items()
+        accepted, quarantine = _metadata(result, "validated_feedback"), _metadata(result, "quarantine")
+        assert accepted["input_rows"] == 1717
+        assert accepted["dagster/row_count"] == 1709 and quarantine["dagster/row_count"] == 8
+        assert quarantine["counts_by_reason"] == {"empty_field": 3, "prompt_mismatch": 5}
+        assert accepted["layout"] == "hh-rlhf" and accepted["kind"] == "pairwise"
+        assert "| 387 | empty_field |" in quarantine["sample"]
+        truncation = accepted["truncation"]  # measured with the base model's own tokenizer
+        assert truncation["measured_rows"] == 1709 and truncation["max_prompt_tokens"] == 256
+        assert 0 < truncation["prompt_over"] < 1709  # long multi-turn prompts counted, not dropped
+        assert truncation["prompt_tokens_max"] > 256
+        assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
+
+
+def test_binary_and_pairwise_batches_feed_the_kto_dataset_with_balancing_weights(tmp_path):
+    resources = build_resources(data_root=tmp_path, base_model="tiny-random")
+    inbox = resources["storage"].layout.inbox
+    pairs = demo_feedback_path().read_text().splitlines()[:20]
+    (inbox / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+    logs = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer number {i}."}],
+             "thumbs": "up" if i % 4 == 0 else "down"} for i in range(16)]
+    with gzip.open(inbox / "chat_logs.jsonl.gz", "wt") as handle:
+        handle.write("\n".join(json.dumps(log) for log in logs) + "\n")
+    for name in ("pairs.jsonl", "chat_logs.jsonl.gz"):
+        _settle(inbox / name)
+    with dg.instance_for_test() as instance:
+        results = _ingest_inbox(instance, resources)
+        kinds = {key.split("-")[0]: _metadata(r, "validated_feedback")["kind"] for key, r in results.items()}
+        assert kinds == {"pairs.jsonl": "pairwise", "chat_logs.jsonl.gz": "binary"}
+        built = dg.materialize(ALL_ASSETS, selection=dg.AssetSelection.assets("binary_feedback", "prompts"),
+                               instance=instance, resources=resources)
+        binary = built.output_for_node("binary_feedback")
+        # 20 pairs → 20 up + 20 down; chat logs: 4 up, 12 down → 24 up : 32 down
+        assert binary.balance["desirable"] == 24 and binary.balance["undesirable"] == 32
+        assert binary.balance["desirable_weight"] * 24 == pytest.approx(binary.balance["undesirable_weight"] * 32)
+        assert binary.train_rows + binary.eval_rows == 56
+        prompts = built.output_for_node("prompts")
+        assert prompts.train_rows + prompts.eval_rows == 36  # 20 pair prompts + 16 chat-log prompts
