@@ -24,6 +24,26 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    """Copy a file into the inbox atomically: written as `.part`, then renamed, so the sensor never
+    sees half a file."""
+    import shutil
+
+    from alignment_pipelines.data.inbox import batch_key
+
+    source = Path(args.file)
+    if not source.is_file():
+        raise SystemExit(f"alignment-pipelines submit: {source} is not a file")
+    inbox = Path(args.inbox) if args.inbox else default_data_root() / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = inbox / source.name
+    partial = target.with_name(target.name + ".part")
+    shutil.copy2(source, partial)
+    partial.replace(target)
+    print(json.dumps({"inbox_file": str(target), "batch_key": batch_key(target)}))
+    return 0
+
+
 def _training_data(path: str, work_dir: Path) -> str:
     """Parquet passes through; any file the importer reads is validated and its accepted rows used."""
     if path.endswith(".parquet"):
@@ -128,6 +148,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_names() -> list[str]:
+    from alignment_pipelines.methods import METHODS
+
+    return list(METHODS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignment-pipelines",
@@ -143,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--output-dir", help="where to write the accepted and quarantined rows")
     validate.set_defaults(func=_validate)
 
+    submit = commands.add_parser(
+        "submit", help="register a feedback file from a path: copy it into the inbox for the sensor",
+        description="Copy FILE into the feedback inbox (as .part, then renamed, so it is never read half "
+                    "written). The inbox sensor registers it as a batch named by file name + content hash.")
+    submit.add_argument("file")
+    submit.add_argument("--inbox", help="default: <data root>/inbox")
+    submit.set_defaults(func=_submit)
+
     train = commands.add_parser(
         "train", help="train one method and write a safetensors model folder plus metrics.json",
         description="Train METHOD from --model on --data and write a merged safetensors model folder and "
@@ -150,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "`smollm2-135m-instruct` (the embedded default) or `tiny-random` (a tiny offline "
                     "model for smoke tests). --config takes a JSON file of the method's config; flags "
                     "override it.")
-    train.add_argument("method", help="sft or dpo")
+    train.add_argument("method", help="one of: " + ", ".join(sorted(_method_names())))
     train.add_argument("--model", help="model spec (see above)")
     train.add_argument("--data", help="training data: .parquet, or any file the importer reads (.jsonl[.gz])")
     train.add_argument("--eval-data", help="optional held-out data, same formats")

@@ -69,6 +69,16 @@ def build_definitions(**resource_options) -> dg.Definitions:
 defs = build_definitions()
 
 
+# Step counts that train every method on SmolLM2 + the demo feedback in minutes on a laptop CPU.
+DEMO_RUN_CONFIG = {"ops": {
+    "sft_model": {"config": {"max_steps": 30}},
+    "policy_dpo": {"config": {"max_steps": 20}},
+    "policy_kto": {"config": {"max_steps": 16}},
+    "policy_orpo": {"config": {"max_steps": 20}},
+    "evaluation_report": {"config": {"max_prompts": 12, "max_new_tokens": 48}},
+}}
+
+
 def run_demo(base_model: str | None = None, data_root: str | Path | None = None,
              run_config: dict | None = None, instance: dg.DagsterInstance | None = None) -> dict:
     """Drop the demo feedback in the inbox, run the inbox sensor, materialize everything.
@@ -94,7 +104,7 @@ def run_demo(base_model: str | None = None, data_root: str | Path | None = None,
         if not result.success:
             raise RuntimeError(f"ingestion of batch {key} failed; see run {result.run_id}")
     result = dg.materialize(ALL_ASSETS, selection=TRAINING_SELECTION, instance=instance,
-                            resources=resources, run_config=run_config)
+                            resources=resources, run_config=run_config or DEMO_RUN_CONFIG)
     if not result.success:
         raise RuntimeError(f"training run {result.run_id} failed")
     return {

@@ -72,6 +72,15 @@ def train_and_register(context: dg.AssetExecutionContext, *, method: str, asset_
     try:
         tracker.log_params(run_id, config.to_dict() | {"method": method})
         result = launcher.launch(context, method, config, tracker, run_id)
+        metadata = {  # built before registering: registration is the last step that can fail
+            "mlflow_run_id": run_id,
+            "dataset_version": dataset.version,
+            "path": dg.MetadataValue.path(str(output_dir)),
+            "metrics": dg.MetadataValue.md(_metrics_table(result.metrics)),
+            "training_curve": dg.MetadataValue.md(_history_table(result.history)),
+            **{f"train/{k}": float(v) for k, v in result.metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        }
         registered = tracker.register_model(run_id, output_dir, asset_name, lineage)
     except BaseException:
         tracker.end_run(run_id, succeeded=False)
@@ -80,17 +89,8 @@ def train_and_register(context: dg.AssetExecutionContext, *, method: str, asset_
     ref = ModelRef(path=str(output_dir), method=method, base_model=start_description, start_path=start_from,
                    dataset_version=dataset.version, registered_name=registered.name,
                    registered_version=registered.version, mlflow_run_id=run_id, metrics=result.metrics)
-    return dg.Output(ref, metadata={
-        "model_uri": ref.uri,
-        "registered_version": registered.version,
-        "alias": registered.alias,
-        "mlflow_run_id": run_id,
-        "dataset_version": dataset.version,
-        "path": dg.MetadataValue.path(str(output_dir)),
-        "metrics": dg.MetadataValue.md(_metrics_table(result.metrics)),
-        "training_curve": dg.MetadataValue.md(_history_table(result.history)),
-        **{f"train/{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    })
+    return dg.Output(ref, metadata={"model_uri": ref.uri, "registered_version": registered.version,
+                                    "alias": registered.alias, **metadata})
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL,
@@ -162,8 +162,10 @@ def _history_table(history: list[dict], limit: int = 20) -> str:
     if not steps:
         return "No training steps logged."
     stride = max(1, len(steps) // limit)
-    keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "learning_rate") if k in steps[0]]
+    keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "learning_rate")
+            if any(k in h for h in steps)]  # KTO leaves a reward out on a step whose batch lacks a label
     lines = ["| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for h in steps[::stride]:
-        lines.append(f"| {h.get('step')} | " + " | ".join(f"{h[k]:.4g}" for k in keys) + " |")
+        cells = (f"{h[k]:.4g}" if isinstance(h.get(k), (int, float)) else "" for k in keys)
+        lines.append(f"| {h.get('step')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ def test_validate_prints_summary_and_writes_both_sides(tmp_path, capsys):
     assert len((tmp_path / "feedback.jsonl.accepted.jsonl").read_text().splitlines()) == 10
 
 
-@pytest.mark.parametrize("command", [[], ["validate"], ["train"], ["promote"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["validate"], ["submit"], ["train"], ["promote"], ["demo"]])
 def test_every_command_explains_itself(command):
     out = subprocess.run([sys.executable, "-m", "alignment_pipelines.cli", *command, "--help"],
                          capture_output=True, text=True, check=True).stdout
@@ -54,3 +54,12 @@ def test_unknown_method_fails_before_loading_anything(tmp_path):
          "--data", "x.jsonl", "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert completed.returncode != 0
     assert "ppo-typo" in completed.stderr and "sft" in completed.stderr
+
+
+def test_submit_puts_a_whole_file_in_the_inbox(tmp_path, capsys):
+    inbox = tmp_path / "inbox"
+    assert main(["submit", str(demo_feedback_path()), "--inbox", str(inbox)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (inbox / "feedback.jsonl").read_bytes() == demo_feedback_path().read_bytes()
+    assert out["batch_key"].startswith("feedback.jsonl-")
+    assert not list(inbox.glob("*.part"))
