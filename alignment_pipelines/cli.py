@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from alignment_pipelines.layout import default_data_root
+from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_URI_ENV, Tracker, step_callback
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -83,14 +84,14 @@ def _train(args: argparse.Namespace) -> int:
         values["eval_data"] = _training_data(values["eval_data"], work_dir)
     config = config_from_dict(args.method, values)
 
-    with _worker_reporting() as report:
+    with _WorkerReporting() as report:
         result = run_training(args.method, config, callbacks=report.callbacks())
         report.finish(result)
     print(result.to_json())
     return 0
 
 
-class _worker_reporting:
+class _WorkerReporting:
     """Streams step metrics to Dagster (when run through Pipes) and MLflow (when given a run)."""
 
     def __enter__(self):
@@ -103,17 +104,13 @@ class _worker_reporting:
 
             self.pipes = self._stack.enter_context(open_dagster_pipes())
         self.tracker = None
-        uri = os.environ.get("ALIGNMENT_PIPELINES_MLFLOW_URI")
-        self.mlflow_run_id = os.environ.get("ALIGNMENT_PIPELINES_MLFLOW_RUN_ID")
+        uri = os.environ.get(WORKER_MLFLOW_URI_ENV)
+        self.mlflow_run_id = os.environ.get(WORKER_MLFLOW_RUN_ENV)
         if uri and self.mlflow_run_id:
-            from alignment_pipelines.tracking import Tracker
-
             self.tracker = Tracker(uri)
         return self
 
     def callbacks(self) -> list:
-        from alignment_pipelines.tracking import step_callback
-
         callbacks = []
         if self.tracker:
             callbacks.append(self.tracker.metrics_callback(self.mlflow_run_id))
@@ -132,7 +129,7 @@ class _worker_reporting:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from alignment_pipelines.tracking import Tracker, local_tracking_uri
+    from alignment_pipelines.tracking import local_tracking_uri
 
     uri = args.tracking_uri or local_tracking_uri(default_data_root() / "mlflow")
     Tracker(uri).set_alias(args.name, args.version, args.alias)

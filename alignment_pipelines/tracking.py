@@ -14,6 +14,9 @@ from typing import Any, Callable
 
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
+# A training worker started by the orchestrator streams its step metrics into this run.
+WORKER_MLFLOW_URI_ENV = "ALIGNMENT_PIPELINES_MLFLOW_URI"
+WORKER_MLFLOW_RUN_ENV = "ALIGNMENT_PIPELINES_MLFLOW_RUN_ID"
 
 
 def local_tracking_uri(root: str | Path) -> str:

@@ -2,7 +2,6 @@
 
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -11,11 +10,8 @@ import dagster as dg
 
 from alignment_pipelines.methods import run_training
 from alignment_pipelines.methods.base import TrainingConfig, TrainResult
-from alignment_pipelines.tracking import Tracker, step_callback
+from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_URI_ENV, Tracker, step_callback
 
-# The worker reads these to stream per-step metrics into the run the orchestrator opened.
-MLFLOW_URI_ENV = "ALIGNMENT_PIPELINES_MLFLOW_URI"
-MLFLOW_RUN_ENV = "ALIGNMENT_PIPELINES_MLFLOW_RUN_ID"
 
 
 class TrainingLauncher(dg.ConfigurableResource):
@@ -45,12 +41,9 @@ class TrainingLauncher(dg.ConfigurableResource):
         config_file.write_text(json.dumps(config.to_dict(), indent=2))
         command = [self.python or sys.executable, "-m", "alignment_pipelines.cli",
                    "train", method, "--config", str(config_file)]
-        env = {
-            MLFLOW_URI_ENV: tracker.tracking_uri,
-            MLFLOW_RUN_ENV: mlflow_run_id,
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        env.update({k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "OMP_"))})
+        # Pipes passes this process's environment on; these are added to it.
+        env = {WORKER_MLFLOW_URI_ENV: tracker.tracking_uri, WORKER_MLFLOW_RUN_ENV: mlflow_run_id,
+               "TOKENIZERS_PARALLELISM": "false"}
         invocation = dg.PipesSubprocessClient().run(context=context, command=command, env=env)
         results = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "metrics" in m]
         if not results:
