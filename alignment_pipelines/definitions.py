@@ -69,6 +69,23 @@ def build_definitions(**resource_options) -> dg.Definitions:
 defs = build_definitions()
 
 
+def sense_inbox(instance: dg.DagsterInstance, resources: dict, cursor: str | None = None) -> dg.SensorResult:
+    """Evaluate the inbox sensor once and register the batches it asks for, as the daemon would."""
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        result = feedback_inbox_sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(feedback_batches.name, list(request.partition_keys))
+    return result
+
+
+def ingest_batch(instance: dg.DagsterInstance, resources: dict, key: str, run_config: dict | None = None,
+                 raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    """What the sensor's run request for `key` runs: copy, validate and gate one batch."""
+    return dg.materialize([raw_feedback, validate_feedback_batch, *ALL_CHECKS], partition_key=key,
+                          instance=instance, resources=resources, run_config=run_config,
+                          raise_on_error=raise_on_error)
+
+
 # Step counts that train every method on SmolLM2 + the demo feedback in minutes on a laptop CPU.
 DEMO_RUN_CONFIG = {"ops": {
     "sft_model": {"config": {"max_steps": 30}},
@@ -93,16 +110,9 @@ def run_demo(base_model: str | None = None, data_root: str | Path | None = None,
     shutil.copy2(demo_feedback_path(), layout.inbox / "demo_feedback.jsonl")  # keeps the old mtime: settled
     instance = instance or dg.DagsterInstance.get()
 
-    with dg.build_sensor_context(instance=instance, resources=resources) as context:
-        sensor_result = feedback_inbox_sensor(context)
-    for request in sensor_result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(feedback_batches.name, list(request.partition_keys))
-    batches = [request.partition_key for request in sensor_result.run_requests or []]
+    batches = [request.partition_key for request in sense_inbox(instance, resources).run_requests or []]
     for key in batches:
-        result = dg.materialize([raw_feedback, validate_feedback_batch, validated_feedback_expectations],
-                                partition_key=key, instance=instance, resources=resources)
-        if not result.success:
-            raise RuntimeError(f"ingestion of batch {key} failed; see run {result.run_id}")
+        ingest_batch(instance, resources, key)
     result = dg.materialize(ALL_ASSETS, selection=TRAINING_SELECTION, instance=instance,
                             resources=resources, run_config=run_config or DEMO_RUN_CONFIG)
     if not result.success:

@@ -9,8 +9,8 @@ import time
 import dagster as dg
 
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.definitions import build_resources
-from assets.ingestion import feedback_batches, feedback_inbox_sensor
+from alignment_pipelines.definitions import build_resources, sense_inbox
+from assets.ingestion import feedback_batches
 
 ROWS = demo_feedback_path().read_text().splitlines()
 
@@ -24,7 +24,7 @@ def _drop(inbox, name, rows, age_seconds=60.0):
 
 
 class Inbox:
-    """Runs the sensor tick after tick with its cursor, applying its partition requests."""
+    """Runs the sensor tick after tick with its cursor, as the daemon does."""
 
     def __init__(self, instance, root):
         self.instance, self.cursor = instance, None
@@ -32,12 +32,8 @@ class Inbox:
         self.path = self.resources["storage"].layout.inbox
 
     def tick(self):
-        with dg.build_sensor_context(instance=self.instance, cursor=self.cursor,
-                                     resources=self.resources) as context:
-            result = feedback_inbox_sensor(context)
+        result = sense_inbox(self.instance, self.resources, cursor=self.cursor)
         self.cursor = result.cursor
-        for request in result.dynamic_partitions_requests or []:
-            self.instance.add_dynamic_partitions(feedback_batches.name, list(request.partition_keys))
         return [r.partition_key for r in result.run_requests or []]
 
 

@@ -11,8 +11,7 @@ import dagster as dg
 import pytest
 
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.definitions import ALL_ASSETS, ALL_CHECKS, build_resources
-from assets.ingestion import feedback_batches, feedback_inbox_sensor, raw_feedback, validate_feedback_batch
+from alignment_pipelines.definitions import ALL_ASSETS, build_resources, ingest_batch, sense_inbox
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base.jsonl.gz"
 
@@ -23,14 +22,8 @@ def _settle(path: Path) -> None:
 
 
 def _ingest_inbox(instance, resources, run_config=None) -> dict[str, dg.ExecuteInProcessResult]:
-    with dg.build_sensor_context(instance=instance, resources=resources) as context:
-        sensed = feedback_inbox_sensor(context)
-    for request in sensed.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(feedback_batches.name, list(request.partition_keys))
-    return {r.partition_key: dg.materialize([raw_feedback, validate_feedback_batch, *ALL_CHECKS],
-                                            partition_key=r.partition_key, instance=instance,
-                                            resources=resources, run_config=run_config)
-            for r in sensed.run_requests}
+    return {r.partition_key: ingest_batch(instance, resources, r.partition_key, run_config=run_config)
+            for r in sense_inbox(instance, resources).run_requests}
 
 
 def _metadata(result, asset: str) -> dict:

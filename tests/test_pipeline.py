@@ -10,9 +10,10 @@ import dagster as dg
 import pytest
 
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.definitions import ALL_ASSETS, ALL_CHECKS, TRAINING_SELECTION, build_definitions, build_resources
+from alignment_pipelines.definitions import (ALL_ASSETS, TRAINING_SELECTION, build_definitions, build_resources,
+                                            ingest_batch, sense_inbox)
 from alignment_pipelines.tracking import Tracker
-from assets.ingestion import feedback_batches, feedback_inbox_sensor, raw_feedback, validate_feedback_batch
+from assets.ingestion import feedback_batches
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +42,11 @@ def _inbox_file(root, name, good_rows=40, bad_lines=()):
 
 
 def _sense(instance, resources):
-    with dg.build_sensor_context(instance=instance, resources=resources) as context:
-        result = feedback_inbox_sensor(context)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(feedback_batches.name, list(request.partition_keys))
-    return result
+    return sense_inbox(instance, resources)
 
 
 def _ingest(instance, resources, key):
-    return dg.materialize([raw_feedback, validate_feedback_batch, *ALL_CHECKS], partition_key=key,
-                          instance=instance, resources=resources, raise_on_error=False)
+    return ingest_batch(instance, resources, key, raise_on_error=False)
 
 
 @pytest.fixture

@@ -7,9 +7,8 @@ import dagster as dg
 import pytest
 
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.definitions import ALL_ASSETS, ALL_CHECKS, build_resources
+from alignment_pipelines.definitions import ALL_ASSETS, build_resources, ingest_batch, sense_inbox
 from alignment_pipelines.tracking import Lineage, Tracker, local_tracking_uri
-from assets.ingestion import feedback_batches, raw_feedback, validate_feedback_batch
 from resources.launcher import TrainingLauncher
 
 LINEAGE = Lineage(method="sft", base_model="tiny:tiny-random", dataset_version="abc", batches=("b1", "b2"))
@@ -48,12 +47,8 @@ def test_a_training_run_that_dies_registers_nothing(tmp_path, tiny_model_dir):
     resources = build_resources(data_root=tmp_path, base_model=str(tiny_model_dir))
     resources["launcher"] = TrainingLauncher(python="/bin/false")  # the worker process exits 1 at once
     with dg.instance_for_test() as instance:
-        from alignment_pipelines.data.inbox import scan_inbox
-
-        [batch] = scan_inbox(inbox).ready
-        instance.add_dynamic_partitions(feedback_batches.name, [batch.key])
-        dg.materialize([raw_feedback, validate_feedback_batch, *ALL_CHECKS], partition_key=batch.key,
-                       instance=instance, resources=resources)
+        [request] = sense_inbox(instance, resources).run_requests
+        ingest_batch(instance, resources, request.partition_key)
         result = dg.materialize(ALL_ASSETS, selection=dg.AssetSelection.assets("preference_pairs", "sft_model"),
                                 instance=instance, resources=resources, raise_on_error=False,
                                 run_config={"ops": {"sft_model": {"config": {"max_steps": 2}}}})

@@ -12,23 +12,11 @@ import statistics
 from typing import Protocol, Sequence
 
 from alignment_pipelines.methods.base import normalize_prompt
+from alignment_pipelines.models.loading import load_causal_lm
 
 # --------------------------------------------------------------------------------------
 # Log-probabilities and the implicit reward
 # --------------------------------------------------------------------------------------
-
-
-def _load(model_dir, device: str | None = None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = "auto" if device != "cpu" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True).to(device).eval()
-    return model, tokenizer
 
 
 def encode_answer(tokenizer, prompt, answer: str, max_length: int) -> tuple[list[int], int]:
@@ -104,7 +92,7 @@ def preference_accuracy(policy_dir, reference_dir, pairs_df, beta: float = 0.1, 
                 "reward_chosen_mean": math.nan, "reward_rejected_mean": math.nan, "pairs": 0}
 
     def logps(model_dir):
-        model, tokenizer = _load(model_dir)
+        model, tokenizer = load_causal_lm(model_dir)
         both = sequence_logprobs(model, tokenizer, prompts + prompts, chosen + rejected, max_length, batch_size)
         del model
         return both[:n], both[n:]
@@ -136,7 +124,7 @@ class TransformersBackend:
     """Greedy decoding with transformers: chat template, left padding, batches."""
 
     def __init__(self, model_dir, batch_size: int = 8, device: str | None = None):
-        self.model, self.tokenizer = _load(model_dir, device)
+        self.model, self.tokenizer = load_causal_lm(model_dir, device=device)
         self.batch_size = batch_size
 
     def generate(self, prompts: list[list[dict]], max_new_tokens: int = 64, seed: int = 0) -> list[str]:

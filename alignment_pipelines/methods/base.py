@@ -54,12 +54,9 @@ class ConfigError(ValueError):
 def _read_table(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:  # the data layer's reader, once it exists (handles remote roots, schemas)
-            from alignment_pipelines.data.splits import read_records  # type: ignore
+        from alignment_pipelines.data.splits import read_records
 
-            return read_records(path)
-        except ImportError:
-            return pd.read_parquet(path)
+        return read_records(path)
     if suffix == ".jsonl":
         rows = []
         with open(path, encoding="utf-8") as fh:
@@ -532,17 +529,13 @@ def prepare_trainer(trainer, config: TrainingConfig):
 
 
 def load_model_and_tokenizer(config: TrainingConfig):
+    """The start model and its tokenizer: safetensors only, float32 on a CPU."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = "auto" if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=True
-    )
-    return model, tokenizer
+    from alignment_pipelines.models.loading import load_causal_lm
+
+    return load_causal_lm(config.model, trust_remote_code=config.trust_remote_code,
+                          dtype="auto" if torch.cuda.is_available() else "float32", padding_side="right")
 
 
 def reference_model(config: TrainingConfig, peft_config, dtype):
