@@ -1,19 +1,19 @@
-"""Training datasets built from every accepted batch whose validation gate passed."""
-
-import json
+"""Training datasets built from the accepted rows of every batch whose blocking check passed."""
 
 import dagster as dg
 import pandas as pd
 
+from alignment_pipelines.assets.ingestion import ACCEPTED_FILE, gate_verdicts
+from alignment_pipelines.data.records import read_records, write_records
+from alignment_pipelines.data.schemas import kind_of
 from alignment_pipelines.data.splits import (binary_from_pairs, dataset_version, deduplicate, kto_balance,
-                                             prompts_from, read_records, split_by_prompt, write_records)
+                                             prompts_from, split_by_prompt)
 from alignment_pipelines.layout import DataRoot
 from alignment_pipelines.refs import DatasetRef
-from assets.ingestion import ACCEPTED_FILE, SUMMARY_FILE, feedback_batches
-from resources.storage import StorageResource
+from alignment_pipelines.resources.storage import StorageResource
 
-# A new validated batch rebuilds the datasets; they leave out any batch whose blocking check
-# failed, so their content hash (data version) is unchanged by a rejected batch.
+# A new validated batch rebuilds the datasets; they take only batches whose blocking check passed,
+# so their content hash (data version) is unchanged by a rejected batch.
 ON_NEW_BATCH = dg.AutomationCondition.eager()
 # Models retrain only when an input's data version changed: a rejected batch retrains nothing.
 ON_NEW_DATA = dg.AutomationCondition.eager().replace(
@@ -26,34 +26,41 @@ class SplitConfig(dg.Config):
 
 
 class AcceptedBatches:
-    """The accepted rows of every validated batch, by kind; batches that failed their gate are held back."""
+    """The accepted rows of every batch whose blocking check passed (its verdict as recorded in the
+    instance, see `gate_verdicts`), by kind, in registration order. Batches whose check failed are
+    `gated`; batches without a verdict on their current rows yet are `pending`."""
 
     def __init__(self, instance: dg.DagsterInstance, layout: DataRoot):
         self.frames: dict[str, list[pd.DataFrame]] = {"pairwise": [], "binary": [], "prompts": []}
         self.used: dict[str, list[str]] = {"pairwise": [], "binary": [], "prompts": []}
         self.gated: list[str] = []
-        for key in instance.get_dynamic_partitions(feedback_batches.name):
-            batch_dir = layout.batch_dir(key)
-            if not (batch_dir / SUMMARY_FILE).exists():
-                continue  # registered but not validated yet
-            summary = json.loads((batch_dir / SUMMARY_FILE).read_text())
-            if not summary.get("suite_success"):
-                self.gated.append(key)  # its blocking check failed: none of its rows may reach a trainer
+        self.pending: list[str] = []
+        for key, passed in gate_verdicts(instance).items():
+            if not passed:
+                (self.pending if passed is None else self.gated).append(key)
                 continue
-            self.frames[summary["kind"]].append(read_records(batch_dir / ACCEPTED_FILE))
-            self.used[summary["kind"]].append(key)
+            accepted = layout.batch_dir(key) / ACCEPTED_FILE
+            if not accepted.exists():
+                raise dg.Failure(f"batch {key} passed its check but its accepted rows are missing ({accepted}); "
+                                 "materialize validated_feedback for it again")
+            rows = read_records(accepted)
+            kind = kind_of(rows)
+            self.frames[kind].append(rows)
+            self.used[kind].append(key)
 
     def rows(self, kind: str) -> pd.DataFrame | None:
         return pd.concat(self.frames[kind], ignore_index=True) if self.frames[kind] else None
 
 
-def publish(name: str, kind: str, rows: pd.DataFrame | None, batches: list[str], gated: list[str],
+def publish(name: str, kind: str, rows: pd.DataFrame | None, batches: list[str], accepted: AcceptedBatches,
             config: SplitConfig, layout: DataRoot, extra_metadata: dict | None = None,
             balance: dict | None = None) -> dg.Output[DatasetRef]:
     """Deduplicate, version by content hash, split by prompt, write train/eval Parquet."""
+    gate = {"batches_blocked_by_checks": dg.MetadataValue.json(accepted.gated),
+            "batches_awaiting_checks": dg.MetadataValue.json(accepted.pending)}
     if rows is None or rows.empty:
         raise dg.Failure(f"{name}: no accepted feedback of a usable kind yet; drop a file in the inbox "
-                         f"({layout.inbox})", metadata={"batches_blocked_by_checks": gated})
+                         f"({layout.inbox})", metadata=gate)
     unique = deduplicate(rows, kind)
     version = dataset_version(unique)
     train, evaluation = split_by_prompt(unique, eval_fraction=config.eval_fraction, seed=config.seed)
@@ -70,7 +77,7 @@ def publish(name: str, kind: str, rows: pd.DataFrame | None, batches: list[str],
         "eval_rows": len(evaluation),
         "duplicates_removed": len(rows) - len(unique),
         "batches": dg.MetadataValue.json(list(batches)),
-        "batches_blocked_by_checks": dg.MetadataValue.json(gated),
+        **gate,
         "path": dg.MetadataValue.path(str(target)),
         **(extra_metadata or {}),
     })
@@ -83,7 +90,7 @@ def preference_pairs(context: dg.AssetExecutionContext, config: SplitConfig,
     """All accepted (prompt, chosen, rejected) pairs, deduplicated, split train/eval by prompt hash."""
     batches = AcceptedBatches(context.instance, storage.layout)
     return publish("preference_pairs", "pairwise", batches.rows("pairwise"), batches.used["pairwise"],
-                   batches.gated, config, storage.layout)
+                   batches, config, storage.layout)
 
 
 @dg.asset(deps=["validated_feedback"], group_name="datasets", kinds={"parquet"},
@@ -105,7 +112,7 @@ def binary_feedback(context: dg.AssetExecutionContext, config: SplitConfig,
                   f"| {balance['desirable']} | {balance['undesirable']} | {balance['ratio']} | "
                   f"{balance['desirable_weight']:.3f} | {balance['undesirable_weight']:.3f} |")
     return publish("binary_feedback", "binary", rows, batches.used["binary"] + batches.used["pairwise"],
-                   batches.gated, config, storage.layout, balance=balance,
+                   batches, config, storage.layout, balance=balance,
                    extra_metadata={"kto_balance": dg.MetadataValue.md(report or "no rows"),
                                    "class_weights": dg.MetadataValue.json(balance or {})})
 
@@ -120,5 +127,5 @@ def prompts(context: dg.AssetExecutionContext, config: SplitConfig,
     derived = prompts_from(batches.rows("pairwise"), batches.rows("binary"))
     parts = [frame for frame in (batches.rows("prompts"), derived) if frame is not None and not frame.empty]
     rows = pd.concat(parts, ignore_index=True) if parts else None
-    return publish("prompts", "prompts", rows, sum(batches.used.values(), []), batches.gated, config,
+    return publish("prompts", "prompts", rows, sum(batches.used.values(), []), batches, config,
                    storage.layout)

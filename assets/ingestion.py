@@ -1,18 +1,24 @@
-"""Feedback in: inbox file → raw batch → validated rows + quarantine, gated by a GX suite."""
+"""Feedback in: inbox file → raw batch → validated rows + quarantine, gated by a GX suite.
 
+The gate is one asset check, `validated_feedback_expectations` (blocking): it stops downstream
+steps in its own run, and its verdict, recorded in the Dagster instance per batch, is what
+`gate_verdicts` reads for the later runs that build the training datasets.
+"""
 
 import json
 import shutil
 from dataclasses import asdict
 
 import dagster as dg
+# per-batch check verdicts come from the event log storage (partitioned asset checks are a preview feature)
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from alignment_pipelines.data.inbox import content_hash_of, find_batch_file, scan_inbox
-from alignment_pipelines.data.splits import read_records
+from alignment_pipelines.data.records import read_records
 from alignment_pipelines.data.validation import (ValidationRules, defect_count, row_keys, run_expectation_suite,
                                                  validate_file_to_parquet)
-from resources.models import BaseModelResource
-from resources.storage import StorageResource
+from alignment_pipelines.resources.models import BaseModelResource
+from alignment_pipelines.resources.storage import StorageResource
 
 feedback_batches = dg.DynamicPartitionsDefinition(name="feedback_batches")
 
@@ -112,14 +118,15 @@ def validate_feedback_batch(context: dg.AssetExecutionContext, config: Validatio
 
 
 def earlier_accepted_keys(instance: dg.DagsterInstance, layout, key: str) -> set[str]:
-    """Row keys of every batch registered before `key`: a row seen there is a cross-batch duplicate."""
+    """Row keys of the accepted rows of every batch registered before `key` whose gate passed: a row
+    seen there is a cross-batch duplicate. A rejected batch's rows never reach a trainer, so a later
+    batch may bring them."""
+    earlier = instance.get_dynamic_partitions(feedback_batches.name)
+    earlier = earlier[:earlier.index(key)] if key in earlier else earlier
     keys: set[str] = set()
-    for earlier in instance.get_dynamic_partitions(feedback_batches.name):
-        if earlier == key:
-            break
-        accepted = layout.batch_dir(earlier) / ACCEPTED_FILE
-        if accepted.exists():
-            keys |= row_keys(read_records(accepted))
+    for batch, passed in gate_verdicts(instance, earlier).items():
+        if passed:
+            keys |= row_keys(read_records(layout.batch_dir(batch) / ACCEPTED_FILE))
     return keys
 
 
@@ -127,6 +134,9 @@ def earlier_accepted_keys(instance: dg.DagsterInstance, layout, key: str) -> set
                 description="The Great Expectations suite on the accepted rows, plus the batch's quarantine rate.")
 def validated_feedback_expectations(context: dg.AssetCheckExecutionContext,
                                     storage: StorageResource) -> dg.AssetCheckResult:
+    """The batch gate: `run_expectation_suite` on the accepted rows, with the rules and quarantine counts
+    the validation recorded in the batch's summary. Its recorded verdict is what admits the batch to
+    the training datasets (`gate_verdicts`); the summary's own `suite_success` is not consulted."""
     batch_dir = storage.layout.batch_dir(context.partition_key)
     summary = json.loads((batch_dir / SUMMARY_FILE).read_text())
     report = run_expectation_suite(read_records(batch_dir / ACCEPTED_FILE), ValidationRules(**summary["rules"]),
@@ -136,6 +146,30 @@ def validated_feedback_expectations(context: dg.AssetCheckExecutionContext,
         "failed": [r["expectation"] for r in report.results if not r["success"]],
         "kind": summary["kind"],
     })
+
+
+_VERDICTS = {AssetCheckExecutionRecordStatus.SUCCEEDED: True, AssetCheckExecutionRecordStatus.FAILED: False}
+
+
+def gate_verdicts(instance: dg.DagsterInstance, keys: list[str] | None = None) -> dict[str, bool | None]:
+    """The blocking check's verdict on each batch (all registered batches by default, in registration
+    order), as recorded in the instance: True passed, False failed, None no verdict on the batch's
+    current rows (not validated yet, the check still running or not run, or the batch validated
+    again since). One query for all batches."""
+    keys = instance.get_dynamic_partitions(feedback_batches.name) if keys is None else list(keys)
+    if not keys:
+        return {}
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [validated_feedback_expectations.check_key], partition_keys=keys)
+    latest = {info.partition_key: info for info in infos}
+    verdicts: dict[str, bool | None] = {}
+    for key in keys:
+        info = latest.get(key)
+        if info is None or not info.is_current or info.latest_execution_status not in _VERDICTS:
+            verdicts[key] = None
+        else:
+            verdicts[key] = _VERDICTS[info.latest_execution_status]
+    return verdicts
 
 
 def _sample_markdown(samples: list[dict]) -> str:

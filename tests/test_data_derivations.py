@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 
+from alignment_pipelines.data.records import read_records, write_records
 from alignment_pipelines.data.schemas import BINARY_COLUMNS, PROMPT_COLUMNS
 from alignment_pipelines.data.splits import (
     binary_from_pairs,
@@ -16,9 +17,7 @@ from alignment_pipelines.data.splits import (
     kto_balance,
     prompt_key,
     prompts_from,
-    read_records,
     split_by_prompt,
-    write_records,
 )
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from alignment_pipelines.data.importers import FeedbackFileError, read_feedback_file
-from alignment_pipelines.data.splits import read_records
+from alignment_pipelines.data.records import read_records
 from alignment_pipelines.data.validation import ValidationRules, validate_file, validate_file_to_parquet
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from alignment_pipelines.data.records import read_records, write_records
 from alignment_pipelines.data.splits import (
     dataset_version,
     deduplicate_pairs,
     prompt_key,
-    read_records,
     split_by_prompt,
-    write_records,
 )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment_pipelines.data.splits import read_records
+from alignment_pipelines.data.records import read_records
 from alignment_pipelines.data.validation import (
     ValidationRules,
     row_key,

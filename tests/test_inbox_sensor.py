@@ -9,8 +9,9 @@ import time
 import dagster as dg
 
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.definitions import build_resources, sense_inbox
-from assets.ingestion import feedback_batches
+from alignment_pipelines.definitions import build_resources
+from alignment_pipelines.runs import sense_inbox
+from alignment_pipelines.assets.ingestion import feedback_batches
 
 ROWS = demo_feedback_path().read_text().splitlines()
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from alignment_pipelines.assets.datasets import binary_feedback, preference_pairs, prompts
+from alignment_pipelines.assets.ingestion import SUMMARY_FILE, gate_verdicts, raw_feedback, validate_feedback_batch
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.definitions import ALL_ASSETS, build_resources, ingest_batch, sense_inbox
+from alignment_pipelines.definitions import ALL_ASSETS, build_resources
+from alignment_pipelines.runs import ingest_batch, sense_inbox
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base.jsonl.gz"
 
@@ -79,3 +82,50 @@ def test_binary_and_pairwise_batches_feed_the_kto_dataset_with_balancing_weights
         assert binary.train_rows + binary.eval_rows == 56
         prompts = built.output_for_node("prompts")
         assert prompts.train_rows + prompts.eval_rows == 36  # 20 pair prompts + 16 chat-log prompts
+
+
+def test_datasets_admit_a_batch_on_its_blocking_checks_recorded_verdict(tmp_path):
+    """One gate verdict: the check's result recorded in the instance, on the batch as it is now."""
+    resources = build_resources(data_root=tmp_path, base_model="tiny-random")
+    layout = resources["storage"].layout
+    no_tokens = {"ops": {"validate_feedback_batch": {"config": {"measure_tokens": False}}}}
+    rows = demo_feedback_path().read_text().splitlines()
+    ingestion = [raw_feedback, validate_feedback_batch]
+    datasets = [*ingestion, preference_pairs, binary_feedback, prompts]
+
+    def drop_and_ingest(instance, name, lines):
+        (layout.inbox / name).write_text("\n".join(lines) + "\n")
+        _settle(layout.inbox / name)
+        [request] = sense_inbox(instance, resources).run_requests
+        key = request.partition_key
+        return key, ingest_batch(instance, resources, key, run_config=no_tokens, raise_on_error=False)
+
+    with dg.instance_for_test() as instance:
+        junk, result = drop_and_ingest(instance, "junk.jsonl", rows[:2] + ["not json"] * 10)
+        assert [c.passed for c in result.get_asset_check_evaluations()] == [False]
+        good, result = drop_and_ingest(instance, "good.jsonl", rows[:20])
+        assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
+        # the rejected batch's two good rows never reach a trainer, so here they are not duplicates
+        assert _metadata(result, "quarantine")["dagster/row_count"] == 0
+        assert gate_verdicts(instance) == {junk: False, good: True}
+
+        # summary.json records the suite's results as data; the datasets do not decide by it
+        for key, flipped in ((junk, True), (good, False)):
+            summary_file = layout.batch_dir(key) / SUMMARY_FILE
+            summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "suite_success": flipped}))
+        built = dg.materialize(datasets, selection=dg.AssetSelection.assets(preference_pairs), instance=instance,
+                               resources=resources)
+        dataset = built.output_for_node("preference_pairs")
+        assert dataset.batches == (good,) and dataset.train_rows + dataset.eval_rows == 20
+        [event] = built.asset_materializations_for_node("preference_pairs")
+        assert event.metadata["batches_blocked_by_checks"].value == [junk]
+        assert event.metadata["batches_awaiting_checks"].value == []
+
+        # validated again without its check: no verdict on its current rows, so it waits for one
+        dg.materialize(ingestion, partition_key=good, instance=instance, resources=resources, run_config=no_tokens)
+        assert gate_verdicts(instance) == {junk: False, good: None}
+        waiting = dg.materialize(datasets, selection=dg.AssetSelection.assets(preference_pairs), instance=instance,
+                                 resources=resources, raise_on_error=False)
+        assert not waiting.success
+        ingest_batch(instance, resources, good, run_config=no_tokens)  # validated and checked
+        assert gate_verdicts(instance) == {junk: False, good: True}

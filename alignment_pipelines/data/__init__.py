@@ -1,47 +1,12 @@
-"""Feedback data: schemas, importers, validation (Great Expectations), splits and demo data.
+"""Feedback data, importable without Dagster; import from the modules:
 
-Importing this package is cheap: Great Expectations and pyarrow load only when used.
+- `schemas`: record columns per kind, reason codes, the prompt helpers (`normalize_prompt`,
+  `as_messages`, `render_prompt`, `last_user_turn`)
+- `importers`: feedback files (JSONL, JSON, CSV/TSV, Parquet, gzipped) into records
+- `validation`: the Great Expectations suite per kind: row routing and the batch gate
+- `records`: Parquet I/O of records and quarantine rows
+- `splits`: content keys, dataset versions, dedup, prompt-level splits, derived datasets
+- `inbox`, `pii`, `demo`: the inbox scan, personal-data screening, the demo feedback
+
+Importing this package imports none of them: pandas, pyarrow and Great Expectations load when used.
 """
-
-from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.data.importers import FeedbackFileError, ImportResult, read_feedback_file
-from alignment_pipelines.data.schemas import PAIR_COLUMNS, QUARANTINE_COLUMNS, Message, ReasonCode
-from alignment_pipelines.data.splits import (
-    dataset_version,
-    deduplicate_pairs,
-    prompt_key,
-    read_records,
-    split_by_prompt,
-    write_records,
-)
-from alignment_pipelines.data.validation import (
-    SuiteReport,
-    ValidationResult,
-    ValidationRules,
-    run_expectation_suite,
-    validate_file,
-    validate_records,
-)
-
-__all__ = [
-    "PAIR_COLUMNS",
-    "QUARANTINE_COLUMNS",
-    "FeedbackFileError",
-    "ImportResult",
-    "Message",
-    "ReasonCode",
-    "SuiteReport",
-    "ValidationResult",
-    "ValidationRules",
-    "dataset_version",
-    "deduplicate_pairs",
-    "demo_feedback_path",
-    "prompt_key",
-    "read_feedback_file",
-    "read_records",
-    "run_expectation_suite",
-    "split_by_prompt",
-    "validate_file",
-    "validate_records",
-    "write_records",
-]

@@ -32,8 +32,10 @@ FeedbackFileError naming the file and the fields found.
 
 A row that cannot be converted goes to `rejected` with a ReasonCode and its row number;
 it never stops the file. Row numbers are 1-based: the line for JSONL, the line where the
-record starts for CSV, the element index for JSON arrays and Parquet. Content checks (empty,
-identical, too long, control characters, duplicates, PII) are the validation suite's job.
+record starts for CSV, the element index for JSON arrays and Parquet. Prompts and message
+lists are checked by `schemas.normalize_prompt` / `normalize_messages` (shape, roles, a prompt
+ending with a user turn). Content checks (blank text, identical answers, too long, control
+characters, duplicates, PII) are the validation suite's job.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ from typing import IO, Any
 import pandas as pd
 
 from alignment_pipelines.data.schemas import (
-    ROLES,
     FeedbackKind,
     Message,
     ReasonCode,
+    RowError,
+    normalize_messages,
+    normalize_prompt,
     quarantine_frame,
     records_frame,
     truncate_raw,
@@ -77,13 +81,6 @@ class FeedbackFileError(Exception):
         super().__init__(f"{path}: {message}")
 
 
-class RowError(Exception):
-    def __init__(self, reason: ReasonCode, detail: str):
-        self.reason = reason
-        self.detail = detail
-        super().__init__(detail)
-
-
 @dataclass
 class ImportResult:
     source: str  # the file path
@@ -100,35 +97,11 @@ class ImportResult:
         assert len(self.records) + len(self.rejected) == self.rows, "every row must be accounted for"
 
 
-def _messages(value: Any, field: str) -> list[Message]:
-    if not isinstance(value, list):
-        raise RowError(ReasonCode.WRONG_TYPE, f"{field} must be a list of messages, got {type(value).__name__}")
-    out: list[Message] = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise RowError(ReasonCode.WRONG_TYPE, f"{field}[{i}] must be an object, got {type(msg).__name__}")
-        if "role" not in msg or "content" not in msg:
-            raise RowError(ReasonCode.MISSING_FIELD, f"{field}[{i}] needs 'role' and 'content'")
-        role, content = msg["role"], msg["content"]
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise RowError(ReasonCode.WRONG_TYPE, f"{field}[{i}] role and content must be strings")
-        if role not in ROLES:
-            raise RowError(ReasonCode.INVALID_CONVERSATION, f"{field}[{i}] has unknown role {role!r}")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _check_prompt(prompt: list[Message], field: str = "prompt") -> list[Message]:
-    if prompt and prompt[-1]["role"] != "user":
-        raise RowError(ReasonCode.INVALID_CONVERSATION, f"{field} must end with a user turn")
-    return prompt
-
-
 def _answer(value: Any, field: str, conversational: bool) -> str:
     if isinstance(value, str):
         return value
     if conversational and isinstance(value, list):
-        msgs = _messages(value, field)
+        msgs = normalize_messages(value, field)
         if len(msgs) != 1 or msgs[0]["role"] != "assistant":
             raise RowError(ReasonCode.INVALID_CONVERSATION, f"{field} must be exactly one assistant message")
         return msgs[0]["content"]
@@ -165,24 +138,18 @@ def _convert(obj: Any) -> tuple[list[Message], str, str]:
         raise RowError(ReasonCode.MISSING_FIELD, f"missing field(s): {', '.join(missing)}")
     chosen, rejected = obj["chosen"], obj["rejected"]
 
-    if "prompt" in obj:
-        prompt = obj["prompt"]
-        if isinstance(prompt, str):  # (a)
-            return [{"role": "user", "content": prompt}], _answer(chosen, "chosen", False), _answer(
-                rejected, "rejected", False
-            )
-        if isinstance(prompt, list):  # (b)
-            msgs = _check_prompt(_messages(prompt, "prompt"))
-            return msgs, _answer(chosen, "chosen", True), _answer(rejected, "rejected", True)
-        raise RowError(ReasonCode.WRONG_TYPE, f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    if "prompt" in obj:  # (a) a string prompt with string answers, or (b) messages
+        conversational = not isinstance(obj["prompt"], str)
+        return (normalize_prompt(obj["prompt"]), _answer(chosen, "chosen", conversational),
+                _answer(rejected, "rejected", conversational))
 
     if isinstance(chosen, list) and isinstance(rejected, list):  # (b) implicit prompt
-        c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        c, r = normalize_messages(chosen, "chosen"), normalize_messages(rejected, "rejected")
         if not c or not r or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
             raise RowError(ReasonCode.INVALID_CONVERSATION, "chosen and rejected must end with an assistant turn")
         if c[:-1] != r[:-1]:
             raise RowError(ReasonCode.PROMPT_MISMATCH, "chosen and rejected conversations differ before the final turn")
-        return _check_prompt(c[:-1]), c[-1]["content"], r[-1]["content"]
+        return normalize_prompt(c[:-1]), c[-1]["content"], r[-1]["content"]
 
     if isinstance(chosen, str) and isinstance(rejected, str):  # (c) HH-RLHF
         if "\n\nAssistant:" not in chosen and "\n\nAssistant:" not in rejected:
@@ -200,7 +167,7 @@ def _convert(obj: Any) -> tuple[list[Message], str, str]:
                 ReasonCode.PROMPT_MISMATCH,
                 f"chosen and rejected transcripts differ before the final turn (first at turn {turn + 1})",
             )
-        return _check_prompt(c_prompt), c_answer, r_answer
+        return normalize_prompt(c_prompt), c_answer, r_answer
 
     bad = "chosen" if not isinstance(chosen, (str, list)) else "rejected"
     raise RowError(
@@ -209,13 +176,6 @@ def _convert(obj: Any) -> tuple[list[Message], str, str]:
         if not isinstance(obj[bad], (str, list))
         else "chosen and rejected must have the same shape (both strings or both message lists)",
     )
-
-
-def convert_row(obj: Any) -> tuple[list[Message], str, str]:
-    """Public for reuse (e.g. exports already parsed): raises RowError with a ReasonCode."""
-    return _convert(obj)
-
-
 
 
 # --------------------------------------------------------------------------- other layouts
@@ -227,19 +187,11 @@ _DOWN = {"down", "thumbs_down", "thumbs-down", "thumbsdown", "-1", "0", "👎", 
 SCORE_FIELDS = ("overall_score", "score", "rating", "fine-grained_score")
 
 
-def _prompt_value(value: Any, field: str = "prompt") -> list[Message]:
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list):
-        return _check_prompt(_messages(value, field), field)
-    raise RowError(ReasonCode.WRONG_TYPE, f"{field} must be a string or a list of messages, got {type(value).__name__}")
-
-
 def _convert_binary(obj: dict) -> dict[str, Any]:
     missing = [k for k in ("prompt", "completion", "label") if k not in obj]
     if missing:
         raise RowError(ReasonCode.MISSING_FIELD, f"missing field(s): {', '.join(missing)}")
-    prompt = _prompt_value(obj["prompt"])
+    prompt = normalize_prompt(obj["prompt"])
     completion = _answer(obj["completion"], "completion", isinstance(obj["prompt"], list))
     label = obj["label"]
     if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV has no booleans
@@ -263,7 +215,7 @@ def _thumbs(value: Any, field: str) -> bool:
 
 
 def _convert_chat_log(obj: dict) -> dict[str, Any]:
-    msgs = _messages(obj.get("messages"), "messages")
+    msgs = normalize_messages(obj.get("messages"), "messages")
     if not msgs or msgs[-1]["role"] != "assistant":
         raise RowError(ReasonCode.INVALID_CONVERSATION, "messages must end with the assistant answer that was rated")
     prompt = msgs[:-1]
@@ -276,7 +228,7 @@ def _convert_chat_log(obj: dict) -> dict[str, Any]:
 
 
 def _convert_messages(obj: dict) -> dict[str, Any]:
-    msgs = _messages(obj.get("messages"), "messages")
+    msgs = normalize_messages(obj.get("messages"), "messages")
     last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
     if last_user < 0:
         raise RowError(ReasonCode.INVALID_CONVERSATION, "messages has no user turn")
@@ -286,7 +238,7 @@ def _convert_messages(obj: dict) -> dict[str, Any]:
 def _convert_prompts(obj: dict) -> dict[str, Any]:
     if "prompt" not in obj:
         raise RowError(ReasonCode.MISSING_FIELD, "missing field: prompt")
-    return {"prompt": _prompt_value(obj["prompt"])}
+    return {"prompt": normalize_prompt(obj["prompt"])}
 
 
 def _score(value: Any, where: str) -> float:
@@ -306,7 +258,7 @@ def _convert_ultrafeedback(obj: dict) -> dict[str, Any]:
     prompt_field = next((f for f in ("prompt", "instruction") if f in obj), None)
     if prompt_field is None:
         raise RowError(ReasonCode.MISSING_FIELD, "missing field: prompt (or instruction)")
-    prompt = _prompt_value(obj[prompt_field], prompt_field)
+    prompt = normalize_prompt(obj[prompt_field], field=prompt_field)
     answers: list[tuple[str, float]] = []
     if "completions" in obj:
         comps = obj["completions"]

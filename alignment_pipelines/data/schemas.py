@@ -1,4 +1,10 @@
-"""Canonical shapes of feedback data: messages, pairwise records, quarantine rows, reason codes."""
+"""Canonical shapes of feedback data: messages and prompts, records of each kind, quarantine rows,
+reason codes.
+
+The prompt helpers live here, once: `normalize_prompt` (untrusted input → checked list of messages),
+`as_messages` (a prompt already in the records → list of messages, no checks), `render_prompt` and
+`last_user_turn`.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ Message = TypedDict("Message", {"role": str, "content": str})
 
 ROLES = ("system", "user", "assistant")
 
-# One row per input row that parsed.
-#   row: 1-based line number in the source file
+# The records of each kind, one row per input row that became a record.
+#   row: the 1-based row number in the source file (provenance, not content: keys and versions skip it)
 #   prompt: list[Message], the conversation so far, ending with a user turn
 #   chosen, rejected: the final assistant answers
 PAIR_COLUMNS = ["row", "prompt", "chosen", "rejected"]
@@ -92,10 +98,6 @@ def empty_records(kind: str = "pairwise") -> pd.DataFrame:
     )
 
 
-def empty_pairs() -> pd.DataFrame:
-    return empty_records("pairwise")
-
-
 def records_frame(rows: list[dict[str, Any]], kind: str = "pairwise") -> pd.DataFrame:
     if not rows:
         return empty_records(kind)
@@ -109,10 +111,6 @@ def empty_quarantine() -> pd.DataFrame:
     return pd.DataFrame(
         {c: pd.Series([], dtype="int64" if c == "row" else object) for c in QUARANTINE_COLUMNS}
     )
-
-
-def pairs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return records_frame(rows, "pairwise")
 
 
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
@@ -145,13 +143,81 @@ def truncate_raw(text: str) -> str:
     return text if len(text) <= RAW_MAX_CHARS else text[:RAW_MAX_CHARS]
 
 
-def as_messages(value: Any) -> list[Message]:
-    """A prompt in any accepted shape (str, list of dicts, numpy array of dicts) as list[Message]."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if value is None:
+class RowError(ValueError):
+    """A row (or one of its fields) that cannot become a canonical record.
+
+    `reason` is the ReasonCode the row is quarantined with, `detail` the sentence without the row;
+    the message names the row when it is known.
+    """
+
+    def __init__(self, reason: ReasonCode, detail: str, row: Any = None):
+        self.reason = reason
+        self.detail = detail
+        self.row = row
+        super().__init__(f"row {row}: {detail}" if row is not None else detail)
+
+
+def _as_list(value: Any) -> Any:
+    """Tuples and numpy arrays (Parquet gives lists of structs back as arrays) as lists."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def normalize_messages(value: Any, field: str = "messages", row: Any = None) -> list[Message]:
+    """A list (tuple, numpy array) of {"role", "content"} messages, checked: every message an object
+    whose role (one of ROLES) and content are strings. Extra keys are dropped. Raises RowError."""
+    value = _as_list(value)
+    if not isinstance(value, list):
+        raise RowError(ReasonCode.WRONG_TYPE, f"{field} must be a list of messages, got {type(value).__name__}", row)
+    out: list[Message] = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise RowError(ReasonCode.WRONG_TYPE, f"{field}[{i}] must be an object, got {type(msg).__name__}", row)
+        if "role" not in msg or "content" not in msg:
+            raise RowError(ReasonCode.MISSING_FIELD, f"{field}[{i}] needs 'role' and 'content'", row)
+        role, content = msg["role"], msg["content"]
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise RowError(ReasonCode.WRONG_TYPE, f"{field}[{i}] role and content must be strings", row)
+        if role not in ROLES:
+            raise RowError(ReasonCode.INVALID_CONVERSATION, f"{field}[{i}] has unknown role {role!r}", row)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def normalize_prompt(prompt: Any, row: Any = None, field: str = "prompt") -> list[Message]:
+    """The canonical prompt: a list of {"role", "content"} messages ending with a user turn.
+
+    A str is one user turn. A list, tuple or numpy array (from Parquet) of messages is checked by
+    `normalize_messages`, and must be non-empty and end with a user turn. Whether the text is
+    blank, too long or clean is the validation suite's job, not this function's. Raises RowError
+    (a ValueError) naming the row, with the ReasonCode a row is quarantined with.
+    """
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    prompt = _as_list(prompt)
+    if not isinstance(prompt, list):
+        raise RowError(
+            ReasonCode.WRONG_TYPE, f"{field} must be a string or a list of messages, got {type(prompt).__name__}", row
+        )
+    messages = normalize_messages(prompt, field, row)
+    if not messages:
+        raise RowError(ReasonCode.EMPTY_FIELD, f"{field} has no messages", row)
+    if messages[-1]["role"] != "user":
+        raise RowError(ReasonCode.INVALID_CONVERSATION, f"{field} must end with a user turn", row)
+    return messages
+
+
+def as_messages(prompt: Any) -> list[Message]:
+    """A prompt already in the records (str, list or numpy array of messages; None) as list[Message],
+    without checks: for Parquet I/O, content keys and the suite's derived columns, where a malformed
+    prompt must still reach the suite to be quarantined. Untrusted input goes through
+    `normalize_prompt`."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if prompt is None:
         return []
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in list(value)]
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in _as_list(prompt)]
 
 
 def normalize_text(text: str) -> str:
@@ -160,5 +226,11 @@ def normalize_text(text: str) -> str:
 
 
 def render_prompt(prompt: Any) -> str:
-    """The prompt as one text (for lengths, control-character checks and display)."""
+    """The prompt as one text, a "role: content" line per turn, turns separated by a blank line
+    (what the suite measures in characters and tokens, and what a report shows)."""
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in as_messages(prompt))
+
+
+def last_user_turn(prompt: Any) -> str:
+    """The content of the prompt's last user turn; "" when it has none."""
+    return next((m["content"] for m in reversed(as_messages(prompt)) if m["role"] == "user"), "")

@@ -1,13 +1,13 @@
-"""Deterministic prompt-level splits, content versions, dedup, derivations and Parquet I/O.
+"""Content keys, dataset versions, dedup, deterministic prompt-level splits and derivations.
 
-Works on all three record kinds (COLUMNS_BY_KIND): pairwise, binary and prompts.
+Works on all three record kinds (COLUMNS_BY_KIND): pairwise, binary and prompts. Parquet I/O is in
+`records.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -25,13 +25,10 @@ from alignment_pipelines.data.schemas import (
 )
 
 
-def _normalized(prompt: Any) -> list[dict[str, str]]:
-    return [{"role": m["role"].strip().lower(), "content": normalize_text(m["content"])} for m in as_messages(prompt)]
-
-
 def prompt_key(prompt: list[Message] | str) -> str:
-    """Stable sha256 hex of the normalized prompt (roles lowercased, contents NFC + stripped)."""
-    payload = json.dumps(_normalized(prompt), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    """Stable sha256 hex of the prompt's turns, roles lowercased and contents NFC + stripped."""
+    turns = [{"role": m["role"].strip().lower(), "content": normalize_text(m["content"])} for m in as_messages(prompt)]
+    payload = json.dumps(turns, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
@@ -198,70 +195,3 @@ def kto_balance(binary: pd.DataFrame) -> dict[str, Any]:
         balanced=True,
     )
     return out
-
-
-# --------------------------------------------------------------------------- Parquet I/O
-
-def _known_type(col: str):
-    import pyarrow as pa
-
-    if col == "prompt":
-        return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-    if col == "row":
-        return pa.int64()
-    if col in ("chosen", "rejected", "completion"):
-        return pa.string()
-    if col == "label":
-        return pa.bool_()
-    return None
-
-
-def records_schema(kind: str):
-    """The Arrow schema of `write_records` output for a kind (fixed, also for empty frames)."""
-    import pyarrow as pa
-
-    return pa.schema([pa.field(c, _known_type(c)) for c in COLUMNS_BY_KIND[check_kind(kind)]])
-
-
-def records_table(df: pd.DataFrame):
-    """Records as an Arrow table: prompt as list<struct<role, content>>, label as bool."""
-    import pyarrow as pa
-
-    arrays, fields = [], []
-    for col in df.columns:
-        values = df[col].tolist()
-        if col == "prompt":
-            values = [as_messages(v) for v in values]
-        elif col == "label":
-            values = [None if v is None else bool(v) for v in values]
-        typ = _known_type(str(col))
-        arr = pa.array(values, type=typ) if typ is not None else pa.array(values)
-        arrays.append(arr)
-        fields.append(pa.field(str(col), arr.type))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-
-
-def write_records(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write records of any kind as Parquet; `prompt` is stored as list<struct<role, content>>."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(records_table(df), path)
-    return path
-
-
-def read_records(path: str | Path) -> pd.DataFrame:
-    """Read records written by `write_records`; `prompt` comes back as list of {"role","content"}
-    dicts, `label` as bool."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(Path(path))
-    data: dict[str, Any] = {}
-    for name in table.column_names:
-        column = table.column(name)
-        if name == "prompt":
-            data[name] = pd.Series([as_messages(v) for v in column.to_pylist()], dtype=object)
-        else:
-            data[name] = column.to_pandas()
-    return pd.DataFrame(data, columns=table.column_names)

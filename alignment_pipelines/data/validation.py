@@ -5,8 +5,11 @@
    ReasonCode of the first expectation it fails (suite order). Exact duplicates among the
    passing rows are found with `row_key` (first copy kept; across chunks and, with `known_keys`,
    across batches). Importer rejects are quarantined as they are.
-2. Batch gate (`run_expectation_suite`): the same suite must pass on the accepted rows,
-   plus uniqueness of the row key and a quarantine-fraction limit.
+2. Batch gate (`run_expectation_suite`, what the blocking asset check runs on a batch's accepted
+   rows): the same suite must pass on the accepted rows, plus uniqueness of the row key and a
+   quarantine-fraction limit. `validate_file_to_parquet` also records the suite's per-chunk
+   results in its summary (`suite_success`, `suite`), as data for people; what admits a batch to
+   the training datasets is the check's recorded verdict.
 
 Suites (in routing order):
   pairwise: non-empty last user turn / chosen / rejected; no control characters or invalid
@@ -52,6 +55,7 @@ from alignment_pipelines.data.schemas import (
     ReasonCode,
     as_messages,
     kind_of,
+    last_user_turn,
     normalize_text,
     quarantine_frame,
     render_prompt,
@@ -70,7 +74,6 @@ _TEXT = {
     "binary": (("prompt_final", "completion"), ("prompt_text", "completion")),
     "prompts": (("prompt_final",), ("prompt_text",)),
 }
-TEXT_COLUMNS = _TEXT["pairwise"][1]
 KEY_COLUMN = {"pairwise": "pair_key", "binary": "feedback_key", "prompts": "prompt_key"}
 COMPLETION_FIELDS = {"pairwise": ("chosen", "rejected"), "binary": ("completion",), "prompts": ()}
 
@@ -281,11 +284,11 @@ def derived_frame(
     """The frame the suite runs on: text columns plus helper columns (no list values)."""
     kind = kind or kind_of(records)
     rules = rules or ValidationRules()
-    prompts = [as_messages(p) for p in records["prompt"].tolist()]
+    prompts = records["prompt"].tolist()
     out: dict[str, Any] = {
         "row": records["row"].astype("int64").to_numpy(),
         "prompt_text": [render_prompt(p) for p in prompts],
-        "prompt_final": [p[-1]["content"] if p else "" for p in prompts],
+        "prompt_final": [last_user_turn(p) for p in prompts],
     }
     for col in COMPLETION_FIELDS[kind]:
         out[col] = ["" if v is None else str(v) for v in records[col].tolist()]
@@ -747,22 +750,18 @@ def validate_file_to_parquet(
 
     Returns the summary: rows, accepted, quarantined, by_reason, kind, layout, truncation, pii,
     over_length_policy, suite_success (the suite on every accepted chunk and the batch
-    quarantine-fraction gate), suite (failed expectations), samples (<= 5 quarantined rows),
-    chunks.
+    quarantine-fraction gate, recorded as data: the batch gate is `run_expectation_suite`),
+    suite (failed expectations), samples (<= 5 quarantined rows), chunks.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from alignment_pipelines.data.splits import records_schema, records_table
+    from alignment_pipelines.data.records import quarantine_schema, quarantine_table, records_schema, records_table
 
     accepted_path, quarantine_path = Path(accepted_path), Path(quarantine_path)
     for p in (accepted_path, quarantine_path):
         p.parent.mkdir(parents=True, exist_ok=True)
     tmp_a = accepted_path.with_name(accepted_path.name + ".partial")
     tmp_q = quarantine_path.with_name(quarantine_path.name + ".partial")
-    q_schema = pa.schema(
-        [("row", pa.int64()), ("reason", pa.string()), ("detail", pa.string()), ("raw", pa.string())]
-    )
     known = KeySet.from_hex(known_keys) if known_keys else None
     seen = KeySet()
     writer_a = writer_q = None
@@ -781,22 +780,12 @@ def validate_file_to_parquet(
             kind, file_layout = result.kind, result.layout
             if writer_a is None:
                 writer_a = pq.ParquetWriter(tmp_a, records_schema(kind))
-                writer_q = pq.ParquetWriter(tmp_q, q_schema)
+                writer_q = pq.ParquetWriter(tmp_q, quarantine_schema())
             if len(result.accepted):
                 writer_a.write_table(records_table(result.accepted).cast(records_schema(kind)))
             if len(result.quarantined):
                 q = result.quarantined
-                writer_q.write_table(
-                    pa.Table.from_arrays(
-                        [
-                            pa.array(q["row"].to_numpy(dtype=np.int64)),
-                            pa.array(q["reason"].map(str).tolist(), type=pa.string()),
-                            pa.array(q["detail"].map(str).tolist(), type=pa.string()),
-                            pa.array(q["raw"].map(str).tolist(), type=pa.string()),
-                        ],
-                        schema=q_schema,
-                    )
-                )
+                writer_q.write_table(quarantine_table(q))
                 for rec in q.head(5 - len(samples)).to_dict("records") if len(samples) < 5 else []:
                     samples.append({"row": int(rec["row"]), "reason": str(rec["reason"]), "detail": rec["detail"]})
             # the chunk gate: the suite on this chunk's accepted rows (reusing the derived frame)

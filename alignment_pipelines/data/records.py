@@ -1,0 +1,100 @@
+"""Parquet I/O of feedback records (every kind) and quarantine rows, with fixed Arrow schemas.
+
+`prompt` is stored as list<struct<role, content>>, `row` as int64, `label` as bool, the answers as
+strings; reading gives the prompt back as a list of {"role", "content"} dicts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from alignment_pipelines.data.schemas import COLUMNS_BY_KIND, QUARANTINE_COLUMNS, as_messages, check_kind
+
+
+def _arrow_type(col: str):
+    """The Arrow type of a records column (None: inferred from the values)."""
+    import pyarrow as pa
+
+    if col == "prompt":
+        return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    if col == "row":
+        return pa.int64()
+    if col in ("chosen", "rejected", "completion"):
+        return pa.string()
+    if col == "label":
+        return pa.bool_()
+    return None
+
+
+def records_schema(kind: str):
+    """The Arrow schema of `write_records` output for a kind (fixed, also for empty frames)."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field(c, _arrow_type(c)) for c in COLUMNS_BY_KIND[check_kind(kind)]])
+
+
+def records_table(df: pd.DataFrame):
+    """Records as an Arrow table: prompt as list<struct<role, content>>, label as bool."""
+    import pyarrow as pa
+
+    arrays, fields = [], []
+    for col in df.columns:
+        values = df[col].tolist()
+        if col == "prompt":
+            values = [as_messages(v) for v in values]
+        elif col == "label":
+            values = [None if v is None else bool(v) for v in values]
+        typ = _arrow_type(str(col))
+        arr = pa.array(values, type=typ) if typ is not None else pa.array(values)
+        arrays.append(arr)
+        fields.append(pa.field(str(col), arr.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_records(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write records of any kind as Parquet; `prompt` is stored as list<struct<role, content>>."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(records_table(df), path)
+    return path
+
+
+def read_records(path: str | Path) -> pd.DataFrame:
+    """Read records written by `write_records`; `prompt` comes back as list of {"role","content"}
+    dicts, `label` as bool."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(path))
+    data: dict[str, Any] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name == "prompt":
+            data[name] = pd.Series([as_messages(v) for v in column.to_pylist()], dtype=object)
+        else:
+            data[name] = column.to_pandas()
+    return pd.DataFrame(data, columns=table.column_names)
+
+
+def quarantine_schema():
+    """The Arrow schema of quarantine Parquet files (QUARANTINE_COLUMNS)."""
+    import pyarrow as pa
+
+    return pa.schema([("row", pa.int64()), ("reason", pa.string()), ("detail", pa.string()), ("raw", pa.string())])
+
+
+def quarantine_table(df: pd.DataFrame):
+    """Quarantine rows (QUARANTINE_COLUMNS) as an Arrow table; the reason as its string value."""
+    import pyarrow as pa
+
+    return pa.Table.from_arrays(
+        [
+            pa.array(df["row"].to_numpy(dtype="int64")),
+            *(pa.array(df[c].map(str).tolist(), type=pa.string()) for c in QUARANTINE_COLUMNS[1:]),
+        ],
+        schema=quarantine_schema(),
+    )
