@@ -1,47 +1,51 @@
-"""Judges (annotators): score an answer to a prompt, or compare two answers.
+"""Judges (annotators): which of two answers to a prompt is better, judged in both orders.
 
-A judge is anything with a ``name`` and ``score(prompt, answer) -> float`` (higher is
-better). A pairwise judge (e.g. an LLM asked "which answer is better?") may also define
-``compare(prompt, first, second) -> float``, the probability that ``first`` is better;
-:func:`judge_pair` then asks it in both orders to cancel position bias.
+Every judge has a ``name``, a stable ``id`` (for caching judgements) and
+``judge(prompts, answers_a, answers_b) -> list[Verdict]``, which asks each pair as (a, b)
+and as (b, a) in one batch; only a preference that survives the swap counts. Kinds:
+
+- rule judges (:mod:`.rule`): ``RuleJudge`` ("helpful and short"), ``ShorterJudge``,
+  ``ContainsCodeJudge``, ``RegexJudge``, ``PositionJudge`` (pure position bias, for tests);
+- ``LocalLLMJudge``: a local causal LM, by the log-probabilities of "A" and "B";
+- ``OpenAICompatibleJudge``: a chat-completions endpoint, with retries and bounded concurrency;
+- ``ScoreJudge``: any batch scorer, such as a reward model.
+
+:func:`build_judge` makes one from config; :func:`judge_pair` judges a single pair.
 """
 
-from __future__ import annotations
+from alignment_pipelines.judges.base import (
+    Judge,
+    JudgeError,
+    PairwiseJudge,
+    ScoreBasedJudge,
+    ScoreJudge,
+    Verdict,
+    agreement_stats,
+    as_batch_judge,
+    judge_pair,
+)
+from alignment_pipelines.judges.factory import JUDGE_KINDS, build_judge
+from alignment_pipelines.judges.local_llm import LocalLLMJudge
+from alignment_pipelines.judges.openai_compatible import OpenAICompatibleJudge
+from alignment_pipelines.judges.rule import ContainsCodeJudge, PositionJudge, RegexJudge, RuleJudge, ShorterJudge
 
-from typing import Protocol, runtime_checkable
-
-from alignment_pipelines.judges.rule import RuleJudge
-
-__all__ = ["Judge", "RuleJudge", "judge_pair"]
-
-
-@runtime_checkable
-class Judge(Protocol):
-    name: str
-
-    def score(self, prompt: list[dict], answer: str) -> float: ...
-
-
-def _prefers_first(judge, prompt, first: str, second: str) -> float:
-    """P(first better) from one look at the pair: a pairwise ``compare`` if any, else scores."""
-    compare = getattr(judge, "compare", None)
-    if callable(compare):
-        return float(compare(prompt, first, second))
-    s1, s2 = judge.score(prompt, first), judge.score(prompt, second)
-    return 1.0 if s1 > s2 else 0.0 if s1 < s2 else 0.5
-
-
-def judge_pair(judge, prompt, answer_a: str, answer_b: str) -> float:
-    """P(answer_a is better) in {0, 0.5, 1}, judged in both orders (a, b) and (b, a).
-
-    ``1`` only if ``a`` wins in both orders, ``0`` only if ``b`` wins in both; a tie or an
-    inconsistent verdict (the judge just preferred a position) gives ``0.5``. So
-    ``judge_pair(j, p, a, b) == 1 - judge_pair(j, p, b, a)`` for any judge.
-    """
-    ab = _prefers_first(judge, prompt, answer_a, answer_b)
-    ba = _prefers_first(judge, prompt, answer_b, answer_a)
-    if ab > 0.5 and ba < 0.5:
-        return 1.0
-    if ab < 0.5 and ba > 0.5:
-        return 0.0
-    return 0.5
+__all__ = [
+    "JUDGE_KINDS",
+    "ContainsCodeJudge",
+    "Judge",
+    "JudgeError",
+    "LocalLLMJudge",
+    "OpenAICompatibleJudge",
+    "PairwiseJudge",
+    "PositionJudge",
+    "RegexJudge",
+    "RuleJudge",
+    "ScoreBasedJudge",
+    "ScoreJudge",
+    "ShorterJudge",
+    "Verdict",
+    "agreement_stats",
+    "as_batch_judge",
+    "build_judge",
+    "judge_pair",
+]

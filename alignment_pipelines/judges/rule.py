@@ -1,12 +1,19 @@
-"""A deterministic, rule-based judge: "helpful and short".
+"""Deterministic rule judges: no model, no network.
 
-No model, no network: used in tests, in the demo, and as a cheap sanity check next to an
-LLM judge.
+Used in tests, in the demo, as cheap rewards, and as sanity checks next to an LLM judge.
+:class:`RuleJudge` scores "helpful and short"; the others each test one property, so a test
+(or an online run) can steer towards it and check that the steering worked.
 """
 
 from __future__ import annotations
 
+import math
 import re
+
+from alignment_pipelines.data.schemas import last_user_turn
+from typing import Literal
+
+from alignment_pipelines.judges.base import PairwiseJudge, ScoreBasedJudge
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -32,7 +39,7 @@ def content_words(text: str) -> set[str]:
     return {w for w in words(text) if w not in STOPWORDS and len(w) > 1}
 
 
-class RuleJudge:
+class RuleJudge(ScoreBasedJudge):
     """Scores an answer to a prompt; higher is better. Deterministic.
 
     The score is a sum of these terms (roughly in [-4, 2]):
@@ -56,19 +63,15 @@ class RuleJudge:
         self.max_words = max_words
         self.topic_weight = topic_weight
 
-    @staticmethod
-    def _prompt_text(prompt) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
-        return users[-1] if users else " ".join(m.get("content", "") for m in prompt)
+    def id_params(self):
+        return {"max_words": self.max_words, "topic_weight": self.topic_weight}
 
     def score(self, prompt, answer: str) -> float:
         ws = words(answer or "")
         if not ws:
             return -5.0
         score = 0.0
-        asked = content_words(self._prompt_text(prompt))
+        asked = content_words(last_user_turn(prompt))
         if asked:
             score += self.topic_weight * len(asked & set(ws)) / len(asked)
         n = len(ws)
@@ -83,3 +86,71 @@ class RuleJudge:
             bigrams = list(zip(ws, ws[1:]))
             score -= 2.0 * (1 - len(set(bigrams)) / len(bigrams))
         return float(score)
+
+
+class ShorterJudge(ScoreBasedJudge):
+    """Prefers the answer with fewer characters (ignoring surrounding whitespace).
+
+    An empty answer loses to any non-empty one: otherwise a policy steered by this judge
+    would learn to say nothing.
+    """
+
+    name = "shorter"
+
+    def score(self, prompt, answer):
+        text = (answer or "").strip()
+        return -float(len(text)) if text else -math.inf
+
+
+class RegexJudge(ScoreBasedJudge):
+    """Prefers the answer that matches ``pattern`` (``re.search``; use ``(?i)`` for case-insensitive)."""
+
+    name = "regex"
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self._compiled = re.compile(pattern)
+
+    def id_params(self):
+        return {"pattern": self.pattern}
+
+    def score(self, prompt, answer):
+        return 1.0 if self._compiled.search(answer or "") else 0.0
+
+
+CODE_PATTERN = r"```|`[^`\n]+`|^[ \t]*(def|class|import|from|return|function|const|let|var|#include)\b"
+
+
+class ContainsCodeJudge(RegexJudge):
+    """Prefers the answer that contains code: a fenced or inline code span, or a line that starts
+    with a lowercase keyword such as ``def``, ``import`` or ``return``."""
+
+    name = "contains_code"
+
+    def __init__(self):
+        super().__init__("(?m)" + CODE_PATTERN)
+
+    def id_params(self):
+        return {}
+
+
+class PositionJudge(PairwiseJudge):
+    """Always prefers one position ("a": whichever answer is shown first), whatever the answers.
+
+    The worst possible position bias: judged in both orders it must yield only ties, which
+    tests use to check that position bias cancels.
+    """
+
+    name = "position"
+
+    def __init__(self, position: Literal["a", "b"] = "a"):
+        if position not in ("a", "b"):
+            raise ValueError(f"position must be 'a' (first shown) or 'b' (second shown), got {position!r}")
+        self.position = position
+
+    def id_params(self):
+        return {"position": self.position}
+
+    def compare_batch(self, prompts, firsts, seconds):
+        p_first = 1.0 if self.position == "a" else 0.0
+        return [(p_first, f"always position {self.position.upper()}")] * len(firsts)
