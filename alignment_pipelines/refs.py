@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -18,14 +19,19 @@ class DatasetRef:
     eval_rows: int
     balance: dict | None = None  # binary feedback: desirable/undesirable counts and KTO class weights
 
+    def stats(self) -> dict:
+        """What a method may adapt its config to (``MethodConfig.adapt_to_data``)."""
+        return dict(self.balance or {})
+
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A trained (or converted base) model folder and where it is registered."""
+    """A trained (or converted base) model folder, its role and where it is registered."""
 
     path: str
     method: str
     base_model: str
+    role: str = "policy"  # policy, reference, reward or value
     start_path: str | None = None  # the model it was trained from (its reference for implicit rewards)
     dataset_version: str | None = None
     registered_name: str | None = None
@@ -38,3 +44,10 @@ class ModelRef:
         if self.registered_name and self.registered_version:
             return f"models:/{self.registered_name}/{self.registered_version}"
         return None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelRef":
+        return cls(**values)

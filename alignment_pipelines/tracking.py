@@ -19,11 +19,6 @@ WORKER_MLFLOW_URI_ENV = "ALIGNMENT_PIPELINES_MLFLOW_URI"
 WORKER_MLFLOW_RUN_ENV = "ALIGNMENT_PIPELINES_MLFLOW_RUN_ID"
 
 
-def local_tracking_uri(root: str | Path) -> str:
-    """SQLite backend under `root`: works offline, no server needed."""
-    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
-
-
 @dataclass(frozen=True)
 class Lineage:
     """Where a model came from; stored as `lineage.*` tags on the run and the model version."""

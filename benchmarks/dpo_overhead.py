@@ -48,7 +48,7 @@ def way_bare(args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from alignment_pipelines.data.splits import read_records
+    from alignment_pipelines.data.records import read_records
 
     def conversational(path):
         pairs = read_records(path)
@@ -92,7 +92,7 @@ def way_dagster(args, work: Path) -> dict:
 
     from alignment_pipelines.definitions import build_resources
     from alignment_pipelines.refs import DatasetRef, ModelRef
-    from assets.training import policy_dpo
+    from alignment_pipelines.assets.training import policy_dpo
 
     @dg.asset(name="sft_model")
     def given_sft_model():
@@ -140,7 +140,8 @@ def main() -> None:
         return run_one(args.one, args)
 
     from alignment_pipelines.data.demo import demo_feedback_path
-    from alignment_pipelines.data.splits import split_by_prompt, write_records
+    from alignment_pipelines.data.records import write_records
+    from alignment_pipelines.data.splits import split_by_prompt
     from alignment_pipelines.data.validation import validate_file
     from alignment_pipelines.layout import default_data_root
     from alignment_pipelines.models.loading import resolve_model

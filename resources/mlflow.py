@@ -1,22 +1,19 @@
 import dagster as dg
 
-from alignment_pipelines.tracking import Tracker, local_tracking_uri
-from resources.storage import StorageResource
+from alignment_pipelines.resources.storage import StorageResource
+from alignment_pipelines.tracking import Tracker
 
 
 class MlflowResource(dg.ConfigurableResource):
-    """MLflow tracking and registry. Defaults to SQLite + local artifacts under the data root."""
+    """MLflow tracking and registry. Unset URI: SQLite + local artifacts under the data root."""
 
     storage: StorageResource
     tracking_uri: str | None = None
     experiment: str = "alignment-pipelines"
 
     def resolved_uri(self) -> str:
-        return self.tracking_uri or local_tracking_uri(self.storage.layout.mlflow_dir)
+        return self.tracking_uri or self.storage.layout.local_tracking_uri
 
     def tracker(self) -> Tracker:
-        return Tracker(
-            self.resolved_uri(),
-            artifact_root=self.storage.layout.mlflow_dir / "artifacts",
-            experiment=self.experiment,
-        )
+        return Tracker(self.resolved_uri(), artifact_root=self.storage.layout.mlflow_artifacts,
+                       experiment=self.experiment)

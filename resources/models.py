@@ -2,7 +2,7 @@ import dagster as dg
 
 from alignment_pipelines.models.loading import resolve_model
 from alignment_pipelines.models.spec import DEFAULT_MODEL, parse_model_spec
-from resources.storage import StorageResource
+from alignment_pipelines.resources.storage import StorageResource
 
 
 class BaseModelResource(dg.ConfigurableResource):

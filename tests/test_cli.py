@@ -39,11 +39,13 @@ def test_train_from_the_command_line_with_the_tiny_model(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "alignment_pipelines.cli", "train", "sft", "--model", "tiny-random",
          "--data", str(demo_feedback_path()), "--output", str(output), "--max-steps", "3",
-         "--model-store", str(tmp_path / "store")],
+         "--learning-rate", "1e-3", "--lora-output", "merged", "--model-store", str(tmp_path / "store")],
         capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr[-3000:]
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["method"] == "sft"
+    saved = json.loads((output / "alignment_config.json").read_text())
+    assert (saved["max_steps"], saved["learning_rate"], saved["lora_output"]) == (3, 1e-3, "merged")
     with safe_open(str(output / "model.safetensors"), "pt") as weights:
         assert not any("lora" in k for k in weights.keys())  # merged: loads without PEFT
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from alignment_pipelines.methods import METHODS
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED = {"raw_feedback", "validated_feedback", "quarantine", "preference_pairs", "binary_feedback",
-            "prompts", "sft_model", "policy_dpo", "policy_kto", "policy_orpo", "evaluation_report"}
+EXPECTED = {"raw_feedback", "validated_feedback", "quarantine", "preference_pairs", "binary_feedback", "prompts",
+            "evaluation_report", "model_promotion"} | {spec.asset for spec in METHODS.values()}
 QUERY = "{ assetNodes { assetKey { path } } }"
 
 

@@ -10,18 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment_pipelines.methods import (
-    METHODS,
-    ConfigError,
-    DPOMethodConfig,
-    SFTMethodConfig,
-    TrainResult,
-    config_from_dict,
-    get_method,
-    load_pairs,
-    run_training,
-)
-from alignment_pipelines.methods.base import to_preference_dataset, to_sft_dataset
+from alignment_pipelines.methods import METHODS, ConfigError, TrainResult, config_from_dict, get_method, run_training
+from alignment_pipelines.methods.data import load_pairs, to_preference_dataset, to_sft_dataset
+from alignment_pipelines.methods.dpo import DPOMethodConfig
+from alignment_pipelines.methods.sft import SFTMethodConfig
 
 TOPICS = "tea coffee water bread rice apple garden city river book".split()
 
@@ -50,6 +42,24 @@ def pairs_path(tmp_path_factory) -> Path:
 
 def losses(history, key="loss"):
     return [h[key] for h in history if key in h]
+
+
+def assert_adapter_model(out: Path, base: Path) -> None:
+    """A LoRA adapter that names its start model, loads onto it, and changes its outputs."""
+    import torch
+
+    from alignment_pipelines.models.loading import load_causal_lm, read_model_card
+
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json"} <= names
+    assert "model.safetensors" not in names  # no copy of the base weights
+    assert read_model_card(out) | {"method": None} == {"role": "policy", "format": "adapter",
+                                                        "parent": str(base.resolve()), "method": None}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    trained, _ = load_causal_lm(out, device="cpu")
+    start, _ = load_causal_lm(base, device="cpu")
+    assert not torch.allclose(trained(ids).logits, start(ids).logits), "training changed no output"
+    assert not [p for p in out.parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
 
 
 def assert_merged_model(out: Path, base: Path) -> None:
@@ -164,8 +174,8 @@ def test_bad_config_fails_before_loading(method, change, field, tmp_path, tiny_m
 
 def test_registry_and_unknown_method(tmp_path, tiny_model_dir, pairs_path):
     assert {"sft", "dpo"} <= set(METHODS)
-    assert (METHODS["sft"].needs, METHODS["sft"].starts_from) == ("pairs", "base")
-    assert (METHODS["dpo"].needs, METHODS["dpo"].starts_from) == ("pairs", "sft")
+    assert (METHODS["sft"].data, METHODS["sft"].starts_from, METHODS["sft"].needs) == ("pairs", "base", ())
+    assert (METHODS["dpo"].data, METHODS["dpo"].starts_from) == ("pairs", "sft")
     assert get_method("dpo").config_cls is DPOMethodConfig
     with pytest.raises(ConfigError, match="known: \\['dpo', 'kto', 'orpo', 'sft'\\]"):
         get_method("ppo-typo")
@@ -238,14 +248,14 @@ def test_dpo_lora_grows_reward_margin(tmp_path, tiny_model_dir, pairs_path):
     print(f"DPO implicit reward: before={before} after={after}")
     assert after["reward_margin_mean"] > before["reward_margin_mean"] + 0.3
     assert after["preference_accuracy"] >= 0.9
-    assert_merged_model(out, tiny_model_dir)
+    assert_adapter_model(out, tiny_model_dir)
 
 
 def test_lora_sft_and_full_dpo_write_merged_models(tmp_path, tiny_model_dir, pairs_path):
     out = tmp_path / "sft-lora"
     for _ in range(2):  # a second run replaces the first atomically
         run_training("sft", SFTMethodConfig(model=str(tiny_model_dir), data=str(pairs_path), output_dir=str(out),
-                                            max_steps=3, learning_rate=1e-2))
+                                            max_steps=3, learning_rate=1e-2, lora_output="merged"))
     assert_merged_model(out, tiny_model_dir)
 
     out = tmp_path / "dpo-full"

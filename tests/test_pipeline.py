@@ -10,20 +10,22 @@ import dagster as dg
 import pytest
 
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.definitions import (ALL_ASSETS, TRAINING_SELECTION, build_definitions, build_resources,
-                                            ingest_batch, sense_inbox)
+from alignment_pipelines.definitions import (ALL_ASSETS, EVALUATION_SELECTION, TRAINING_SELECTION,
+                                            build_definitions, build_resources)
+from alignment_pipelines.runs import ingest_batch, sense_inbox
 from alignment_pipelines.tracking import Tracker
-from assets.ingestion import feedback_batches
+from alignment_pipelines.assets.ingestion import feedback_batches
 
 pytestmark = pytest.mark.integration
 
-TINY_RUN_CONFIG = {"ops": {
+TINY_TRAINING_CONFIG = {"ops": {
     "sft_model": {"config": {"max_steps": 4, "max_length": 128}},
     "policy_dpo": {"config": {"max_steps": 4, "max_length": 128}},
     "policy_orpo": {"config": {"max_steps": 4, "max_length": 128}},
     "policy_kto": {"config": {"max_steps": 4, "max_length": 128}},
-    "evaluation_report": {"config": {"max_pairs": 8, "max_prompts": 4, "max_new_tokens": 8}},
 }}
+TINY_EVALUATION_CONFIG = {"ops": {"evaluation_report": {"config": {"max_pairs": 8, "max_prompts": 4,
+                                                                    "max_new_tokens": 8}}}}
 MALFORMED = [
     '{"prompt": "What is 2+2?", "chosen": "4', # truncated JSON
     json.dumps({"prompt": "Same?", "chosen": "yes", "rejected": "yes"}),
@@ -52,8 +54,7 @@ def _ingest(instance, resources, key):
 @pytest.fixture
 def env(tmp_path, tiny_model_dir):
     with dg.instance_for_test() as instance:
-        resources = build_resources(data_root=tmp_path / "data", base_model=str(tiny_model_dir),
-                                    launcher_mode="subprocess")
+        resources = build_resources(data_root=tmp_path / "data", base_model=str(tiny_model_dir))
         yield instance, resources, tmp_path / "data"
 
 
@@ -79,8 +80,11 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
     assert [c.passed for c in checks] == [True]
 
     result = dg.materialize(ALL_ASSETS, selection=TRAINING_SELECTION, instance=instance,
-                            resources=resources, run_config=TINY_RUN_CONFIG)
+                            resources=resources, run_config=TINY_TRAINING_CONFIG)
     assert result.success
+    evaluation = dg.materialize(ALL_ASSETS, selection=EVALUATION_SELECTION, instance=instance,
+                                resources=resources, run_config=TINY_EVALUATION_CONFIG)
+    assert evaluation.success
 
     tracker = Tracker(resources["mlflow"].resolved_uri())
     for name, method in (("sft_model", "sft"), ("policy_dpo", "dpo")):
@@ -98,7 +102,7 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
     orpo = tracker.version_by_alias("policy_orpo", "candidate")
     assert orpo.tags["lineage.method"] == "orpo" and "lineage.parent_model" not in orpo.tags  # from base
 
-    report = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    report = evaluation.asset_materializations_for_node("evaluation_report")[0].metadata
     for policy in ("policy_dpo", "policy_kto", "policy_orpo"):
         assert 0.0 <= report[f"{policy}/win_rate"].value <= 1.0
         assert 0.0 <= report[f"{policy}/preference_accuracy"].value <= 1.0
@@ -107,6 +111,7 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
         assert f"| {policy} |" in report["comparison"].value
         version = tracker.version_by_alias(policy, "candidate")
         assert tracker.client.get_model_version(policy, version.version).tags["evaluation.gate"] in ("passed", "failed")
+    assert version.tags["lineage.role"] == "policy"
 
 
 def test_failed_blocking_check_keeps_the_batch_out_of_training(env):

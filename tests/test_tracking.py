@@ -7,15 +7,17 @@ import dagster as dg
 import pytest
 
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.definitions import ALL_ASSETS, build_resources, ingest_batch, sense_inbox
-from alignment_pipelines.tracking import Lineage, Tracker, local_tracking_uri
-from resources.launcher import TrainingLauncher
+from alignment_pipelines.definitions import ALL_ASSETS, build_resources
+from alignment_pipelines.runs import ingest_batch, sense_inbox
+from alignment_pipelines.layout import DataRoot
+from alignment_pipelines.tracking import Lineage, Tracker
+from alignment_pipelines.resources.launcher import TrainingLauncher
 
 LINEAGE = Lineage(method="sft", base_model="tiny:tiny-random", dataset_version="abc", batches=("b1", "b2"))
 
 
 def test_version_carries_lineage_and_alias(tmp_path, tiny_model_dir):
-    tracker = Tracker(local_tracking_uri(tmp_path), artifact_root=tmp_path / "artifacts")
+    tracker = Tracker(DataRoot(tmp_path).ensure().local_tracking_uri, artifact_root=tmp_path / "artifacts")
     run_id = tracker.start_run("r")
     registered = tracker.register_model(run_id, tiny_model_dir, "sft_model", LINEAGE)
     version = tracker.version_by_alias("sft_model", "candidate")
@@ -26,7 +28,7 @@ def test_version_carries_lineage_and_alias(tmp_path, tiny_model_dir):
 
 
 def test_failed_alias_deletes_the_new_version(tmp_path, tiny_model_dir, monkeypatch):
-    tracker = Tracker(local_tracking_uri(tmp_path), artifact_root=tmp_path / "artifacts")
+    tracker = Tracker(DataRoot(tmp_path).ensure().local_tracking_uri, artifact_root=tmp_path / "artifacts")
     run_id = tracker.start_run("r")
 
     def refuse(*args, **kwargs):
@@ -62,7 +64,7 @@ def test_a_training_run_that_dies_registers_nothing(tmp_path, tiny_model_dir):
 
 
 def test_training_curve_tolerates_steps_without_a_reward():
-    from assets.training import _history_table
+    from alignment_pipelines.assets.training import _history_table
 
     table = _history_table([{"step": 1, "loss": 0.7, "rewards/margins": 0.1}, {"step": 2, "loss": 0.6}])
     assert "| step | loss | rewards/margins |" in table

@@ -24,10 +24,6 @@ class PolicyEvaluation:
     report: str
     examples: list[dict] = field(default_factory=list)
 
-    def passes(self, min_win_rate: float, min_preference_accuracy: float) -> bool:
-        return (self.metrics["win_rate"] >= min_win_rate
-                and self.metrics["preference_accuracy"] >= min_preference_accuracy)
-
 
 def evaluate_policies(policies: list[PolicyUnderTest], baseline_path: str, pairs: pd.DataFrame, judge, *,
                       max_prompts: int = 16, max_new_tokens: int = 64, beta: float = 0.1) -> list[PolicyEvaluation]:
@@ -51,13 +47,13 @@ def evaluate_policies(policies: list[PolicyUnderTest], baseline_path: str, pairs
     return results
 
 
-def comparison_table(results: list[PolicyEvaluation], gates: dict[str, bool]) -> str:
+def comparison_table(results: list[PolicyEvaluation]) -> str:
     """One markdown row per policy: the numbers a reviewer compares methods by."""
-    lines = ["| policy | preference accuracy | reward margin | win-rate vs. baseline | W/L/T | mean chars | gate |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| policy | preference accuracy | reward margin | win-rate vs. baseline | W/L/T | mean chars |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         m = r.metrics
         lines.append(f"| {r.name} | {m['preference_accuracy']:.3f} | {m['reward_margin_mean']:.3f} | "
                      f"{m['win_rate']:.3f} | {m['wins']}/{m['losses']}/{m['ties']} | "
-                     f"{m['policy_mean_chars']:.0f} | {'passed' if gates[r.name] else 'failed'} |")
+                     f"{m['policy_mean_chars']:.0f} |")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import math
 import statistics
 from typing import Protocol, Sequence
 
-from alignment_pipelines.methods.base import normalize_prompt
+from alignment_pipelines.data.schemas import normalize_prompt
 from alignment_pipelines.models.loading import load_causal_lm
 
 # --------------------------------------------------------------------------------------
@@ -169,32 +169,32 @@ def generate_answers(model_dir, prompts: list[list[dict]], max_new_tokens: int =
 def win_rate(policy_answers: Sequence[str], baseline_answers: Sequence[str], prompts, judge) -> dict:
     """Share of prompts where the judge prefers the policy's answer (ties count half).
 
-    Each pair goes through :func:`alignment_pipelines.judges.judge_pair` (both orders).
-    With no pairs, ``win_rate`` is NaN (so a ``>=`` gate fails rather than passes).
+    One batched call judges every pair in both orders (see :mod:`alignment_pipelines.judges`); a pair
+    whose two orders disagree is a tie. With no pairs, ``win_rate`` is NaN (so a ``>=`` gate fails
+    rather than passes). Also returns the judge's agreement and position-bias rates.
     """
-    from alignment_pipelines.judges import judge_pair
+    from alignment_pipelines.judges import agreement_stats, as_batch_judge
 
     if not (len(policy_answers) == len(baseline_answers) == len(prompts)):
         raise ValueError(
             f"policy_answers ({len(policy_answers)}), baseline_answers ({len(baseline_answers)}) and prompts "
             f"({len(prompts)}) must have the same length"
         )
-    wins = losses = ties = 0
-    for prompt, a, b in zip(prompts, policy_answers, baseline_answers):
-        p = judge_pair(judge, normalize_prompt(prompt), a, b)
-        if p == 1.0:
-            wins += 1
-        elif p == 0.0:
-            losses += 1
-        else:
-            ties += 1
-    judged = wins + losses + ties
+    verdicts = as_batch_judge(judge).judge([normalize_prompt(p) for p in prompts], list(policy_answers),
+                                           list(baseline_answers))
+    wins = sum(v.preferred == "a" for v in verdicts)
+    losses = sum(v.preferred == "b" for v in verdicts)
+    ties = len(verdicts) - wins - losses
+    judged = len(verdicts)
+    stats = agreement_stats(verdicts)
     return {
         "win_rate": (wins + 0.5 * ties) / judged if judged else math.nan,
         "wins": wins,
         "losses": losses,
         "ties": ties,
         "judged": judged,
+        "judge_agreement_rate": stats["agreement_rate"],
+        "judge_position_bias_rate": stats["position_bias_rate"],
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from alignment_pipelines.data.schemas import render_prompt
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, bool):
@@ -18,14 +20,6 @@ def _fmt(v: Any) -> str:
 
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    if hasattr(prompt, "tolist"):
-        prompt = prompt.tolist()
-    return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt)
 
 
 def _quote(text: str) -> str:
@@ -67,7 +61,7 @@ def build_report(metrics: dict, examples: list[dict], title: str = "Evaluation r
         header = f"### Example {i}"
         if ex.get("verdict") is not None:
             header += f" ({ex['verdict']})"
-        lines += [header, "", "**Prompt**", "", _quote(_prompt_text(ex.get("prompt", ""))), "",
+        lines += [header, "", "**Prompt**", "", _quote(render_prompt(ex.get("prompt", ""))), "",
                   "**Policy**", "", _quote(str(ex.get("policy", ""))), "",
                   "**Baseline**", "", _quote(str(ex.get("baseline", ""))), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -1,66 +1,80 @@
-"""Training methods: one module per method, registered here.
+"""Training methods: one module per method, and this registry, which drives the asset graph.
 
-A new method plugs in with one line in ``METHODS``::
+A new method is one module (a config dataclass and a ``train(config, callbacks)`` function, usually a
+:class:`~alignment_pipelines.methods.training.TRLMethod`) plus one line in ``METHODS`` saying what data
+it trains on, what it starts from and which other models it needs. The training assets, the CLI's
+``train <method>`` flags and the evaluation's inputs are all generated from this registry.
 
-    "kto": MethodSpec("kto", kto.KTOMethodConfig, kto.train, needs="binary", starts_from="sft"),
-
-Method modules import torch/TRL inside ``train`` only, so importing this package (e.g. to
-validate a config at launch) stays fast.
+Method modules import torch/TRL inside their hooks only, so importing this package (to validate a
+config at launch, or to build the Dagster definitions) stays fast.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from alignment_pipelines.methods.base import (
-    METRICS_FILE,
-    ConfigError,
-    TrainingConfig,
-    TrainResult,
-    load_binary,
-    load_pairs,
-)
 from alignment_pipelines.methods import dpo, kto, orpo, sft
-from alignment_pipelines.methods.dpo import DPOMethodConfig
-from alignment_pipelines.methods.kto import KTOMethodConfig
-from alignment_pipelines.methods.orpo import ORPOMethodConfig
-from alignment_pipelines.methods.sft import SFTMethodConfig
+from alignment_pipelines.methods.config import ConfigError, MethodConfig
+from alignment_pipelines.methods.training import METRICS_FILE, TrainResult
 
-__all__ = [
-    "METHODS",
-    "ConfigError",
-    "DPOMethodConfig",
-    "KTOMethodConfig",
-    "MethodSpec",
-    "ORPOMethodConfig",
-    "SFTMethodConfig",
-    "TrainResult",
-    "TrainingConfig",
-    "config_from_dict",
-    "get_method",
-    "load_binary",
-    "load_pairs",
-    "run_training",
-]
+DataKind = Literal["pairs", "binary", "prompts"]
+StartPoint = Literal["base", "sft"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """What the graph needs to know about a method."""
+
     name: str
-    config_cls: type[TrainingConfig]
-    train_fn: Callable[..., TrainResult]
-    needs: Literal["pairs", "binary", "prompts"]
-    starts_from: Literal["sft", "base"]
+    config_cls: type[MethodConfig]
+    train: Callable[..., TrainResult]
+    data: DataKind  # the dataset asset it trains on
+    starts_from: StartPoint  # the base model, or the SFT model
+    description: str
+    needs: tuple[str, ...] = ()  # other model assets it loads, e.g. ("reward_model",)
+    produces: Literal["policy", "reward"] = "policy"
+    asset_name: str = ""  # default: policy_<name>
+
+    @property
+    def asset(self) -> str:
+        return self.asset_name or f"policy_{self.name}"
 
 
 METHODS: dict[str, MethodSpec] = {
-    "sft": MethodSpec("sft", SFTMethodConfig, sft.train, needs="pairs", starts_from="base"),
-    "dpo": MethodSpec("dpo", DPOMethodConfig, dpo.train, needs="pairs", starts_from="sft"),
-    "kto": MethodSpec("kto", KTOMethodConfig, kto.train, needs="binary", starts_from="sft"),
-    "orpo": MethodSpec("orpo", ORPOMethodConfig, orpo.train, needs="pairs", starts_from="base"),
+    "sft": MethodSpec("sft", sft.SFTMethodConfig, sft.train, "pairs", "base", asset_name="sft_model",
+                      description="Supervised fine-tuning of the base model on the chosen answers (TRL SFTTrainer)."),
+    "dpo": MethodSpec("dpo", dpo.DPOMethodConfig, dpo.train, "pairs", "sft",
+                      description="Direct Preference Optimization from the SFT model on the offline pairs."),
+    "kto": MethodSpec("kto", kto.KTOMethodConfig, kto.train, "binary", "sft",
+                      description="Kahneman-Tversky Optimization from the SFT model on thumbs up/down feedback, "
+                                  "with class weights that balance desirable and undesirable examples."),
+    "orpo": MethodSpec("orpo", orpo.ORPOMethodConfig, orpo.train, "pairs", "base",
+                       description="Odds-Ratio Preference Optimization straight from the base model: no SFT step, "
+                                   "no reference model."),
 }
+
+
+METHOD_PLUGINS_ENV = "ALIGNMENT_PIPELINES_METHOD_PLUGINS"
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method defined outside this package (its module's one registry line)."""
+    METHODS[spec.name] = spec
+    return spec
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``ALIGNMENT_PIPELINES_METHOD_PLUGINS`` (comma-separated); each calls
+    :func:`register`. The training worker inherits the variable, so it knows the same methods."""
+    for module in filter(None, (m.strip() for m in os.environ.get(METHOD_PLUGINS_ENV, "").split(","))):
+        importlib.import_module(module)
+
+
+load_plugins()
 
 
 def get_method(name: str) -> MethodSpec:
@@ -70,23 +84,21 @@ def get_method(name: str) -> MethodSpec:
         raise ConfigError("method", name, f"unknown method; known: {sorted(METHODS)}") from None
 
 
-def config_from_dict(method: str, d: dict[str, Any]) -> TrainingConfig:
-    """Build and validate the config of ``method`` from a plain dict (YAML, CLI, Dagster config)."""
-    config = get_method(method).config_cls.from_dict(d)
-    config.validate()
-    return config
+def config_from_dict(method: str, values: dict[str, Any]) -> MethodConfig:
+    """Build and validate the config of ``method`` from a plain dict (JSON, CLI, Dagster config)."""
+    return get_method(method).config_cls.from_dict(values).validate()
 
 
-def run_training(method: str, config: TrainingConfig, callbacks: list | None = None) -> TrainResult:
-    """Validate, train, and write ``output_dir/metrics.json`` (the result as JSON)."""
+def run_training(method: str, config: MethodConfig, callbacks: list | None = None) -> TrainResult:
+    """Train, and write ``output_dir/metrics.json`` (the result as JSON)."""
     spec = get_method(method)
     if not isinstance(config, spec.config_cls):
-        raise ConfigError(
-            "config", type(config).__name__, f"method {method!r} needs a {spec.config_cls.__name__}"
-        )
-    config.validate()
-    result = spec.train_fn(config, callbacks=callbacks)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).write_text(result.to_json())
+        raise ConfigError("config", type(config).__name__, f"method {method!r} needs a {spec.config_cls.__name__}")
+    result = spec.train(config, callbacks=callbacks)
+    if not (Path(config.output_dir) / METRICS_FILE).is_file():
+        raise RuntimeError(f"method {method!r} finished without writing {METRICS_FILE} to {config.output_dir}")
     return result
+
+
+__all__ = ["METHODS", "ConfigError", "MethodConfig", "MethodSpec", "TrainResult", "config_from_dict", "get_method",
+           "load_plugins", "register", "run_training"]

@@ -3,32 +3,19 @@
 Reference-free: one model in memory, no SFT step (the registry says it starts from the base model).
 Pairs whose chosen and rejected answers are equal after stripping whitespace, or where either is
 empty, carry no preference and are removed before training; ``metrics["filtered_pairs"]`` says how
-many. Data with nothing left is a :class:`ConfigError` at validation.
+many. Data with nothing left is a :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import pandas as pd
 
-from alignment_pipelines.methods.base import (
-    ConfigError,
-    StagingDir,
-    TrainingConfig,
-    TrainResult,
-    common_args,
-    load_model_and_tokenizer,
-    load_pairs,
-    lora_config,
-    quiet_progress,
-    to_preference_dataset,
-    train_and_save,
-)
-
-METHOD = "orpo"
+from alignment_pipelines.methods.config import ConfigError, MethodConfig, option
+from alignment_pipelines.methods.data import load_pairs, to_preference_dataset
+from alignment_pipelines.methods.training import Datasets, TRLMethod
 
 
 def filter_pairs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -39,51 +26,37 @@ def filter_pairs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return df[keep].reset_index(drop=True), int((~keep).sum())
 
 
-def load_orpo_pairs(path: str | os.PathLike) -> tuple[pd.DataFrame, int]:
-    df, removed = filter_pairs(load_pairs(path))
+def load_orpo_pairs(path: str | os.PathLike, field: str = "data") -> tuple[pd.DataFrame, int]:
+    df, removed = filter_pairs(load_pairs(path, field=field))
     if len(df) == 0:
-        raise ConfigError("data", str(path), f"no usable pair left: all {removed} pair(s) have chosen == rejected"
+        raise ConfigError(field, str(path), f"no usable pair left: all {removed} pair(s) have chosen == rejected"
                                               " or an empty answer")
     return df, removed
 
 
 @dataclass
-class ORPOMethodConfig(TrainingConfig):
-    beta: float = 0.1  # λ in the ORPO paper: weight of the odds-ratio term next to the NLL on chosen answers
-
-    def load_data(self, path):
-        return load_orpo_pairs(path)[0]
-
-    def _validate_method(self) -> None:
-        b = self.beta
-        if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b) or b <= 0:
-            raise ConfigError("beta", b, "must be a positive finite number")
+class ORPOMethodConfig(MethodConfig):
+    learning_rate: float = option(1e-4, "peak learning rate (constant schedule)", minimum=0, exclusive_minimum=True)
+    beta: float = option(0.1, "λ in the ORPO paper: weight of the odds-ratio term next to the NLL on chosen answers",
+                         minimum=0, exclusive_minimum=True)
 
 
-def train(config: ORPOMethodConfig, callbacks: list | None = None) -> TrainResult:
-    """Train with ORPO on ``config.data``; save the merged model to ``output_dir``."""
-    config.validate()
-    quiet_progress(config)
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+class ORPO(TRLMethod):
+    name = "orpo"
 
-    pairs, removed = load_orpo_pairs(config.data)
-    train_ds = to_preference_dataset(pairs)
-    eval_ds = to_preference_dataset(load_orpo_pairs(config.eval_data)[0]) if config.eval_data else None
-    model, tokenizer = load_model_and_tokenizer(config)
-    with StagingDir(config.output_dir) as staging:
-        args = ORPOConfig(
-            **common_args(config, staging.trainer_dir),
-            beta=float(config.beta),
-            trust_remote_code=config.trust_remote_code,
-        )
-        trainer = ORPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=lora_config(config),
-            callbacks=list(callbacks or []),
-        )
-        return train_and_save(trainer, tokenizer, config, staging, METHOD, evaluate=eval_ds is not None,
-                              extra_metrics={"filtered_pairs": float(removed), "train_pairs": float(len(pairs))})
+    def datasets(self, config: ORPOMethodConfig) -> Datasets:
+        pairs, removed = load_orpo_pairs(config.data)
+        eval_ds = to_preference_dataset(load_orpo_pairs(config.eval_data, "eval_data")[0]) if config.eval_data else None
+        return Datasets(to_preference_dataset(pairs), eval_ds,
+                        {"filtered_pairs": float(removed), "train_pairs": float(len(pairs))})
+
+    def trl_classes(self):
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOConfig, ORPOTrainer
+
+    def trl_args(self, config: ORPOMethodConfig, data: Datasets) -> dict:
+        return {"max_length": config.max_length, "beta": config.beta, "trust_remote_code": config.trust_remote_code}
+
+
+train = ORPO().train

@@ -31,7 +31,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import json
+from typing import TYPE_CHECKING, Any, Literal
 
 from .spec import DEFAULT_MODEL, TINY_MODEL, ModelSpec, ModelSpecError, parse_model_spec
 
@@ -62,7 +63,9 @@ def _pickle_files(folder: Path) -> list[Path]:
 
 
 def validate_model_folder(folder: str | Path, *, allow_pickle: bool = False) -> Path:
-    """Check that ``folder`` is a transformers model folder with safetensors weights.
+    """Check that ``folder`` is a model folder with safetensors weights: a plain transformers folder, or a
+    LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) whose start model, named in its
+    ``alignment_model.json``, is itself a valid model folder.
 
     Raises :class:`ModelFolderError` saying what is wrong. With ``allow_pickle=True`` a folder
     with only pickle (``.bin``) weights passes (the caller must then convert or load it unsafely).
@@ -70,6 +73,15 @@ def validate_model_folder(folder: str | Path, *, allow_pickle: bool = False) -> 
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {str(folder)!r} does not exist or is not a folder")
+    if is_adapter_folder(folder):
+        if not (folder / ADAPTER_WEIGHTS).is_file():
+            raise ModelFolderError(f"adapter folder {str(folder)!r} has adapter_config.json but no {ADAPTER_WEIGHTS}")
+        parent = adapter_parent(folder)
+        try:
+            validate_model_folder(parent)
+        except ModelFolderError as error:
+            raise ModelFolderError(f"adapter folder {str(folder)!r}: its start model is unusable: {error}") from None
+        return folder
     if not (folder / "config.json").is_file():
         raise ModelFolderError(
             f"model folder {str(folder)!r} has no config.json; a transformers model folder needs config.json "
@@ -93,8 +105,76 @@ def validate_model_folder(folder: str | Path, *, allow_pickle: bool = False) -> 
     )
 
 
+# --------------------------------------------------------------------------- roles and adapters
+
+ModelRole = Literal["policy", "reference", "reward", "value"]
+ROLES: tuple[str, ...] = ("policy", "reference", "reward", "value")
+MODEL_CARD = "alignment_model.json"  # role, format and start model of a folder this project wrote
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def read_model_card(folder: str | Path) -> dict:
+    """What this project recorded about a model folder (empty for a base model from elsewhere)."""
+    card = Path(folder) / MODEL_CARD
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def adapter_parent(folder: str | Path) -> Path:
+    """The model an adapter was trained on top of: the card's ``parent``, else PEFT's base model path."""
+    parent = read_model_card(folder).get("parent")
+    if not parent:
+        parent = json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not parent:
+        raise ModelFolderError(f"adapter folder {str(folder)!r} names no start model")
+    return Path(parent)
+
+
+def model_role(folder: str | Path, default: str = "policy") -> str:
+    return read_model_card(folder).get("role", default)
+
+
+def auto_model_class(role: str):
+    """Policies and references are causal LMs; reward and value models score a sequence with one number."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {ROLES}")
+    return AutoModelForCausalLM if role in ("policy", "reference") else AutoModelForSequenceClassification
+
+
+def lora_task_type(role: str) -> str:
+    return "CAUSAL_LM" if role in ("policy", "reference") else "SEQ_CLS"
+
+
+def load_weights(folder: str | Path, role: str = "policy", *, trust_remote_code: bool = False, dtype: Any = "auto"):
+    """The model in ``folder`` for ``role``, on the CPU: an adapter is loaded onto its start model (recursively)
+    and merged, so callers always get plain weights.
+
+    A reward or value model started from a causal LM gets a fresh one-label score head; a trained one keeps its own.
+    """
+    folder = validate_model_folder(folder)
+    cls = auto_model_class(role)
+    extra = {"num_labels": 1} if cls.__name__ == "AutoModelForSequenceClassification" else {}
+    if not is_adapter_folder(folder):
+        return cls.from_pretrained(folder, dtype=_torch_dtype(dtype), use_safetensors=True,
+                                   trust_remote_code=trust_remote_code, **extra)
+    from peft import PeftModel
+
+    base = load_weights(adapter_parent(folder), role, trust_remote_code=trust_remote_code, dtype=dtype)
+    return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()
+
+
 def _is_complete(folder: Path) -> bool:
-    return folder.is_dir() and (folder / "config.json").is_file() and bool(_safetensors_files(folder))
+    try:
+        validate_model_folder(folder)
+        return True
+    except ModelFolderError:
+        return False
 
 
 # --------------------------------------------------------------------------- atomic builds
@@ -301,15 +381,27 @@ def prepare_tokenizer(tokenizer, *, padding_side: str = "left"):
     return tokenizer
 
 
-def load_causal_lm(
+def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False, padding_side: str = "left"):
+    """The tokenizer saved with a model (an adapter folder carries its own copy), prepared for chat."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    source = folder if (folder / "tokenizer_config.json").is_file() or not is_adapter_folder(folder) \
+        else adapter_parent(folder)
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
+                             padding_side=padding_side)
+
+
+def load_model(
     folder: str | Path,
+    role: str = "policy",
     *,
     trust_remote_code: bool = False,
     dtype: str = "auto",
     device: str | None = None,
     padding_side: str = "left",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a safetensors folder.
+):
+    """Load a model for ``role`` and its tokenizer from a safetensors folder (plain or LoRA adapter).
 
     - weights: safetensors only (``use_safetensors=True``); remote code off unless asked for;
     - ``dtype``: ``"auto"`` (as stored), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype;
@@ -317,21 +409,17 @@ def load_causal_lm(
     - tokenizer: pad token falls back to eos, ChatML chat template if none,
       ``padding_side`` ``"left"`` by default (what batched generation needs; pass ``"right"`` for training).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = validate_model_folder(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    prepare_tokenizer(tokenizer, padding_side=padding_side)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=_torch_dtype(dtype),
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-    )
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, padding_side=padding_side)
+    model = load_weights(folder, role, trust_remote_code=trust_remote_code, dtype=dtype)
     model.to(device or default_device())
     model.eval()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_causal_lm(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A policy (causal LM) and its tokenizer; see :func:`load_model`."""
+    return load_model(folder, "policy", **kwargs)

