@@ -14,6 +14,7 @@ import dagster as dg
 import pydantic
 
 from alignment_pipelines.assets.datasets import ON_NEW_DATA
+from alignment_pipelines.evaluation.plots import markdown_image
 from alignment_pipelines.methods import METHODS, ConfigError, MethodSpec, config_from_dict
 from alignment_pipelines.refs import DatasetRef, ModelRef
 from alignment_pipelines.resources.launcher import TrainingLauncher
@@ -77,6 +78,8 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
             "path": dg.MetadataValue.path(str(output_dir)),
             "metrics": dg.MetadataValue.md(_metrics_table(result.metrics)),
             "training_curve": dg.MetadataValue.md(_history_table(result.history)),
+            **{name: dg.MetadataValue.md(markdown_image((output_dir / file).read_bytes(), name))
+               for name, file in result.artifacts.items() if file.endswith(".png")},
             **{f"train/{k}": float(v) for k, v in result.metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)},
         }

@@ -36,6 +36,7 @@ class TrainResult:
     output_dir: str
     metrics: dict[str, float] = field(default_factory=dict)  # final / summary metrics
     history: list[dict] = field(default_factory=list)  # per logging step
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> file in output_dir (e.g. a PNG plot)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=_json_default)
@@ -279,6 +280,10 @@ class TRLMethod:
         """Extra trainer arguments (a reference model, reward functions, ...)."""
         return {"ref_model": models.reference} if self.needs_reference else {}
 
+    def report(self, trainer, models: Models, data: Datasets, folder: Path) -> tuple[dict[str, float], dict[str, str]]:
+        """After training: extra metrics, and files written into ``folder`` (the model folder) to show with it."""
+        return {}, {}
+
     def load_models(self, config) -> Models:
         model, tokenizer = load_start_model(config, self.role)
         reference = None
@@ -314,6 +319,8 @@ class TRLMethod:
             metrics["wall_seconds"] = time.perf_counter() - started
             model = trainer.accelerator.unwrap_model(trainer.model)
             save_trained(model, models.tokenizer, config, staging.model_dir, self.role, self.name)
+            extra, artifacts = self.report(trainer, models, data, staging.model_dir)
+            metrics.update(extra)
             result = TrainResult(method=self.name, output_dir=str(config.output_dir), metrics=metrics,
-                                 history=history)
+                                 history=history, artifacts=artifacts)
             return finish(result, staging, config)
