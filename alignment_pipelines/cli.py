@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from alignment_pipelines.layout import DataRoot, default_data_root
+from alignment_pipelines.promotion import GateConfig
 from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_URI_ENV, Tracker, step_callback
 
 
@@ -133,10 +135,57 @@ class _WorkerReporting:
         return self._stack.__exit__(*exc)
 
 
-def _promote(args: argparse.Namespace) -> int:
+def _registry(args: argparse.Namespace):
+    from mlflow import MlflowClient
+
     uri = args.tracking_uri or DataRoot(default_data_root()).ensure().tracking_uri
-    Tracker(uri).set_alias(args.name, args.version, args.alias)
-    print(json.dumps({"name": args.name, "version": args.version, "alias": args.alias}))
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _actor(args: argparse.Namespace) -> str:
+    import getpass
+
+    return args.actor or f"cli:{getpass.getuser()}"
+
+
+def _promote(args: argparse.Namespace) -> int:
+    """The gate on the newest evaluation (or --report), as the `promote` job runs it."""
+    from alignment_pipelines.evaluation.report import newest_report
+    from alignment_pipelines.promotion import PromotionRefused, promote_from_report
+
+    every_evaluation = DataRoot(default_data_root()).training_dir("evaluation_report", "*").parent
+    report = Path(args.report) if args.report else newest_report(every_evaluation)
+    if report is None or not report.is_file():
+        raise SystemExit("alignment-pipelines promote: no evaluation report found; run the evaluation first "
+                         "or give --report")
+    gate = GateConfig(**{f.name: getattr(args, f.name) for f in fields(GateConfig)})
+    try:
+        outcome = promote_from_report(_registry(args), json.loads(report.read_text()), _actor(args), gate,
+                                      readmit_rolled_back=args.readmit_rolled_back)
+    except PromotionRefused as error:
+        raise SystemExit(f"alignment-pipelines promote: {error}") from None
+    print(json.dumps(outcome | {"report": str(report)}, indent=2, default=str))
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from alignment_pipelines.promotion import rollback_champion
+
+    try:
+        moved = rollback_champion(_registry(args), _actor(args), args.reason)
+    except ValueError as error:
+        raise SystemExit(f"alignment-pipelines rollback: {error}") from None
+    print(json.dumps(moved, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from alignment_pipelines.models.registry import export_model
+    from alignment_pipelines.promotion import ALIGNED_MODEL, registered_model_folder
+
+    folder = registered_model_folder(_registry(args), args.alias)
+    target = export_model(folder, args.dir)
+    print(json.dumps({"model": f"models:/{ALIGNED_MODEL}@{args.alias}", "folder": folder, "exported": str(target)}))
     return 0
 
 
@@ -201,13 +250,33 @@ def build_parser() -> argparse.ArgumentParser:
         method.add_argument("--allow-hub", action="store_true", help="allow downloading a hub model named by --model")
         method.set_defaults(func=_train)
 
-    promote = commands.add_parser("promote", help="point an alias (default: champion) at a model version",
-                                  description="Set an MLflow alias on a registered model version.")
-    promote.add_argument("name")
-    promote.add_argument("version")
-    promote.add_argument("--alias", default="champion")
-    promote.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the SQLite store under the data root")
-    promote.set_defaults(func=_promote)
+    promote = commands.add_parser(
+        "promote", help="run the promotion gate on the newest evaluation and move `champion` if a candidate passes",
+        description="Read the newest evaluation report (or --report), run the challenger-against-champion gate and, "
+                    "when a candidate passes, point `champion` of aligned_policy at it, recording who, why and the "
+                    "evidence on the version. The same step as the `promote` job.")
+    promote.add_argument("--report", help="an evaluation.json (default: the newest under the data root)")
+    for f in fields(GateConfig):
+        promote.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default,
+                             help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
+    promote.add_argument("--readmit-rolled-back", action="store_true",
+                         help="let the gate pick a model that was rolled back (refused otherwise)")
+    rollback = commands.add_parser(
+        "rollback", help="give `champion` back to the version that held it before",
+        description="Restore the previous champion of aligned_policy; the demoted version records who and why.")
+    rollback.add_argument("--reason", default="manual rollback", help="why, recorded on the demoted version")
+    export = commands.add_parser(
+        "export", help="write a registered model as one merged safetensors folder for serving",
+        description="Write aligned_policy@ALIAS as a plain safetensors folder with its tokenizer and chat template "
+                    "(a LoRA adapter merged into its start model), ready for `vllm serve DIR` or transformers.")
+    export.add_argument("--alias", default="champion")
+    export.add_argument("dir")
+    for command, func in ((promote, _promote), (rollback, _rollback), (export, _export)):
+        if command is not export:
+            command.add_argument("--actor", help="who, recorded on the version (default: cli:<login name>)")
+        command.add_argument("--tracking-uri",
+                             help="default: MLFLOW_TRACKING_URI, else the SQLite store under the data root")
+        command.set_defaults(func=func)
 
     where = commands.add_parser("where", help="print a path of the data-root layout",
                                 description="Print where the data root keeps a thing (ALIGNMENT_PIPELINES_HOME).")

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import dagster as dg
 
+from alignment_pipelines.assets.ai_feedback import ai_feedback
 from alignment_pipelines.assets.datasets import binary_feedback, preference_pairs, prompts
 from alignment_pipelines.assets.evaluation import build_evaluation_asset
 from alignment_pipelines.assets.ingestion import (feedback_inbox_sensor, raw_feedback, validate_feedback_batch,
                                                   validated_feedback_expectations)
-from alignment_pipelines.assets.promotion import model_promotion
+from alignment_pipelines.assets.promotion import model_promotion, promote_job, rollback_job
+from alignment_pipelines.assets.storage import storage_retention, storage_retention_schedule
 from alignment_pipelines.assets.training import build_training_assets, policy_asset_names
 from alignment_pipelines.layout import DATA_ROOT_ENV, MLFLOW_URI_ENV, default_data_root
 from alignment_pipelines.models.spec import DEFAULT_MODEL
@@ -37,7 +39,7 @@ EVALUATION_SELECTION = dg.AssetSelection.groups("evaluation")
 def build_assets() -> list[dg.AssetsDefinition]:
     """Every asset, the training ones and the evaluation's inputs generated from the methods registered now."""
     return [raw_feedback, validate_feedback_batch, *DATASETS, *build_training_assets(),
-            build_evaluation_asset(policy_asset_names()), model_promotion]
+            build_evaluation_asset(policy_asset_names()), model_promotion, ai_feedback, storage_retention]
 
 
 ALL_ASSETS = build_assets()
@@ -86,7 +88,8 @@ def build_definitions(**resource_options) -> dg.Definitions:
         assets=build_assets(),
         asset_checks=ALL_CHECKS,
         sensors=[feedback_inbox_sensor, retrain_on_new_data],
-        schedules=[nightly_retraining],
+        schedules=[nightly_retraining, storage_retention_schedule],
+        jobs=[promote_job, rollback_job],
         resources=build_resources(**resource_options),
     )
 

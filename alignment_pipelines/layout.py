@@ -10,6 +10,11 @@ DATA_ROOT_ENV = "ALIGNMENT_PIPELINES_HOME"
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the files under ``folder`` (0 if it does not exist; links not followed)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def default_data_root() -> Path:
     return Path(os.environ.get(DATA_ROOT_ENV, ".data")).resolve()
 
@@ -34,12 +39,30 @@ class DataRoot:
         """Base models converted once to safetensors (SmolLM2, GGUF imports, the tiny model)."""
         return self.root / "models"
 
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs(self) -> Path:
+        """Staging: a training run writes its model here; registration moves it into MLflow and removes the rest."""
+        return self.root / "runs"
+
     def training_dir(self, asset_name: str, run_id: str) -> Path:
-        return self.root / "runs" / asset_name / run_id
+        return self.runs / asset_name / run_id
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
 
     def checkpoints_dir(self, asset_name: str) -> Path:
         """In-flight checkpoints of one training asset, removed after its run succeeds."""
-        return self.root / "checkpoints" / asset_name
+        return self.checkpoints / asset_name
+
+    @property
+    def ai_feedback(self) -> Path:
+        """The AI-feedback store: every judgement an online method asked for, kept apart from human feedback."""
+        return self.root / "ai_feedback"
 
     @property
     def mlflow_dir(self) -> Path:
@@ -48,6 +71,11 @@ class DataRoot:
     @property
     def mlflow_artifacts(self) -> Path:
         return self.mlflow_dir / "artifacts"
+
+    @property
+    def registry_cache(self) -> Path:
+        """Registered models downloaded from a remote artifact store; a local store is read in place."""
+        return self.root / "registry-cache"
 
     @property
     def local_tracking_uri(self) -> str:

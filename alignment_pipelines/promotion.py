@@ -282,3 +282,177 @@ def _write_tags(client, name: str, version: str, tags: dict[str, str | None]) ->
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------
+# One champion for the project: the registered model `aligned_policy`
+# --------------------------------------------------------------------------------------
+#
+# Each training asset registers its own model (`policy_dpo`, `policy_kto`, ...) and tags new versions
+# `candidate`. The gate picks one of them; the pick becomes a version of `aligned_policy` whose source
+# is the picked version's artifacts, and `champion` moves there. Serving, export and rollback look only
+# at `aligned_policy@champion`, whichever method trained it; its tags say where it came from and why.
+
+ALIGNED_MODEL = "aligned_policy"
+SOURCE_URI_TAG = "source.uri"
+SOURCE_PATH_TAG = "source.path"
+SOURCE_START_PATH_TAG = "source.start_path"
+GATE_VERDICT_TAG = "gate.verdict"
+GATE_REASON_TAG = "gate.reason"
+EVIDENCE_RUN_TAG = "evidence.mlflow_run_id"
+EVIDENCE_DAGSTER_RUN_TAG = "evidence.dagster_run_id"
+CANDIDATE_GATE_TAG = "evaluation.gate"
+CANDIDATE_GATE_REASON_TAG = "evaluation.gate_reason"
+TAG_LIMIT = 5000  # the registry's column width for tag values (enforced by Postgres, not by SQLite)
+GATE_KEYS = ("preference_accuracy", "degenerate_rate", "empty_rate")
+
+
+class StaleEvaluation(PromotionRefused):
+    """The evaluation measured the candidates against a champion that is no longer the champion."""
+
+
+def current_champion(client) -> dict | None:
+    """The `aligned_policy` version holding `champion` and where it came from, or None."""
+    registered = client.search_registered_models(f"name='{ALIGNED_MODEL}'")
+    if not registered or CHAMPION_ALIAS not in registered[0].aliases:
+        return None
+    version = client.get_model_version(ALIGNED_MODEL, str(registered[0].aliases[CHAMPION_ALIAS]))
+    return {"version": str(version.version), "source_uri": version.tags.get(SOURCE_URI_TAG),
+            "path": version.tags.get(SOURCE_PATH_TAG), "start_path": version.tags.get(SOURCE_START_PATH_TAG)}
+
+
+def gate_metrics(metrics: dict) -> dict:
+    """The numbers the gate reads, so its evidence fits one registry tag; the full set lives in the report."""
+    return {key: value for key, value in metrics.items()
+            if key in GATE_KEYS or key.startswith(("win_rate_vs_", "wins_vs_", "losses_vs_", "ties_vs_"))}
+
+
+def promote_from_report(client, report: dict, actor: str, config: GateConfig = GateConfig(),
+                        readmit_rolled_back: bool = False) -> dict:
+    """Run the gate on an evaluation report and, when a candidate passes, make it the project's champion.
+
+    ``report`` is what the evaluation wrote (``evaluation.json``): ``models`` (name → ``model``, a
+    ModelRef dict, and ``metrics``), ``candidates`` (names the gate may pick), ``champion`` (the entry
+    that was champion when it was measured, and its ``aligned_version``) and ``evidence`` (its MLflow and
+    Dagster runs). Every candidate's registered version gets the gate's verdict as tags. A report measured
+    against another champion than today's moves nothing (:class:`StaleEvaluation`), unless its pick
+    already is the champion. A model that was rolled back is refused until someone readmits it
+    (``readmit_rolled_back``), so the next evaluation does not quietly undo a rollback. Returns the
+    verdicts and what moved.
+    """
+    models, measured = report["models"], report.get("champion")
+    champion_metrics = gate_metrics(models[measured["name"]]["metrics"]) if measured else None
+    barred = {} if readmit_rolled_back else rolled_back_sources(client)
+    barred_names = {name: barred[_model_uri(models[name]["model"])] for name in report["candidates"]
+                    if _model_uri(models[name]["model"]) in barred}
+    candidates = {name: gate_metrics(models[name]["metrics"]) for name in report["candidates"]
+                  if name not in barred_names}
+    decisions = decide_all(candidates, champion_metrics, config) | {
+        name: GateDecision(False, f"refused: {why}; readmit it to let the gate pick it again", {})
+        for name, why in barred_names.items()}
+    choice = choose_champion(candidates, champion_metrics, config)
+    verdicts = {name: {"promote": d.promote, "reason": d.reason} for name, d in decisions.items()}
+    current = current_champion(client)
+    chosen_uri = _model_uri(models[choice[0]]["model"]) if choice else None
+    outcome = {"verdicts": verdicts, "chosen": choice[0] if choice else None, "previous_champion": current,
+               "champion": current}
+    if current is not None and chosen_uri is not None and current["source_uri"] == chosen_uri:
+        return outcome | {"action": "unchanged: the gate's pick already is the champion"}
+    if (measured or {}).get("aligned_version") != (current or {}).get("version"):
+        raise StaleEvaluation(f"the evaluation measured against champion {(measured or {}).get('aligned_version')} "
+                              f"but the champion is now {(current or {}).get('version')}: re-run the evaluation")
+    for name, decision in decisions.items():
+        _tag_candidate(client, models[name]["model"], decision)
+    if choice is None:
+        return outcome | {"action": "none passed the gate"}
+    name, decision = choice
+    evidence = report.get("evidence", {})
+    decision = GateDecision(decision.promote, decision.reason, decision.evidence | {"evaluation": evidence})
+    version = _aligned_version(client, models[name]["model"], models[name]["metrics"], decision, evidence)
+    promote(client, ALIGNED_MODEL, version, decision, actor)
+    return outcome | {"action": f"promoted {name} as {ALIGNED_MODEL} version {version}",
+                      "champion": current_champion(client)}
+
+
+def rolled_back_sources(client) -> dict[str, str]:
+    """Source model URI → who rolled it back and why, for each `aligned_policy` version demoted by a rollback
+    and not promoted again since (a promotion clears the rollback tags)."""
+    if not client.search_registered_models(f"name='{ALIGNED_MODEL}'"):
+        return {}
+    return {v.tags[SOURCE_URI_TAG]: f"rolled back by {v.tags.get(ROLLBACK_ACTOR_TAG)} "
+                                    f"({v.tags.get(ROLLBACK_REASON_TAG)})"
+            for v in client.search_model_versions(f"name='{ALIGNED_MODEL}'")
+            if ROLLBACK_RESTORED_TAG in v.tags and SOURCE_URI_TAG in v.tags}
+
+
+def rollback_champion(client, actor: str, reason: str = "manual rollback") -> dict:
+    """Give `champion` back to the `aligned_policy` version that held it before; returns both versions."""
+    demoted = current_champion(client)
+    if demoted is None:
+        raise ValueError(f"{ALIGNED_MODEL} has no {CHAMPION_ALIAS!r} to roll back")
+    rollback(client, ALIGNED_MODEL, actor, reason)
+    return {"demoted": demoted, "restored": current_champion(client)}
+
+
+def _model_uri(model: dict) -> str | None:
+    name, version = model.get("registered_name"), model.get("registered_version")
+    return f"models:/{name}/{version}" if name and version else None
+
+
+def _tag_candidate(client, model: dict, decision: GateDecision) -> None:
+    """The verdict on the candidate's own registered version, so `policy_kto` shows why it was not picked."""
+    if _model_uri(model) is None:
+        return
+    name, version = model["registered_name"], model["registered_version"]
+    client.set_model_version_tag(name, version, CANDIDATE_GATE_TAG, "passed" if decision.promote else "refused")
+    client.set_model_version_tag(name, version, CANDIDATE_GATE_REASON_TAG, decision.reason[:TAG_LIMIT])
+
+
+def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision, evidence: dict) -> str:
+    """The `aligned_policy` version of ``model`` (created on its first promotion, reused after), tagged with
+    where it came from, this evaluation's metrics, the gate's verdict and the evidence run."""
+    from mlflow.exceptions import MlflowException
+
+    uri = _model_uri(model)
+    if uri is None:
+        raise PromotionRefused(f"{model.get('path')} is not a registered model version; only those can be champion")
+    try:
+        client.create_registered_model(ALIGNED_MODEL, description="The project's champion, whichever method "
+                                                                  "trained it: the gate's pick among candidates.")
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+            raise
+    existing = [v for v in client.search_model_versions(f"name='{ALIGNED_MODEL}'")
+                if v.tags.get(SOURCE_URI_TAG) == uri]
+    if existing:
+        version = str(existing[0].version)
+    else:
+        source = client.get_model_version(model["registered_name"], model["registered_version"])
+        lineage = {k: v for k, v in source.tags.items() if k.startswith("lineage.")}
+        version = str(client.create_model_version(ALIGNED_MODEL, source.source, run_id=source.run_id,
+                                                  tags=lineage).version)
+    tags = {SOURCE_URI_TAG: uri, SOURCE_PATH_TAG: model["path"], SOURCE_START_PATH_TAG: model.get("start_path"),
+            "source.method": model.get("method"), GATE_VERDICT_TAG: "passed", GATE_REASON_TAG: decision.reason,
+            EVIDENCE_RUN_TAG: evidence.get("mlflow_run_id"), EVIDENCE_DAGSTER_RUN_TAG: evidence.get("dagster_run_id"),
+            **{f"eval.{key}": f"{value:.6g}" for key, value in metrics.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}}
+    for key, value in tags.items():
+        if value is not None:
+            client.set_model_version_tag(ALIGNED_MODEL, version, key, str(value)[:TAG_LIMIT])
+    return version
+
+
+# --------------------------------------------------------------------------------------
+# Handoff to serving
+# --------------------------------------------------------------------------------------
+
+
+def registered_model_folder(client, alias: str = CHAMPION_ALIAS, name: str = ALIGNED_MODEL) -> str:
+    """The local model folder behind ``name@alias``: the folder its training run wrote (the one place that
+    resolves it, until the registry's ``fetch_model`` reads the version's own artifacts)."""
+    version = client.get_model_version_by_alias(name, alias)
+    folder = version.tags.get(SOURCE_PATH_TAG)
+    if not folder:
+        raise ValueError(f"{name} version {version.version} records no {SOURCE_PATH_TAG}")
+    return folder
+

@@ -28,7 +28,7 @@ class DatasetRef:
 class ModelRef:
     """A trained (or converted base) model folder, its role and where it is registered."""
 
-    path: str
+    path: str  # loads with load_model: the registry's own copy (models.registry.fetch_model) or a base model folder
     method: str
     base_model: str
     role: str = "policy"  # policy, reference, reward or value

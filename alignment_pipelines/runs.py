@@ -35,11 +35,21 @@ def ingest_batch(instance: dg.DagsterInstance, resources: dict, key: str, run_co
                           raise_on_error=raise_on_error)
 
 
-# Step counts that train every method on SmolLM2 + the demo feedback in minutes on a laptop CPU.
-DEMO_STEPS = {"sft": 30, "dpo": 20, "kto": 16, "orpo": 20}
+# Settings that train every method on SmolLM2 + the demo feedback in minutes on a laptop CPU. The demo's
+# answers are short, so SFT trains unpacked (packing would fill every step with 512 tokens of several rows).
+DEMO_METHOD_CONFIG = {
+    "sft": {"max_steps": 30, "packing": False},
+    "dpo": {"max_steps": 20},
+    "kto": {"max_steps": 16},
+    "orpo": {"max_steps": 20},
+    "reward": {"max_steps": 30},
+    "ppo": {"max_steps": 8, "max_new_tokens": 48},
+    "rloo": {"max_steps": 10, "max_new_tokens": 48},
+    "online_dpo": {"max_steps": 8, "max_new_tokens": 48},
+}
 DEMO_RUN_CONFIG = {"ops": {
-    **{spec.asset: {"config": {"max_steps": DEMO_STEPS.get(name, 20)}} for name, spec in METHODS.items()},
-    "evaluation_report": {"config": {"max_prompts": 12, "max_new_tokens": 48}},
+    **{spec.asset: {"config": DEMO_METHOD_CONFIG.get(name, {"max_steps": 20})} for name, spec in METHODS.items()},
+    "evaluation_report": {"config": {"max_pairs": 64, "max_prompts": 64, "max_new_tokens": 48}},
 }}
 
 
@@ -77,8 +87,10 @@ def run_demo(base_model: str | None = None, data_root: str | Path | None = None,
         "failed_methods": failed,
         "models": {spec.asset: training.output_for_node(spec.asset).uri for spec in METHODS.values()
                    if spec.asset not in failed},
-        "evaluation": {k: v.value for k, v in report.items() if k.endswith(("/win_rate", "/preference_accuracy"))},
-        "promoted_to_champion": promotion["promoted_to_champion"].value,
+        "evaluation": {k: v.value for k, v in report.items()
+                       if k.endswith(("/win_rate_vs_sft", "/win_rate_vs_sft_ci_low", "/preference_accuracy"))},
+        "champion": promotion["champion"].value,
+        "gate": promotion["action"].value,
         "data_root": str(layout.root),
         "env": {DATA_ROOT_ENV: str(layout.root)},
     }

@@ -1,19 +1,28 @@
 """MLflow, used directly: runs, per-step metrics, model versions, aliases, lineage tags.
 
 A model version is registered only after its run finished; if any step of registration
-fails the version is deleted again, so the registry never holds a half-registered model.
+fails the version and its artifacts are deleted again, so the registry never holds a
+half-registered model. A version's artifacts are an MLflow model (``mlflow_models``) and
+the only copy of the trained weights.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
+REGISTERED_ARTIFACT = "model"  # the MLflow model's folder in its run's artifacts
+FORMAT_TAG = "storage.format"  # "adapter" or "full"
+BYTES_TAG = "storage.bytes"  # what the version's artifacts hold
+DEPENDS_ON_TAG = "storage.depends_on"  # the registered version holding the base an adapter loads onto
+PRUNED_TAG = "storage.pruned"  # "true" once retention removed the artifacts; the lineage tags stay
 # A training worker started by the orchestrator streams its step metrics into this run.
 WORKER_MLFLOW_URI_ENV = "ALIGNMENT_PIPELINES_MLFLOW_URI"
 WORKER_MLFLOW_RUN_ENV = "ALIGNMENT_PIPELINES_MLFLOW_RUN_ID"
@@ -48,6 +57,12 @@ class Lineage:
         return {k: v[:5000] for k, v in tags.items()}
 
 
+def describe_version(lineage: Lineage, model_format: str) -> str:
+    """The version's one-line description: method, base model, dataset version."""
+    kind = "LoRA adapter" if model_format == "adapter" else "full weights"
+    return f"{lineage.method} ({kind}) on {lineage.base_model}, dataset {lineage.dataset_version}"
+
+
 @dataclass(frozen=True)
 class RegisteredVersion:
     name: str
@@ -55,6 +70,9 @@ class RegisteredVersion:
     alias: str
     run_id: str
     source: str
+    format: str = "full"
+    bytes: int = 0
+    path: str = ""  # the loadable folder (models.registry.fetch_model)
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -105,24 +123,92 @@ class Tracker:
         self.client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
 
     def register_model(self, run_id: str, model_dir: str | Path, name: str, lineage: Lineage,
-                       alias: str = CANDIDATE_ALIAS) -> RegisteredVersion:
-        """Upload the model folder to the run, create a version with lineage tags, set `alias`."""
+                       alias: str = CANDIDATE_ALIAS, start_uri: str | None = None) -> RegisteredVersion:
+        """Log ``model_dir`` as an MLflow model in the run, create a version with lineage tags, set ``alias``.
+
+        The artifact store becomes the model's only home: a local store receives the MLflow model by a rename,
+        a remote one by upload, and the caller may then delete ``model_dir``. An adapter is logged alone; the
+        full model it loads onto is referenced by path and identified by content hash in the lineage, and
+        ``start_uri`` (the version it was trained from) finds the registered version holding that base.
+        """
+        from alignment_pipelines.layout import folder_bytes
+        from alignment_pipelines.mlflow_models import base_of, save_mlflow_model
+        from alignment_pipelines.models.registry import fetch_model, weights_sha256
+
+        base = base_of(model_dir)
+        depends_on = self._version_holding(base, start_uri) if base else None
+        staged = Path(model_dir).parent / f".{REGISTERED_ARTIFACT}.staging-{uuid.uuid4().hex[:8]}"
+        try:
+            model_format = save_mlflow_model(model_dir, staged, metadata={"lineage": lineage.tags()},
+                                             parent_uri=depends_on)
+            size = folder_bytes(staged)
+            self._store_artifacts(run_id, staged)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        tags = lineage.tags() | {FORMAT_TAG: model_format, BYTES_TAG: str(size)}
+        if base:
+            tags |= {"lineage.base_model_path": str(base), "lineage.base_model_sha256": weights_sha256(base)}
+        if depends_on:
+            tags[DEPENDS_ON_TAG] = depends_on
+        version = None
+        try:
+            self._ensure_registered_model(name)
+            version = self.client.create_model_version(name, source=f"runs:/{run_id}/{REGISTERED_ARTIFACT}",
+                                                       run_id=run_id, tags=tags,
+                                                       description=describe_version(lineage, model_format))
+            self.client.set_registered_model_alias(name, alias, version.version)
+        except BaseException:
+            if version is not None:
+                self.client.delete_model_version(name, version.version)
+            self.artifact_repository(run_id).delete_artifacts(REGISTERED_ARTIFACT)
+            raise
+        return RegisteredVersion(name=name, version=str(version.version), alias=alias, run_id=run_id,
+                                 source=f"runs:/{run_id}/{REGISTERED_ARTIFACT}", format=model_format, bytes=size,
+                                 path=str(fetch_model(f"models:/{name}/{version.version}", self.tracking_uri)))
+
+    def artifact_repository(self, run_id: str):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(self.client.get_run(run_id).info.artifact_uri)
+
+    def _store_artifacts(self, run_id: str, folder: Path) -> None:
+        """Rename ``folder`` into a local artifact store (no second copy, even briefly); upload it to a remote one."""
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+        repo = self.artifact_repository(run_id)
+        if isinstance(repo, LocalArtifactRepository):
+            target = Path(repo.artifact_dir) / REGISTERED_ARTIFACT
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, target)
+        else:
+            repo.log_artifacts(str(folder), REGISTERED_ARTIFACT)
+
+    def _ensure_registered_model(self, name: str) -> None:
         from mlflow.exceptions import MlflowException
 
-        self.client.log_artifacts(run_id, str(model_dir), "model")
         try:
             self.client.create_registered_model(name, description="Trained by alignment-pipelines.")
         except MlflowException as error:
             if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
                 raise
-        source = f"runs:/{run_id}/model"
-        version = self.client.create_model_version(name, source=source, run_id=run_id, tags=lineage.tags())
-        try:
-            self.client.set_registered_model_alias(name, alias, version.version)
-        except Exception:
-            self.client.delete_model_version(name, version.version)
-            raise
-        return RegisteredVersion(name=name, version=str(version.version), alias=alias, run_id=run_id, source=source)
+
+    def _version_holding(self, folder: Path, start_uri: str | None) -> str | None:
+        """The registered version whose artifacts hold ``folder``: the start model, or one it depends on;
+        None when ``folder`` lies outside the registry (a base model in the model store)."""
+        from alignment_pipelines.models.registry import fetch_model, parse_models_uri
+
+        uri = start_uri
+        while uri:
+            if fetch_model(uri, self.tracking_uri).resolve() == Path(folder).resolve():
+                return uri
+            name, version, _ = parse_models_uri(uri)
+            uri = self.client.get_model_version(name, version).tags.get(DEPENDS_ON_TAG)
+        return None
+
+    def registered_bytes(self, name: str) -> int:
+        """What the versions of ``name`` that still have artifacts hold, from their tags (works for any store)."""
+        versions = self.client.search_model_versions(f"name='{name}'")
+        return sum(int(v.tags.get(BYTES_TAG, 0)) for v in versions if v.tags.get(PRUNED_TAG) != "true")
 
     def set_alias(self, name: str, version: str, alias: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)

@@ -1,35 +1,72 @@
-"""Promotion: a separate step that reads the evaluation and moves MLflow aliases by a gate."""
+"""Promotion: after each evaluation, and on demand, the gate picks at most one champion for the project.
+
+``model_promotion`` runs the gate on the evaluation's report and moves `champion` on `aligned_policy`.
+The ``promote`` job re-runs it from the UI on the newest stored report; the ``rollback`` job gives
+`champion` back to the version that held it before. Each move records who, why and the evidence.
+"""
+
+from dataclasses import asdict, fields
 
 import dagster as dg
+import pydantic
 
-from alignment_pipelines.refs import ModelRef
+from alignment_pipelines.promotion import GateConfig, StaleEvaluation, promote_from_report, rollback_champion
 from alignment_pipelines.resources.mlflow import MlflowResource
-from alignment_pipelines.tracking import CHAMPION_ALIAS
+
+ACTOR_HELP = "Who is promoting, recorded on the version (default: this Dagster run)."
+
+PromotionConfig = pydantic.create_model(
+    "PromotionConfig", __base__=dg.Config, __doc__=GateConfig.__doc__,
+    actor=(str, pydantic.Field("", description=ACTOR_HELP)),
+    readmit_rolled_back=(bool, pydantic.Field(False, description="Let the gate pick a model that was rolled back "
+                                                                 "(refused otherwise, so a rollback sticks).")),
+    **{f.name: (float, pydantic.Field(f.default, description=f.metadata["help"])) for f in fields(GateConfig)})
 
 
-class PromotionConfig(dg.Config):
-    min_win_rate: float = 0.5  # against the SFT model
-    min_preference_accuracy: float = 0.5
-    promote: bool = True  # false: record the gate's verdict, move no alias
+class RollbackConfig(dg.Config):
+    actor: str = pydantic.Field("", description=ACTOR_HELP.replace("promoting", "rolling back"))
+    reason: str = pydantic.Field("manual rollback", description="Why, recorded on the demoted version.")
+
+
+def _actor(context, actor: str) -> str:
+    return actor or f"dagster run {context.run_id}"
 
 
 @dg.asset(group_name="evaluation", kinds={"mlflow"}, automation_condition=dg.AutomationCondition.eager())
 def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, evaluation_report: dict,
                     mlflow: MlflowResource) -> dg.MaterializeResult:
-    """Each evaluated policy version whose gate passes gets the `champion` alias; every verdict is a version tag."""
-    tracker = mlflow.tracker()
-    verdicts, promoted = {}, []
-    for name, entry in evaluation_report["policies"].items():
-        ref, metrics = ModelRef.from_dict(entry["model"]), entry["metrics"]
-        passed = (metrics["win_rate"] >= config.min_win_rate
-                  and metrics["preference_accuracy"] >= config.min_preference_accuracy)
-        verdicts[name] = "passed" if passed else "failed"
-        if ref.registered_name and ref.registered_version:
-            tracker.client.set_model_version_tag(ref.registered_name, ref.registered_version, "evaluation.gate",
-                                                 verdicts[name])
-            if passed and config.promote:
-                tracker.set_alias(ref.registered_name, ref.registered_version, CHAMPION_ALIAS)
-                promoted.append(ref.uri)
-    context.log.info(f"gate verdicts: {verdicts}; promoted: {promoted}")
-    return dg.MaterializeResult(metadata={"verdicts": dg.MetadataValue.json(verdicts),
-                                          "promoted_to_champion": dg.MetadataValue.json(promoted)})
+    """The gate (challenger against champion) over every evaluated candidate: at most one becomes `champion` of
+    `aligned_policy`; every candidate's version gets the verdict as tags. A failed evaluation never gets here."""
+    gate = GateConfig(**{f.name: getattr(config, f.name) for f in fields(GateConfig)})
+    try:
+        outcome = promote_from_report(mlflow.tracker().client, evaluation_report, _actor(context, config.actor), gate,
+                                      readmit_rolled_back=config.readmit_rolled_back)
+    except StaleEvaluation as error:
+        raise dg.Failure(str(error), allow_retries=False) from error
+    context.log.info(outcome["action"])
+    champion = outcome["champion"]
+    return dg.MaterializeResult(metadata={
+        "action": outcome["action"],
+        "verdicts": dg.MetadataValue.json(outcome["verdicts"]),
+        "champion": dg.MetadataValue.json(champion),
+        "promoted_to_champion": champion["source_uri"] if champion else "none",
+        "gate": dg.MetadataValue.json(asdict(gate)),
+        "evidence_mlflow_run_id": evaluation_report["evidence"]["mlflow_run_id"],
+    })
+
+
+promote_job = dg.define_asset_job(
+    "promote", selection=dg.AssetSelection.assets(model_promotion),
+    description="Run the promotion gate on the newest evaluation report; its config sets the gate and the actor.")
+
+
+@dg.op(description="Give `champion` of aligned_policy back to the version that held it before the current one.")
+def restore_previous_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MlflowResource) -> dict:
+    moved = rollback_champion(mlflow.tracker().client, _actor(context, config.actor), config.reason)
+    context.log.info(f"champion: version {moved['demoted']['version']} -> {moved['restored']['version']}")
+    return moved
+
+
+@dg.job(name="rollback", description="Restore the previous champion (who and why are recorded on the demoted one).")
+def rollback_job():
+    restore_previous_champion()

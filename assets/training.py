@@ -3,11 +3,13 @@
 Each asset's launchpad config is generated from the method's config dataclass (same fields, same
 defaults, same help text); the paths (start model, data, output, checkpoints, other models) are
 wired in from the asset's inputs. Training runs out of process through the launcher resource, then
-the model is registered in MLflow; a failed run registers nothing.
+the model is registered in MLflow, whose artifact store keeps the only copy: the run folder is staging and
+is removed either way. A failed run registers nothing.
 """
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -51,10 +53,13 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
                        launcher: TrainingLauncher) -> dg.Output[ModelRef]:
     """Wire the paths in, train through the launcher, then register the model; a failed run registers nothing."""
     asset_name = context.asset_key.to_user_string()
-    output_dir = storage.layout.training_dir(asset_name, context.run_id) / "model"
+    run_dir = storage.layout.training_dir(asset_name, context.run_id)  # staging: removed once registered
+    output_dir = run_dir / "model"
     start_path = start.path if start else base_model.resolve()
     base_description = start.base_model if start else base_model.describe()
-    values = tunables | {"model": start_path, "data": dataset.train_path, "eval_data": dataset.eval_path,
+    stores = {f.name: str(storage.layout.ai_feedback) for f, _ in spec.config_cls.field_specs()
+              if f.metadata.get("kind") == "store"}  # shared across runs: no pair is judged twice
+    values = tunables | stores | {"model": start_path, "data": dataset.train_path, "eval_data": dataset.eval_path,
                          **{name: ref.path for name, ref in others.items()}}
     try:
         config = config_from_dict(spec.name, values | {
@@ -67,7 +72,8 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
     lineage = Lineage(method=spec.name, base_model=base_description, dataset_version=dataset.version,
                       batches=dataset.batches, dagster_run_id=context.run_id,
                       parent_model=start.uri if start else None,
-                      extra={"role": spec.produces, **{f"uses.{n}": ref.uri or ref.path for n, ref in others.items()}})
+                      extra={"role": spec.produces, **{f"uses.{n}": ref.uri or ref.path for n, ref in others.items()},
+                             **config.lineage_tags()})
     run_id = tracker.start_run(f"{asset_name}-{context.run_id[:8]}", tags=lineage.tags())
     try:
         tracker.log_params(run_id, config.to_dict() | {"method": spec.name})
@@ -75,20 +81,26 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
         metadata = {  # built before registering: registration is the last step that can fail
             "mlflow_run_id": run_id,
             "dataset_version": dataset.version,
-            "path": dg.MetadataValue.path(str(output_dir)),
             "metrics": dg.MetadataValue.md(_metrics_table(result.metrics)),
             "training_curve": dg.MetadataValue.md(_history_table(result.history)),
+            "memory": dg.MetadataValue.json({k: result.metrics.get(k) for k in ("memory_estimate_gb", "peak_memory_gb", "peak_rss_gb", "tokens_per_second")}),
             **{name: dg.MetadataValue.md(markdown_image((output_dir / file).read_bytes(), name))
                for name, file in result.artifacts.items() if file.endswith(".png")},
             **{f"train/{k}": float(v) for k, v in result.metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)},
         }
-        registered = tracker.register_model(run_id, output_dir, asset_name, lineage)
+        registered = tracker.register_model(run_id, output_dir, asset_name, lineage,
+                                            start_uri=start.uri if start else None)
     except BaseException:
         tracker.end_run(run_id, succeeded=False)
         raise
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     tracker.end_run(run_id, succeeded=True)
-    ref = ModelRef(path=str(output_dir), method=spec.name, role=spec.produces, base_model=base_description,
+    metadata |= {"model_path": dg.MetadataValue.path(registered.path), "storage/format": registered.format,
+                 "storage/version_bytes": dg.MetadataValue.int(registered.bytes),
+                 "storage/asset_bytes": dg.MetadataValue.int(tracker.registered_bytes(asset_name))}
+    ref = ModelRef(path=registered.path, method=spec.name, role=spec.produces, base_model=base_description,
                    start_path=start_path, dataset_version=dataset.version, registered_name=registered.name,
                    registered_version=registered.version, mlflow_run_id=run_id, metrics=result.metrics)
     return dg.Output(ref, metadata={"model_uri": ref.uri, "registered_version": registered.version,
@@ -138,7 +150,8 @@ def _history_table(history: list[dict], limit: int = 20) -> str:
     if not steps:
         return "No training steps logged."
     stride = max(1, len(steps) // limit)
-    keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "reward", "kl", "learning_rate")
+    keys = [k for k in ("loss", "rewards/margins", "rewards/accuracies", "reward", "kl", "objective/scores",
+                        "objective/kl", "accuracy", "margin", "learning_rate")
             if any(k in h for h in steps)]  # KTO leaves a reward out on a step whose batch lacks a label
     lines = ["| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for h in steps[::stride]:

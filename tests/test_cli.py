@@ -27,7 +27,8 @@ def test_validate_prints_summary_and_writes_both_sides(tmp_path, capsys):
     assert len((tmp_path / "feedback.jsonl.accepted.jsonl").read_text().splitlines()) == 10
 
 
-@pytest.mark.parametrize("command", [[], ["validate"], ["submit"], ["train"], ["promote"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["validate"], ["submit"], ["train"], ["promote"], ["rollback"], ["export"],
+                                     ["where"], ["demo"]])
 def test_every_command_explains_itself(command):
     out = subprocess.run([sys.executable, "-m", "alignment_pipelines.cli", *command, "--help"],
                          capture_output=True, text=True, check=True).stdout

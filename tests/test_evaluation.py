@@ -7,8 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from alignment_pipelines.evaluation import build_report, generate_answers, length_stats, preference_accuracy, win_rate
+from alignment_pipelines.evaluation import Answer, generate_answers, preference_accuracy, win_rate
 from alignment_pipelines.evaluation.metrics import encode_answer
+from alignment_pipelines.evaluation.stats import wilson_interval
 from alignment_pipelines.judges import Judge, RuleJudge, judge_pair
 
 TEA = [{"role": "user", "content": "How do I make green tea?"}]
@@ -58,35 +59,21 @@ def test_position_bias_cancels_to_tie():
     assert judge_pair(PositionBiased(), TEA, SHORT, RAMBLING) == 0.5
 
 
-def test_win_rate_counts():
+def test_win_rate_counts_ties_and_gives_a_wilson_interval():
     prompts = [TEA, TEA, TEA, "Explain tea."]
     policy = [SHORT, SHORT, RAMBLING, "same"]
     baseline = [RAMBLING, OFF_TOPIC, SHORT, "same"]
     result = win_rate(policy, baseline, prompts, RuleJudge())
-    assert result == {"win_rate": (2 + 0.5) / 4, "wins": 2, "losses": 1, "ties": 1, "judged": 4}
-    assert win_rate(policy, baseline, prompts, PositionBiased())["ties"] == 4
-    assert math.isnan(win_rate([], [], [], RuleJudge())["win_rate"])
+    assert {k: result[k] for k in ("win_rate", "wins", "losses", "ties", "judged")} == \
+        {"win_rate": (2 + 0.5) / 4, "wins": 2, "losses": 1, "ties": 1, "judged": 4}
+    assert (result["ci_low"], result["ci_high"]) == wilson_interval(2.5, 4)
+    assert result["judge_agreement_rate"] == 1.0
+    biased = win_rate(policy, baseline, prompts, PositionBiased())
+    assert biased["ties"] == 4 and biased["judge_position_bias_rate"] == 1.0
+    empty = win_rate([], [], [], RuleJudge())
+    assert math.isnan(empty["win_rate"]) and (empty["ci_low"], empty["ci_high"]) == (0.0, 1.0)
     with pytest.raises(ValueError):
         win_rate([SHORT], [], [TEA], RuleJudge())
-
-
-def test_length_stats():
-    stats = length_stats(["ab", "", "abcd ef"])
-    assert stats["count"] == 3 and stats["max_chars"] == 7 and stats["median_chars"] == 2.0
-    assert stats["mean_chars"] == 3.0 and stats["mean_words"] == 1.0
-    assert stats["empty_fraction"] == pytest.approx(1 / 3)
-    assert length_stats([])["count"] == 0
-
-
-def test_build_report():
-    examples = [{"prompt": TEA, "policy": SHORT, "baseline": "a | b\nsecond line", "verdict": "win"}] * 7
-    md = build_report({"win_rate": 0.75, "dpo": {"preference_accuracy": 1.0}, "empty": math.nan}, examples)
-    assert md.startswith("# Evaluation report")
-    assert "| metric | value |" in md and "| win_rate | 0.75 |" in md and "| dpo/preference_accuracy | 1 |" in md
-    assert "| empty | n/a |" in md
-    assert md.count("### Example") == 5 and "### Example 1 (win)" in md
-    assert "> user: How do I make green tea?" in md and "> " + SHORT in md and "> second line" in md
-    assert "*(no examples)*" in build_report({}, [])
 
 
 def test_encode_answer_marks_answer_tokens(tiny_model_dir):
@@ -109,7 +96,7 @@ def test_generation_and_preference_accuracy_on_tiny_model(tiny_model_dir):
 
     class Echo:  # the backend boundary: anything with generate(prompts, max_new_tokens, seed)
         def generate(self, prompts, max_new_tokens, seed):
-            return [p[-1]["content"] if not isinstance(p, str) else p for p in prompts]
+            return [Answer(p[-1]["content"] if not isinstance(p, str) else p, 1, True) for p in prompts]
 
     assert generate_answers(None, [TEA], backend=Echo()) == [TEA[0]["content"]]
 
@@ -117,3 +104,86 @@ def test_generation_and_preference_accuracy_on_tiny_model(tiny_model_dir):
     same = preference_accuracy(tiny_model_dir, tiny_model_dir, pairs, batch_size=1)
     assert same == {"preference_accuracy": 0.0, "reward_margin_mean": 0.0, "reward_chosen_mean": 0.0,
                     "reward_rejected_mean": 0.0, "pairs": 2}
+
+
+# --------------------------------------------------------------------------------------
+# Every model on the same data, each loaded once
+# --------------------------------------------------------------------------------------
+
+PAIRS = pd.DataFrame({"prompt": [TEA, "Name a colour.", "Say hi."], "chosen": [SHORT, "Blue.", "Hi!"],
+                      "rejected": [RAMBLING, "I do not know.", "..."]})
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    """base → sft → dpo, and kto identical to sft: three distinct tiny models and a copy."""
+    import shutil
+
+    from alignment_pipelines.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("lineage")
+    paths = {name: str(build_tiny_model(root / name, seed=seed)) for name, seed in (("base", 0), ("sft", 1),
+                                                                                   ("dpo", 2))}
+    paths["kto"] = str(shutil.copytree(paths["sft"], root / "kto"))
+    return paths
+
+
+def test_each_model_is_loaded_once_and_serves_every_role(lineage, monkeypatch):
+    from alignment_pipelines.evaluation import compare
+    from alignment_pipelines.evaluation.compare import ModelUnderTest, evaluate_models
+
+    loads = []
+    real_load = compare.load_for_evaluation
+    monkeypatch.setattr(compare, "load_for_evaluation", lambda path, role="policy": (loads.append(path),
+                                                                                     real_load(path, role))[1])
+    models = [ModelUnderTest("sft_model", lineage["sft"], lineage["base"]),
+              ModelUnderTest("policy_dpo", lineage["dpo"], lineage["sft"]),
+              ModelUnderTest("policy_kto", lineage["kto"], lineage["sft"])]
+    evaluation = evaluate_models(models, "sft_model", PAIRS, list(PAIRS["prompt"]), RuleJudge(),
+                                 champion="policy_dpo", max_new_tokens=6, batch_size=2)
+
+    assert sorted(loads) == sorted(lineage.values())  # four models, four loads: sft served as policy and reference
+    assert loads.index(lineage["dpo"]) < loads.index(lineage["sft"]) < loads.index(lineage["base"])
+    dpo, kto, sft = (evaluation.results[name].metrics for name in ("policy_dpo", "policy_kto", "sft_model"))
+    # kto's weights equal its reference's: zero implicit reward, zero log-ratio, same greedy answers as sft
+    assert (kto["preference_accuracy"], kto["reward_margin_mean"], kto["kl_to_reference"]) == (0.0, 0.0, 0.0)
+    assert [a.text for a in evaluation.results["policy_kto"].answers] == \
+        [a.text for a in evaluation.results["sft_model"].answers]
+    assert kto["ties_vs_sft"] == 3 and kto["win_rate_vs_sft"] == 0.5
+    assert (kto["win_rate_vs_sft_ci_low"], kto["win_rate_vs_sft_ci_high"]) == pytest.approx(wilson_interval(1.5, 3))
+    assert dpo["pairs"] == 3 and dpo["kl_to_reference"] != 0.0 and dpo["reward_margin_mean"] != 0.0
+    assert "win_rate_vs_sft" not in sft  # the baseline is not judged against itself
+    assert "win_rate_vs_champion" not in dpo and kto["judged_vs_champion"] == 3  # nor the champion
+    for metrics in (dpo, kto, sft):
+        assert metrics["answers"] == 3 and metrics["mean_tokens"] <= 6
+        assert 0.0 <= metrics["empty_rate"] <= metrics["degenerate_rate"] <= 1.0
+    assert evaluation.results["policy_kto"].outcomes == {"sft": ["tie"] * 3, "champion": ["tie"] * 3}
+
+
+def test_a_reward_model_scores_every_answer_and_the_pairs(lineage, tmp_path):
+    from alignment_pipelines.evaluation.compare import ModelUnderTest, evaluate_models
+
+    evaluation = evaluate_models([ModelUnderTest("sft_model", lineage["sft"], lineage["base"]),
+                                  ModelUnderTest("policy_dpo", lineage["dpo"], lineage["sft"])],
+                                 "sft_model", PAIRS, list(PAIRS["prompt"]), RuleJudge(),
+                                 reward_model_path=lineage["base"], max_new_tokens=4)
+    assert evaluation.reward_model["pairs"] == 3 and 0.0 <= evaluation.reward_model["preference_accuracy"] <= 1.0
+    assert len(evaluation.reward_model_scores["chosen"]) == len(evaluation.reward_model_scores["rejected"]) == 3
+    for result in evaluation.results.values():
+        low, high = result.metrics["reward_mean_ci_low"], result.metrics["reward_mean_ci_high"]
+        assert low <= result.metrics["reward_mean"] <= high
+
+
+def test_the_reward_model_can_be_the_judge_from_the_scores_it_gave(lineage):
+    from alignment_pipelines.evaluation.compare import ModelUnderTest, evaluate_models
+
+    models = [ModelUnderTest("sft_model", lineage["sft"], lineage["base"]),
+              ModelUnderTest("policy_kto", lineage["kto"], lineage["sft"])]
+    evaluation = evaluate_models(models, "sft_model", PAIRS, list(PAIRS["prompt"]), None,
+                                 reward_model_path=lineage["base"], max_new_tokens=4)
+    kto = evaluation.results["policy_kto"].metrics
+    assert evaluation.judge == "reward_model"
+    assert kto["reward_mean"] == evaluation.results["sft_model"].metrics["reward_mean"]  # the same answers
+    assert (kto["ties_vs_sft"], kto["judge_agreement_vs_sft"]) == (3, 1.0)  # equal scores tie, in both orders
+    with pytest.raises(ValueError, match="no reward model"):
+        evaluate_models(models, "sft_model", PAIRS, list(PAIRS["prompt"]), None)

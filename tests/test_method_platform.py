@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 import torch
 
-from alignment_pipelines.assets.training import launchpad_config
+from alignment_pipelines.assets.training import launchpad_config, policy_asset_names
 from alignment_pipelines.data.demo import demo_feedback_path
 from alignment_pipelines.definitions import EVALUATION_SELECTION, build_assets, build_definitions, build_resources
 from alignment_pipelines.methods import METHOD_PLUGINS_ENV, METHODS, config_from_dict, load_plugins, run_training
@@ -109,8 +109,8 @@ def test_lora_adapter_gives_the_merged_models_logits_and_registers_small(tmp_pat
     registered = tracker.register_model(run_id, adapter, "sft_model",
                                         Lineage(method="sft", base_model="tiny", dataset_version="v1",
                                                 extra={"role": "policy"}))
-    stored = {a.path for a in tracker.client.list_artifacts(run_id, "model")}
-    assert "model/adapter_model.safetensors" in stored and "model/model.safetensors" not in stored
+    stored = {a.path for a in tracker.client.list_artifacts(run_id, "model/peft")}
+    assert "model/peft/adapter_model.safetensors" in stored and not tracker.client.list_artifacts(run_id, "model/model")
     assert tracker.client.get_model_version("sft_model", registered.version).tags["lineage.role"] == "policy"
 
 
@@ -158,8 +158,8 @@ def test_a_method_registered_as_a_plugin_trains_registers_and_is_evaluated(toy_m
     assert tracker.client.get_run(version.run_id).data.params["toy_strength"] == "2.0"
     report = evaluated.asset_materializations_for_node("evaluation_report")[0].metadata
     assert "| policy_toy |" in report["comparison"].value
-    assert 0.0 <= report["policy_toy/win_rate"].value <= 1.0
-    assert set(report["not_evaluated"].value) == {"policy_dpo", "policy_kto", "policy_orpo"}
+    assert 0.0 <= report["policy_toy/win_rate_vs_sft"].value <= 1.0
+    assert set(report["not_evaluated"].value) == set(policy_asset_names()) - {"policy_toy"}
 
 
 @pytest.mark.integration

@@ -177,8 +177,9 @@ def test_registry_and_unknown_method(tmp_path, tiny_model_dir, pairs_path):
     assert (METHODS["sft"].data, METHODS["sft"].starts_from, METHODS["sft"].needs) == ("pairs", "base", ())
     assert (METHODS["dpo"].data, METHODS["dpo"].starts_from) == ("pairs", "sft")
     assert get_method("dpo").config_cls is DPOMethodConfig
-    with pytest.raises(ConfigError, match="known: \\['dpo', 'kto', 'orpo', 'sft'\\]"):
+    with pytest.raises(ConfigError) as unknown:
         get_method("ppo-typo")
+    assert f"known: {sorted(METHODS)}" in str(unknown.value)
     d = {"model": str(tiny_model_dir), "data": str(pairs_path), "output_dir": str(tmp_path / "o"), "beta": 0.2,
          "learning_rate": 1}
     config = config_from_dict("dpo", d)

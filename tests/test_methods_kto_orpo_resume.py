@@ -16,7 +16,6 @@ import pytest
 
 from alignment_pipelines.methods import METHODS, ConfigError, config_from_dict, get_method, run_training
 from alignment_pipelines.methods.data import load_binary
-from alignment_pipelines.methods.dpo import DPOMethodConfig
 from alignment_pipelines.methods.kto import KTOMethodConfig
 from alignment_pipelines.methods.orpo import ORPOMethodConfig
 from alignment_pipelines.methods.sft import SFTMethodConfig

@@ -23,6 +23,10 @@ TINY_TRAINING_CONFIG = {"ops": {
     "policy_dpo": {"config": {"max_steps": 4, "max_length": 128}},
     "policy_orpo": {"config": {"max_steps": 4, "max_length": 128}},
     "policy_kto": {"config": {"max_steps": 4, "max_length": 128}},
+    "reward_model": {"config": {"max_steps": 2, "max_length": 128}},
+    "policy_ppo": {"config": {"max_steps": 2, "max_length": 128, "max_new_tokens": 8}},
+    "policy_rloo": {"config": {"max_steps": 2, "max_length": 128, "max_new_tokens": 8}},
+    "policy_online_dpo": {"config": {"max_steps": 2, "max_length": 128, "max_new_tokens": 8}},
 }}
 TINY_EVALUATION_CONFIG = {"ops": {"evaluation_report": {"config": {"max_pairs": 8, "max_prompts": 4,
                                                                     "max_new_tokens": 8}}}}
@@ -104,13 +108,13 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
 
     report = evaluation.asset_materializations_for_node("evaluation_report")[0].metadata
     for policy in ("policy_dpo", "policy_kto", "policy_orpo"):
-        assert 0.0 <= report[f"{policy}/win_rate"].value <= 1.0
+        assert 0.0 <= report[f"{policy}/win_rate_vs_sft"].value <= 1.0
         assert 0.0 <= report[f"{policy}/preference_accuracy"].value <= 1.0
-        assert report[f"{policy}/judged"].value == min(4, result.output_for_node("preference_pairs").eval_rows)
-        assert "| win_rate |" in report[f"report/{policy}"].value
+        assert report[f"{policy}/judged_vs_sft"].value == min(4, result.output_for_node("preference_pairs").eval_rows)
+        assert f"**{policy}**" in report["report"].value
         assert f"| {policy} |" in report["comparison"].value
         version = tracker.version_by_alias(policy, "candidate")
-        assert tracker.client.get_model_version(policy, version.version).tags["evaluation.gate"] in ("passed", "failed")
+        assert tracker.client.get_model_version(policy, version.version).tags["evaluation.gate"] in ("passed", "refused")
     assert version.tags["lineage.role"] == "policy"
 
 

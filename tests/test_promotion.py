@@ -1,21 +1,31 @@
-"""The promotion gate on synthetic metrics, and promote/rollback against a real MLflow registry."""
+"""The promotion gate on synthetic metrics; promote/rollback on a real MLflow registry, through the CLI, the
+Dagster jobs and after a real evaluation; and the exported champion."""
 
 import json
+import shutil
 from dataclasses import fields
 
+import dagster as dg
+import pandas as pd
 import pytest
 
+from alignment_pipelines.cli import main
 from alignment_pipelines.promotion import (
+    ALIGNED_MODEL,
     GateConfig,
     GateDecision,
     PromotionRefused,
+    StaleEvaluation,
     choose_champion,
+    current_champion,
     current_version,
     decide,
     decide_all,
     promote,
+    promote_from_report,
     rollback,
 )
+from alignment_pipelines.tracking import Tracker
 
 CHAMPION = {"preference_accuracy": 0.70, "degenerate_rate": 0.05}
 
@@ -249,3 +259,296 @@ def test_a_failed_alias_move_leaves_alias_and_tags_as_they_were(client, register
         rollback(client, registered, actor="dave")
     assert current_version(client, registered) == "2"
     assert {version: tags(client, registered, version) for version in ("1", "2", "3")} == before
+
+
+# --------------------------------------------------------------------------------------
+# One champion for the project: the gate on evaluation reports, through the CLI and the jobs
+# --------------------------------------------------------------------------------------
+
+POLICIES = ("sft_model", "policy_dpo", "policy_kto")
+
+
+@pytest.fixture(scope="module")
+def empty_registry(tmp_path_factory):
+    """A migrated, empty MLflow SQLite database, copied by each test (migrating takes seconds, copying none)."""
+    root = tmp_path_factory.mktemp("empty-registry")
+    Tracker(f"sqlite:///{root / 'mlflow.db'}", artifact_root=root / "artifacts")
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def tracker(empty_registry, tmp_path):
+    shutil.copy(empty_registry, tmp_path / "mlflow.db")
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "artifacts")
+
+
+def register(tracker, name: str, folder, start_path=None) -> dict:
+    """Log ``folder`` in a run and register it as the next version of ``name`` with `candidate`, as training
+    does; its ModelRef as a dict."""
+    client = tracker.client
+    run_id = tracker.start_run(name)
+    client.log_artifacts(run_id, str(folder), "model")
+    tracker.end_run(run_id, succeeded=True)
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
+                                          tags={"lineage.method": name.removeprefix("policy_")}).version
+    client.set_registered_model_alias(name, "candidate", version)
+    return {"path": str(folder), "method": name, "base_model": "tiny", "role": "policy", "start_path": start_path,
+            "registered_name": name, "registered_version": str(version), "mlflow_run_id": run_id}
+
+
+@pytest.fixture
+def versions(tracker, tmp_path):
+    """Version 1 of the SFT model and two policies, each a folder with one small file."""
+    refs = {}
+    for name in POLICIES:
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        (folder / "weights.txt").write_text(name)
+        refs[name] = register(tracker, name, folder)
+    return refs
+
+
+def report(refs: dict, metrics: dict, champion: str | None = None, aligned_version: str | None = None,
+           run: str = "evaluation-run-1") -> dict:
+    """An evaluation report as the evaluation writes it."""
+    return {"baseline": "sft_model", "candidates": sorted(refs),
+            "champion": {"name": champion, "aligned_version": aligned_version} if champion else None,
+            "models": {name: {"model": refs[name], "metrics": metrics.get(name, {})} for name in refs},
+            "evidence": {"mlflow_run_id": run, "dagster_run_id": "dagster-1"}}
+
+
+FIRST = {"sft_model": {"preference_accuracy": 0.6, "degenerate_rate": 0.0},
+         "policy_dpo": candidate(vs_champion=None, vs_sft=(0.80, 0.62, 0.90)),
+         "policy_kto": candidate(vs_champion=None, vs_sft=(0.70, 0.55, 0.82))}
+SECOND = {"sft_model": {"preference_accuracy": 0.6, "degenerate_rate": 0.0},
+          "policy_dpo": {"preference_accuracy": 0.72, "degenerate_rate": 0.04},
+          "policy_kto": candidate(vs_champion=(0.80, 0.61, 0.90))}
+
+
+def champions(client) -> list[tuple[str, str]]:
+    """Every (registered model, version) holding `champion`, anywhere in the registry."""
+    return [(m.name, str(m.aliases["champion"])) for m in client.search_registered_models() if "champion" in m.aliases]
+
+
+def test_the_first_champion_is_the_best_passing_candidate_and_the_registry_says_why(tracker, versions):
+    client = tracker.client
+    outcome = promote_from_report(client, report(versions, FIRST), actor="alice")
+    assert outcome["chosen"] == "policy_dpo" and outcome["champion"]["version"] == "1"
+    assert champions(client) == [(ALIGNED_MODEL, "1")]  # one champion for the project, not one per method
+    aligned = client.get_model_version(ALIGNED_MODEL, "1")
+    assert aligned.source == client.get_model_version("policy_dpo", "1").source  # the policy's own artifacts
+    assert aligned.tags["source.uri"] == "models:/policy_dpo/1" and aligned.tags["lineage.method"] == "dpo"
+    assert aligned.tags["gate.verdict"] == "passed"
+    assert aligned.tags["gate.reason"].startswith("passed: win-rate vs sft")
+    assert aligned.tags["eval.win_rate_vs_sft_ci_low"] == "0.62" and aligned.tags["eval.preference_accuracy"] == "0.72"
+    assert aligned.tags["evidence.mlflow_run_id"] == "evaluation-run-1" and aligned.tags["promotion.actor"] == "alice"
+    assert json.loads(aligned.tags["promotion.evidence"])["evaluation"]["mlflow_run_id"] == "evaluation-run-1"
+    assert {name: tags(client, name, "1")["evaluation.gate"] for name in POLICIES} == \
+        {"sft_model": "refused", "policy_dpo": "passed", "policy_kto": "passed"}
+    assert client.get_registered_model("policy_kto").aliases == {"candidate": 1}  # candidates keep theirs
+
+    again = promote_from_report(client, report(versions, FIRST), actor="bob")  # the same report once more
+    assert again["action"].startswith("unchanged") and len(client.search_model_versions(f"name='{ALIGNED_MODEL}'")) == 1
+
+
+def test_a_report_measured_against_another_champion_moves_nothing(tracker, versions):
+    client = tracker.client
+    promote_from_report(client, report(versions, FIRST), actor="alice")
+    kto_first = {**FIRST, "policy_kto": candidate(vs_champion=None, vs_sft=(0.9, 0.8, 0.95))}
+    before = {name: tags(client, name, "1") for name in POLICIES}
+    with pytest.raises(StaleEvaluation, match="re-run the evaluation"):
+        promote_from_report(client, report(versions, kto_first), actor="bob")  # measured before dpo was champion
+    assert champions(client) == [(ALIGNED_MODEL, "1")]
+    assert {name: tags(client, name, "1") for name in POLICIES} == before
+
+
+def test_when_no_candidate_passes_nothing_is_created(tracker, versions):
+    ties = {name: candidate(vs_champion=None, vs_sft=(0.5, 0.3, 0.7)) for name in POLICIES}
+    outcome = promote_from_report(tracker.client, report(versions, ties), actor="alice")
+    assert outcome["chosen"] is None and outcome["action"] == "none passed the gate"
+    assert champions(tracker.client) == [] and current_champion(tracker.client) is None
+    with pytest.raises(SystemExit, match="no 'champion' to roll back"):
+        main(["rollback", "--tracking-uri", tracker.tracking_uri])
+    assert tags(tracker.client, "policy_dpo", "1")["evaluation.gate_reason"].startswith("refused:")
+
+
+def test_promote_rollback_promote_through_the_command_line(tracker, versions, tmp_path, capsys):
+    uri = tracker.tracking_uri
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(report(versions, FIRST)))
+    second.write_text(json.dumps(report(versions, SECOND, champion="policy_dpo", aligned_version="1",
+                                        run="evaluation-run-2")))
+
+    def cli(*args) -> dict:
+        assert main([*args, "--tracking-uri", uri]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert cli("promote", "--report", str(first), "--actor", "alice")["champion"]["version"] == "1"
+    promoted = cli("promote", "--report", str(second), "--actor", "bob")
+    assert promoted["chosen"] == "policy_kto" and promoted["champion"]["version"] == "2"
+    assert tags(tracker.client, ALIGNED_MODEL, "2")["promotion.previous_champion"] == "1"
+    rolled = cli("rollback", "--actor", "carol", "--reason", "complaints")
+    assert (rolled["demoted"]["version"], rolled["restored"]["version"]) == ("2", "1")
+    assert rolled["restored"]["source_uri"] == "models:/policy_dpo/1"
+    assert tags(tracker.client, ALIGNED_MODEL, "2")["rollback.reason"] == "complaints"
+    sticks = cli("promote", "--report", str(second), "--actor", "dave")  # the same evidence does not undo it
+    assert sticks["chosen"] is None and sticks["champion"]["version"] == "1"
+    assert sticks["verdicts"]["policy_kto"]["reason"].startswith("refused: rolled back by carol (complaints)")
+    readmitted = cli("promote", "--report", str(second), "--actor", "dave", "--readmit-rolled-back")
+    assert readmitted["champion"]["version"] == "2"  # the same aligned_policy version again
+    assert tags(tracker.client, ALIGNED_MODEL, "2")["promotion.actor"] == "dave"
+    assert len(tracker.client.search_model_versions(f"name='{ALIGNED_MODEL}'")) == 2
+    assert cli("rollback", "--actor", "erin")["restored"]["version"] == "1"
+    assert champions(tracker.client) == [(ALIGNED_MODEL, "1")]
+    with pytest.raises(SystemExit, match="no previous"):
+        main(["rollback", "--tracking-uri", uri])
+
+
+def test_promote_rollback_promote_through_the_dagster_jobs(tracker, versions, tmp_path):
+    from alignment_pipelines.assets.promotion import model_promotion, promote_job, rollback_job
+    from alignment_pipelines.resources.mlflow import MlflowResource
+    from alignment_pipelines.resources.storage import StorageResource
+
+    class StoredReport(dg.Config):
+        path: str
+
+    @dg.asset(name="evaluation_report")
+    def stored_evaluation(config: StoredReport) -> dict:
+        """Stands in for the evaluation: the report it would have produced."""
+        return json.loads(open(config.path).read())
+
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(report(versions, FIRST)))
+    second.write_text(json.dumps(report(versions, SECOND, champion="policy_dpo", aligned_version="1")))
+    mlflow = MlflowResource(storage=StorageResource(root=str(tmp_path / "data")), tracking_uri=tracker.tracking_uri)
+    defs = dg.Definitions(assets=[stored_evaluation, model_promotion], jobs=[promote_job, rollback_job],
+                          resources={"mlflow": mlflow})
+    with dg.instance_for_test() as instance:
+        def evaluate_then_gate(path):
+            return dg.materialize([stored_evaluation, model_promotion], instance=instance, resources={"mlflow": mlflow},
+                                  run_config={"ops": {"evaluation_report": {"config": {"path": str(path)}}}})
+
+        evaluate_then_gate(first)
+        gated = evaluate_then_gate(second).asset_materializations_for_node("model_promotion")[0].metadata
+        assert gated["champion"].value["version"] == "2" and gated["verdicts"].value["policy_kto"]["promote"]
+        rolled = defs.resolve_job_def("rollback").execute_in_process(instance=instance, run_config={
+            "ops": {"restore_previous_champion": {"config": {"actor": "carol", "reason": "complaints"}}}})
+        assert rolled.output_for_node("restore_previous_champion")["restored"]["version"] == "1"
+        again = defs.resolve_job_def("promote").execute_in_process(instance=instance, run_config={
+            "ops": {"model_promotion": {"config": {"actor": "dave", "readmit_rolled_back": True}}}})
+        assert again.success  # the newest stored report, re-gated
+        assert current_champion(tracker.client)["version"] == "2"
+        assert tags(tracker.client, ALIGNED_MODEL, "2")["promotion.actor"] == "dave"
+        strict = defs.resolve_job_def("promote").execute_in_process(
+            instance=instance, raise_on_error=False,
+            run_config={"ops": {"model_promotion": {"config": {"min_win_rate_lower_bound": 0.7}}}})
+        assert not strict.success  # measured against version 1, but version 2 is champion now: refused
+    assert champions(tracker.client) == [(ALIGNED_MODEL, "2")]
+
+
+# --------------------------------------------------------------------------------------
+# The real evaluation asset feeding the gate, and a failing evaluation (tiny models, no training)
+# --------------------------------------------------------------------------------------
+
+LENIENT_GATE = {"min_win_rate_lower_bound": 0.0, "min_preference_accuracy": 0.0, "max_degenerate_rate": 1.0}
+
+
+def test_the_evaluation_feeds_the_gate_and_a_failed_evaluation_moves_no_alias(tracker, tmp_path):
+    from alignment_pipelines.assets.evaluation import build_evaluation_asset
+    from alignment_pipelines.assets.promotion import model_promotion
+    from alignment_pipelines.models.tiny import build_tiny_model
+    from alignment_pipelines.refs import DatasetRef
+    from alignment_pipelines.resources.judge import JudgeResource
+    from alignment_pipelines.resources.mlflow import MlflowResource
+    from alignment_pipelines.resources.storage import StorageResource
+
+    models = {name: build_tiny_model(tmp_path / name, seed=seed)
+              for name, seed in (("base", 0), ("sft_model", 1), ("policy_dpo", 2), ("policy_kto", 3))}
+    refs = {name: register(tracker, name, models[name], str(models["sft_model" if name != "sft_model" else "base"]))
+            for name in ("sft_model", "policy_dpo", "policy_kto")}
+    eval_path = tmp_path / "eval.parquet"
+    pd.DataFrame({"prompt": ["How do I make tea?", "Name a colour.", "Say hi."],
+                  "chosen": ["Boil water.", "Blue.", "Hi!"],
+                  "rejected": ["No.", "I do not know.", "..."]}).to_parquet(eval_path)
+
+    @dg.asset(name="preference_pairs")
+    def held_out_pairs() -> DatasetRef:
+        return DatasetRef("preference_pairs", "v1", str(eval_path), str(eval_path), ("batch",), 3, 3)
+
+    evaluation_report = build_evaluation_asset(["policy_dpo", "policy_kto"], reward_names=[])
+    storage = StorageResource(root=str(tmp_path / "data"))
+    resources = {"storage": storage, "judge": JudgeResource(),
+                 "mlflow": MlflowResource(storage=storage, tracking_uri=tracker.tracking_uri)}
+    run_config = {"ops": {"evaluation_report": {"config": {"max_new_tokens": 4}},
+                          "model_promotion": {"config": LENIENT_GATE}}}
+    with dg.instance_for_test() as instance:
+        for name, ref in refs.items():  # as the training assets record their newest model
+            instance.report_runless_asset_event(dg.AssetMaterialization(name, metadata={
+                "model_ref": dg.MetadataValue.json(ref)}))
+        evaluated = dg.materialize([held_out_pairs, evaluation_report, model_promotion], instance=instance,
+                                   resources=resources, run_config=run_config)
+        metadata = evaluated.asset_materializations_for_node("evaluation_report")[0].metadata
+        assert metadata["report"].value.count("data:image/png;base64,") == 4
+        assert "| policy_dpo |" in metadata["comparison"].value and "| policy_kto |" in metadata["comparison"].value
+        assert metadata["policy_dpo/judged_vs_sft"].value == 3
+        evidence = tracker.client.get_run(metadata["mlflow_run_id"].value)
+        assert evidence.data.metrics["policy_kto/judged_vs_sft"] == 3
+        assert {a.path for a in tracker.client.list_artifacts(evidence.info.run_id, "evaluation")} >= {
+            "evaluation/report.md", "evaluation/evaluation.json", "evaluation/win_rate_vs_sft.png"}
+        champion = current_champion(tracker.client)
+        assert champions(tracker.client) == [(ALIGNED_MODEL, "1")]
+        assert tags(tracker.client, ALIGNED_MODEL, "1")["evidence.mlflow_run_id"] == evidence.info.run_id
+
+        aliases = {m.name: dict(m.aliases) for m in tracker.client.search_registered_models()}
+        shutil.rmtree(models["policy_kto"])  # a model that cannot be loaded: the evaluation fails
+        failed = dg.materialize([held_out_pairs, evaluation_report, model_promotion], instance=instance,
+                                resources=resources, run_config=run_config, raise_on_error=False)
+        assert not failed.success and not failed.asset_materializations_for_node("model_promotion")
+    assert {m.name: dict(m.aliases) for m in tracker.client.search_registered_models()} == aliases
+    assert current_champion(tracker.client) == champion
+    assert len(list((tmp_path / "data" / "runs" / "evaluation_report").glob("*/evaluation.json"))) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Handoff: the exported champion is the registered model, merged
+# --------------------------------------------------------------------------------------
+
+
+def test_the_exported_champion_loads_with_transformers_and_generates_the_same_tokens(tracker, tmp_path, tiny_model_dir,
+                                                                                     capsys):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignment_pipelines.models.loading import MODEL_CARD, load_causal_lm
+
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "policy_dpo"
+    lora.save_pretrained(adapter)
+    (adapter / MODEL_CARD).write_text(json.dumps({"role": "policy", "format": "adapter",
+                                                  "parent": str(tiny_model_dir), "method": "dpo"}))
+    refs = {"sft_model": register(tracker, "sft_model", tiny_model_dir),
+            "policy_dpo": register(tracker, "policy_dpo", adapter, str(tiny_model_dir))}
+    promote_from_report(tracker.client, report(refs, FIRST), actor="alice")
+
+    out = tmp_path / "served"
+    assert main(["export", str(out), "--alias", "champion", "--tracking-uri", tracker.tracking_uri]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "models:/aligned_policy@champion"
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert not any("lora" in key for key in weights.keys())  # merged: no PEFT needed to serve it
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template  # what `vllm serve` renders chats with
+    registered, _ = load_causal_lm(adapter, device="cpu")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "How do I make green tea?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    generate = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    from_export = exported.generate(**ids, **generate)[0].tolist()
+    assert from_export == registered.generate(**ids, **generate)[0].tolist()
+    assert from_export != AutoModelForCausalLM.from_pretrained(tiny_model_dir).generate(**ids, **generate)[0].tolist()

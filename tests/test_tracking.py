@@ -1,4 +1,4 @@
-"""MLflow registration is all-or-nothing: a failed run or a failed alias leaves no model version."""
+"""MLflow registration is all-or-nothing: a failed run or a failed alias leaves no model version and no artifacts."""
 
 import os
 import time
@@ -23,8 +23,11 @@ def test_version_carries_lineage_and_alias(tmp_path, tiny_model_dir):
     version = tracker.version_by_alias("sft_model", "candidate")
     assert str(version.version) == registered.version == "1"
     assert version.tags["lineage.batches"] == "b1,b2" and version.tags["lineage.batch_count"] == "2"
-    assert {a.path for a in tracker.client.list_artifacts(run_id, "model")} >= {"model/config.json",
-                                                                                "model/model.safetensors"}
+    assert version.tags["storage.format"] == "full" and int(version.tags["storage.bytes"]) == registered.bytes
+    assert {a.path for a in tracker.client.list_artifacts(run_id, "model")} >= {"model/MLmodel", "model/model"}
+    assert {a.path for a in tracker.client.list_artifacts(run_id, "model/model")} >= {"model/model/config.json",
+                                                                                      "model/model/model.safetensors"}
+    assert version.description == "sft (full weights) on tiny:tiny-random, dataset abc"
 
 
 def test_failed_alias_deletes_the_new_version(tmp_path, tiny_model_dir, monkeypatch):
@@ -38,6 +41,7 @@ def test_failed_alias_deletes_the_new_version(tmp_path, tiny_model_dir, monkeypa
     with pytest.raises(RuntimeError, match="registry went away"):
         tracker.register_model(run_id, tiny_model_dir, "sft_model", LINEAGE)
     assert tracker.client.search_model_versions("name='sft_model'") == []
+    assert tracker.client.list_artifacts(run_id) == []  # and no orphaned weights in the artifact store
 
 
 def test_a_training_run_that_dies_registers_nothing(tmp_path, tiny_model_dir):

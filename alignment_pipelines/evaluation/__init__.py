@@ -1,21 +1,27 @@
-"""Evaluation: implicit-reward accuracy, generation, judged win rate, lengths, report."""
+"""Evaluation: every model on the same held-out data, with intervals; the report with its plots."""
 
+from alignment_pipelines.evaluation.compare import Evaluation, ModelResult, ModelUnderTest, evaluate_models
 from alignment_pipelines.evaluation.metrics import (
+    Answer,
     GenerationBackend,
     TransformersBackend,
     generate_answers,
-    length_stats,
     preference_accuracy,
     win_rate,
 )
-from alignment_pipelines.evaluation.report import build_report
+from alignment_pipelines.evaluation.report import evaluation_plots, render_report
 
 __all__ = [
+    "Answer",
+    "Evaluation",
     "GenerationBackend",
+    "ModelResult",
+    "ModelUnderTest",
     "TransformersBackend",
-    "build_report",
+    "evaluate_models",
+    "evaluation_plots",
     "generate_answers",
-    "length_stats",
     "preference_accuracy",
+    "render_report",
     "win_rate",
 ]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from alignment_pipelines.data.schemas import normalize_prompt
+from alignment_pipelines.evaluation.stats import win_rate_summary
 from alignment_pipelines.models.loading import load_causal_lm
 
 # --------------------------------------------------------------------------------------
@@ -71,36 +73,22 @@ def sequence_logprobs(model, tokenizer, prompts, answers, max_length: int = 512,
     return out
 
 
-def preference_accuracy(policy_dir, reference_dir, pairs_df, beta: float = 0.1, max_length: int = 512,
-                        batch_size: int = 8) -> dict:
-    """How often the policy's implicit DPO reward prefers the chosen answer.
+def implicit_reward_metrics(policy_chosen: Sequence[float], policy_rejected: Sequence[float],
+                            reference_chosen: Sequence[float], reference_rejected: Sequence[float],
+                            beta: float = 0.1) -> dict:
+    """How often the implicit DPO reward prefers the chosen answer, from sequence log-probabilities.
 
-    ``r(answer) = beta * (logp_policy(answer | prompt) - logp_ref(answer | prompt))``, summed
-    over the answer tokens under the chat template. A pair counts as correct when
-    ``r(chosen) > r(rejected)`` strictly (as TRL's ``rewards/accuracies``), so a policy equal
-    to its reference scores 0 accuracy and 0 margin.
-
-    Returns ``preference_accuracy``, ``reward_margin_mean``, ``reward_chosen_mean``,
-    ``reward_rejected_mean`` and ``pairs``.
+    ``r(answer) = beta * (logp_policy(answer | prompt) - logp_ref(answer | prompt))``. A pair counts
+    as correct when ``r(chosen) > r(rejected)`` strictly (as TRL's ``rewards/accuracies``), so a
+    policy equal to its reference scores 0 accuracy and 0 margin. Kept apart from model loading so
+    one load of each model serves every policy that uses it as its reference.
     """
-    prompts = list(pairs_df["prompt"])
-    chosen = [str(c) for c in pairs_df["chosen"]]
-    rejected = [str(r) for r in pairs_df["rejected"]]
-    n = len(prompts)
+    n = len(policy_chosen)
     if n == 0:
         return {"preference_accuracy": math.nan, "reward_margin_mean": math.nan,
                 "reward_chosen_mean": math.nan, "reward_rejected_mean": math.nan, "pairs": 0}
-
-    def logps(model_dir):
-        model, tokenizer = load_causal_lm(model_dir)
-        both = sequence_logprobs(model, tokenizer, prompts + prompts, chosen + rejected, max_length, batch_size)
-        del model
-        return both[:n], both[n:]
-
-    pol_c, pol_r = logps(policy_dir)
-    ref_c, ref_r = logps(reference_dir)
-    r_c = [beta * (p - r) for p, r in zip(pol_c, ref_c)]
-    r_r = [beta * (p - r) for p, r in zip(pol_r, ref_r)]
+    r_c = [beta * (p - r) for p, r in zip(policy_chosen, reference_chosen)]
+    r_r = [beta * (p - r) for p, r in zip(policy_rejected, reference_rejected)]
     margins = [c - r for c, r in zip(r_c, r_r)]
     return {
         "preference_accuracy": sum(m > 0 for m in margins) / n,
@@ -111,30 +99,60 @@ def preference_accuracy(policy_dir, reference_dir, pairs_df, beta: float = 0.1, 
     }
 
 
+def pair_logprobs(model, tokenizer, pairs_df, max_length: int = 512, batch_size: int = 8) -> tuple[list, list]:
+    """Sequence log-probabilities of the chosen and of the rejected answers of ``pairs_df``."""
+    prompts = list(pairs_df["prompt"])
+    answers = [str(c) for c in pairs_df["chosen"]] + [str(r) for r in pairs_df["rejected"]]
+    both = sequence_logprobs(model, tokenizer, prompts + prompts, answers, max_length, batch_size)
+    return both[:len(prompts)], both[len(prompts):]
+
+
+def preference_accuracy(policy_dir, reference_dir, pairs_df, beta: float = 0.1, max_length: int = 512,
+                        batch_size: int = 8) -> dict:
+    """:func:`implicit_reward_metrics` of a policy folder against its reference folder (loads both)."""
+    logps = []
+    for model_dir in (policy_dir, reference_dir):
+        model, tokenizer = load_causal_lm(model_dir)
+        logps.append(pair_logprobs(model, tokenizer, pairs_df, max_length, batch_size))
+        del model
+    (pol_c, pol_r), (ref_c, ref_r) = logps
+    return implicit_reward_metrics(pol_c, pol_r, ref_c, ref_r, beta)
+
+
 # --------------------------------------------------------------------------------------
 # Generation (a backend boundary, so vLLM can replace transformers later)
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer: its text, how many tokens it took and whether it ended with EOS (a cut-off
+    answer usually means a loop)."""
+
+    text: str
+    tokens: int
+    finished: bool
+
+
 class GenerationBackend(Protocol):
-    def generate(self, prompts: list[list[dict]], max_new_tokens: int, seed: int) -> list[str]: ...
+    def generate(self, prompts: list[list[dict]], max_new_tokens: int, seed: int) -> list[Answer]: ...
 
 
 class TransformersBackend:
-    """Greedy decoding with transformers: chat template, left padding, batches."""
+    """Greedy decoding with transformers on an already loaded model: chat template, left padding, batches."""
 
-    def __init__(self, model_dir, batch_size: int = 8, device: str | None = None):
-        self.model, self.tokenizer = load_causal_lm(model_dir, device=device)
+    def __init__(self, model, tokenizer, batch_size: int = 8):
+        self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
 
-    def generate(self, prompts: list[list[dict]], max_new_tokens: int = 64, seed: int = 0) -> list[str]:
+    def generate(self, prompts: list[list[dict]], max_new_tokens: int = 64, seed: int = 0) -> list[Answer]:
         import torch
 
         torch.manual_seed(seed)
         tok = self.tokenizer
         tok.padding_side = "left"
         device = next(self.model.parameters()).device
-        answers: list[str] = []
+        answers: list[Answer] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = [normalize_prompt(p) for p in prompts[start:start + self.batch_size]]
             texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chunk]
@@ -147,8 +165,10 @@ class TransformersBackend:
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
                 )
-            new = out[:, batch["input_ids"].shape[1]:]
-            answers.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
+            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                finished = tok.eos_token_id in row
+                kept = row[:row.index(tok.eos_token_id)] if finished else row
+                answers.append(Answer(tok.decode(kept, skip_special_tokens=True).strip(), len(kept), finished))
         return answers
 
 
@@ -157,8 +177,8 @@ def generate_answers(model_dir, prompts: list[list[dict]], max_new_tokens: int =
     """One greedy answer per prompt (decoded new tokens only, special tokens dropped)."""
     if not prompts:
         return []
-    backend = backend or TransformersBackend(model_dir, batch_size=batch_size)
-    return backend.generate(list(prompts), max_new_tokens=max_new_tokens, seed=seed)
+    backend = backend or TransformersBackend(*load_causal_lm(model_dir), batch_size=batch_size)
+    return [answer.text for answer in backend.generate(list(prompts), max_new_tokens=max_new_tokens, seed=seed)]
 
 
 # --------------------------------------------------------------------------------------
@@ -166,63 +186,49 @@ def generate_answers(model_dir, prompts: list[list[dict]], max_new_tokens: int =
 # --------------------------------------------------------------------------------------
 
 
-def win_rate(policy_answers: Sequence[str], baseline_answers: Sequence[str], prompts, judge) -> dict:
-    """Share of prompts where the judge prefers the policy's answer (ties count half).
-
-    One batched call judges every pair in both orders (see :mod:`alignment_pipelines.judges`); a pair
-    whose two orders disagree is a tie. With no pairs, ``win_rate`` is NaN (so a ``>=`` gate fails
-    rather than passes). Also returns the judge's agreement and position-bias rates.
-    """
-    from alignment_pipelines.judges import agreement_stats, as_batch_judge
+def judge_answers(policy_answers: Sequence[str], baseline_answers: Sequence[str], prompts, judge) -> list:
+    """The judge's verdict on each (policy, baseline) pair, every pair asked in both orders in one batch
+    (see :mod:`alignment_pipelines.judges`); a pair whose two orders disagree is a tie."""
+    from alignment_pipelines.judges import as_batch_judge
 
     if not (len(policy_answers) == len(baseline_answers) == len(prompts)):
         raise ValueError(
             f"policy_answers ({len(policy_answers)}), baseline_answers ({len(baseline_answers)}) and prompts "
             f"({len(prompts)}) must have the same length"
         )
-    verdicts = as_batch_judge(judge).judge([normalize_prompt(p) for p in prompts], list(policy_answers),
-                                           list(baseline_answers))
-    wins = sum(v.preferred == "a" for v in verdicts)
-    losses = sum(v.preferred == "b" for v in verdicts)
-    ties = len(verdicts) - wins - losses
-    judged = len(verdicts)
-    stats = agreement_stats(verdicts)
-    return {
-        "win_rate": (wins + 0.5 * ties) / judged if judged else math.nan,
-        "wins": wins,
-        "losses": losses,
-        "ties": ties,
-        "judged": judged,
-        "judge_agreement_rate": stats["agreement_rate"],
-        "judge_position_bias_rate": stats["position_bias_rate"],
-    }
+    return as_batch_judge(judge).judge([normalize_prompt(p) for p in prompts], list(policy_answers),
+                                       list(baseline_answers))
 
 
-def length_stats(answers: Sequence[str]) -> dict:
-    """Lengths of answers in characters and words; ``empty_fraction`` of blank answers."""
-    answers = [a or "" for a in answers]
-    if not answers:
-        return {"count": 0, "mean_chars": 0.0, "median_chars": 0.0, "max_chars": 0,
-                "mean_words": 0.0, "empty_fraction": 0.0}
-    chars = [len(a) for a in answers]
-    nwords = [len(a.split()) for a in answers]
-    return {
-        "count": len(answers),
-        "mean_chars": statistics.fmean(chars),
-        "median_chars": float(statistics.median(chars)),
-        "max_chars": max(chars),
-        "mean_words": statistics.fmean(nwords),
-        "empty_fraction": sum(1 for a in answers if not a.strip()) / len(answers),
-    }
+def summarize_verdicts(verdicts) -> dict:
+    """Win-rate (ties count half) with its 95% Wilson interval, the counts, and how consistent the judge
+    was across orders. With no pairs the rate is NaN and the interval [0, 1], so no gate passes on it."""
+    from alignment_pipelines.judges import agreement_stats
+
+    summary = win_rate_summary([v.score_a for v in verdicts])
+    agreement = agreement_stats(verdicts)
+    return {"win_rate": summary["win_rate"], "ci_low": summary["ci_low"], "ci_high": summary["ci_high"],
+            "wins": summary["wins"], "losses": summary["losses"], "ties": summary["ties"], "judged": summary["n"],
+            "judge_agreement_rate": agreement["agreement_rate"],
+            "judge_position_bias_rate": agreement["position_bias_rate"]}
+
+
+def win_rate(policy_answers: Sequence[str], baseline_answers: Sequence[str], prompts, judge) -> dict:
+    """:func:`summarize_verdicts` of :func:`judge_answers`: the policy's win-rate against the baseline."""
+    return summarize_verdicts(judge_answers(policy_answers, baseline_answers, prompts, judge))
 
 
 __all__ = [
+    "Answer",
     "GenerationBackend",
     "TransformersBackend",
     "encode_answer",
     "generate_answers",
-    "length_stats",
+    "implicit_reward_metrics",
+    "judge_answers",
+    "pair_logprobs",
     "preference_accuracy",
     "sequence_logprobs",
+    "summarize_verdicts",
     "win_rate",
 ]

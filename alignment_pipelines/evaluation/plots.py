@@ -48,7 +48,7 @@ def win_rate_bars(rows: Sequence[dict], title: str = "Win-rate (95% interval)",
 
 
 def reward_vs_kl(points: Sequence[dict], title: str = "Reward vs. KL to the reference",
-                 path: str | Path | None = None) -> bytes:
+                 path: str | Path | None = None, ylabel: str = "mean reward") -> bytes:
     """Mean reward against KL per model (``name``, ``reward``, ``kl``): the trade-off every
     KL-regularised method makes; up and to the left is better."""
     fig, ax = _figure()
@@ -61,7 +61,7 @@ def reward_vs_kl(points: Sequence[dict], title: str = "Reward vs. KL to the refe
                     fontsize=8)
     ax.margins(0.15)  # room for the labels beside the outermost points
     ax.set_xlabel("KL to the reference")
-    ax.set_ylabel("mean reward")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     return _render(fig, path)
 
@@ -163,3 +163,28 @@ def _bins(low: float, high: float, most: int = 30) -> list[float]:
         return [low - 0.5, high + 0.5]
     count = min(most, math.ceil(high - low))
     return [low + (high - low) * i / count for i in range(count)] + [high]
+
+
+def score_histogram(chosen_scores: Sequence[float], rejected_scores: Sequence[float],
+                    title: str = "Reward-model scores", path: str | Path | None = None) -> bytes:
+    """Chosen and rejected answers' scores as overlaid histograms on shared bins, each mean as a
+    dashed line: a reward model that separates the two shows two humps, one that does not, one."""
+    fig, ax = _figure()
+    groups = {"chosen": [s for s in map(_finite, chosen_scores) if s is not None],
+              "rejected": [s for s in map(_finite, rejected_scores) if s is not None]}
+    everything = groups["chosen"] + groups["rejected"]
+    if not everything:
+        return _no_data(fig, ax, title, path)
+    low, high = min(everything), max(everything)
+    count = 30
+    bins = [low - 0.5, high + 0.5] if low == high else [low + (high - low) * i / count for i in range(count + 1)]
+    for (name, scores), color in zip(groups.items(), ("tab:green", "tab:red")):
+        if scores:
+            ax.hist(scores, bins=bins, histtype="step", linewidth=1.5, color=color,
+                    label=f"{name} (mean {sum(scores) / len(scores):.2f})")
+            ax.axvline(sum(scores) / len(scores), color=color, linestyle="--", linewidth=1)
+    ax.set_xlabel("score")
+    ax.set_ylabel("answers")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _render(fig, path)

@@ -1,21 +1,129 @@
-"""A markdown evaluation report: a metrics table and a few example answers side by side."""
+"""The evaluation report: one markdown text with the comparison table, the plots and side-by-side answers.
+
+The same text is the asset's metadata in Dagster (which renders the inline PNGs) and an artifact of
+the evaluation's MLflow run, so a reviewer sees the same thing in both places.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from alignment_pipelines.data.schemas import render_prompt
+from alignment_pipelines.evaluation.compare import BASELINE, CHAMPION, Evaluation
+from alignment_pipelines.evaluation.plots import (length_distributions, markdown_image, reward_vs_kl, score_histogram,
+                                                  training_curves, win_rate_bars)
+
+TRAINING_CURVE_KEYS = ("loss",)
+REPORT_FILE = "evaluation.json"  # the gate's input; an evaluation writes it last, only when it succeeded
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        return f"{v:.4g}"
-    return str(v)
+def newest_report(evaluations_dir: str | Path) -> Path | None:
+    """The most recent evaluation's ``evaluation.json`` under ``evaluations_dir`` (one folder per run)."""
+    reports = sorted(Path(evaluations_dir).glob(f"*/{REPORT_FILE}"), key=lambda path: path.stat().st_mtime)
+    return reports[-1] if reports else None
+
+
+def evaluation_plots(evaluation: Evaluation, histories: dict[str, Sequence[dict]]) -> dict[str, bytes]:
+    """Every picture of the report as PNG bytes, by file stem: win-rate bars against the SFT model and the
+    champion, reward against KL, answer lengths, the training curves in ``histories`` (model → steps) and,
+    with a reward model, its scores of the chosen and rejected answers."""
+    results = evaluation.results.values()
+    plots = {}
+    for label in (BASELINE, CHAMPION):
+        key = f"win_rate_vs_{label}"
+        rows = [{"name": r.name, "win_rate": r.metrics[key], "ci_low": r.metrics[f"{key}_ci_low"],
+                 "ci_high": r.metrics[f"{key}_ci_high"]} for r in results if key in r.metrics]
+        if label == BASELINE or evaluation.champion is not None:
+            plots[key] = win_rate_bars(rows, title=f"Win-rate vs. {_against(evaluation, label)} (95% interval)")
+    with_reward = any("reward_mean" in r.metrics for r in results)
+    y_key = "reward_mean" if with_reward else "win_rate_vs_sft"
+    plots["reward_vs_kl"] = reward_vs_kl(
+        [{"name": r.name, "reward": r.metrics.get(y_key), "kl": r.metrics.get("kl_to_reference")} for r in results],
+        title="Reward vs. KL to the reference" if with_reward else "Win-rate vs. SFT against KL to the reference",
+        ylabel="mean reward-model score" if with_reward else "win-rate vs. SFT")
+    plots["lengths"] = length_distributions({r.name: [a.tokens for a in r.answers] for r in results})
+    plots["training_curves"] = training_curves(histories, keys=TRAINING_CURVE_KEYS)
+    if evaluation.reward_model_scores:
+        plots["reward_model_scores"] = score_histogram(evaluation.reward_model_scores["chosen"],
+                                                       evaluation.reward_model_scores["rejected"],
+                                                       title="Reward model on the held-out pairs")
+    return plots
+
+
+def comparison_table(evaluation: Evaluation) -> str:
+    """One row per model, the numbers a reviewer compares methods by; intervals are 95%."""
+    champion = evaluation.champion is not None
+    header = ["model", "preference accuracy", f"win-rate vs. {_against(evaluation, BASELINE)} [CI] W/L/T"]
+    header += [f"win-rate vs. {_against(evaluation, CHAMPION)} [CI] W/L/T"] if champion else []
+    header += ["reward-model score [CI]", "KL to reference", "mean tokens", "empty", "degenerate"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for r in evaluation.results.values():
+        m = r.metrics
+        name = r.name + (" (champion)" if r.name == evaluation.champion else "") + \
+            (" (baseline)" if r.name == evaluation.baseline else "")
+        cells = [name, _fmt(m.get("preference_accuracy")), _win_rate_cell(m, BASELINE)]
+        cells += [_win_rate_cell(m, CHAMPION)] if champion else []
+        cells += [_with_interval(m, "reward_mean"), _fmt(m.get("kl_to_reference")), _fmt(m.get("mean_tokens")),
+                  _fmt(m.get("empty_rate")), _fmt(m.get("degenerate_rate"))]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def side_by_side(evaluation: Evaluation, max_examples: int = 3) -> str:
+    """The first prompts with every model's answer under each other, marked win/loss/tie against the baseline."""
+    blocks = []
+    for i, prompt in enumerate(evaluation.prompts[:max_examples]):
+        blocks += [f"### Prompt {i + 1}", "", _quote(render_prompt(prompt)), ""]
+        for r in evaluation.results.values():
+            verdicts = [f"{outcomes[i]} vs. {_against(evaluation, label)}"
+                        for label, outcomes in r.outcomes.items() if i < len(outcomes)]
+            blocks += [f"**{r.name}**" + (f" ({', '.join(verdicts)})" if verdicts else ""), "",
+                       _quote(r.answers[i].text), ""]
+    return "\n".join(blocks) if blocks else "*(no prompts)*"
+
+
+def render_report(evaluation: Evaluation, plots: dict[str, bytes], *, title: str = "Evaluation",
+                  notes: Sequence[str] = (), max_examples: int = 3) -> str:
+    """The whole report: table, notes, the reward model's own accuracy, the plots inline, and samples."""
+    lines = [f"# {title}", "", comparison_table(evaluation), ""]
+    lines += [f"Judge: `{evaluation.judge}`, every pair judged in both orders (a pair whose orders disagree is a "
+              f"tie; ties count half). {evaluation.pairs} held-out pairs, {len(evaluation.prompts)} prompts. "
+              "KL: mean log-ratio of each model's own answers to its reference.", ""]
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    if evaluation.reward_model is not None:
+        lines += [f"Reward model: preference accuracy {_fmt(evaluation.reward_model['preference_accuracy'])} on "
+                  f"{evaluation.reward_model['pairs']} held-out pairs.", ""]
+    lines += ["## Plots", ""] + [markdown_image(png, name.replace("_", " ")) + "\n" for name, png in plots.items()]
+    lines += ["## Side by side", "", side_by_side(evaluation, max_examples)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _against(evaluation: Evaluation, label: str) -> str:
+    return evaluation.baseline if label == BASELINE else (evaluation.champion or "champion")
+
+
+def _win_rate_cell(metrics: dict, label: str) -> str:
+    key = f"win_rate_vs_{label}"
+    if key not in metrics:
+        return "—"
+    return (f"{_with_interval(metrics, key)} {metrics[f'wins_vs_{label}']}/{metrics[f'losses_vs_{label}']}/"
+            f"{metrics[f'ties_vs_{label}']}")
+
+
+def _with_interval(metrics: dict, key: str) -> str:
+    if key not in metrics:
+        return "—"
+    return f"{_fmt(metrics[key])} [{_fmt(metrics.get(f'{key}_ci_low'))}, {_fmt(metrics.get(f'{key}_ci_high'))}]"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.3g}"
+    return str(value)
 
 
 def _cell(text: Any) -> str:
@@ -27,41 +135,3 @@ def _quote(text: str) -> str:
     if not text:
         return "> *(empty)*"
     return "\n".join("> " + line if line else ">" for line in text.splitlines())
-
-
-def build_report(metrics: dict, examples: list[dict], title: str = "Evaluation report", max_examples: int = 5) -> str:
-    """Markdown with a metrics table and up to ``max_examples`` examples.
-
-    ``metrics``: name → value (nested dicts are flattened as ``outer/inner``).
-    ``examples``: dicts with ``prompt`` (messages or str), ``policy`` and ``baseline``
-    answers, and optionally ``verdict`` (e.g. ``"win"``) or ``score``.
-    """
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, d: dict) -> None:
-        for k, v in d.items():
-            key = f"{prefix}/{k}" if prefix else str(k)
-            if isinstance(v, dict):
-                walk(key, v)
-            else:
-                flat[key] = v
-
-    walk("", metrics or {})
-    lines = [f"# {title}", "", "## Metrics", ""]
-    if flat:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {_cell(k)} | {_cell(_fmt(v))} |" for k, v in flat.items()]
-    else:
-        lines.append("*(no metrics)*")
-    lines += ["", "## Examples", ""]
-    shown = list(examples or [])[:max_examples]
-    if not shown:
-        lines.append("*(no examples)*")
-    for i, ex in enumerate(shown, 1):
-        header = f"### Example {i}"
-        if ex.get("verdict") is not None:
-            header += f" ({ex['verdict']})"
-        lines += [header, "", "**Prompt**", "", _quote(render_prompt(ex.get("prompt", ""))), "",
-                  "**Policy**", "", _quote(str(ex.get("policy", ""))), "",
-                  "**Baseline**", "", _quote(str(ex.get("baseline", ""))), ""]
-    return "\n".join(lines).rstrip() + "\n"

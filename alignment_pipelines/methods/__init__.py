@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from alignment_pipelines.methods import dpo, kto, orpo, sft
+from alignment_pipelines.methods import dpo, kto, online_dpo, orpo, sft
+from alignment_pipelines.methods import ppo, reward, rloo
 from alignment_pipelines.methods.config import ConfigError, MethodConfig
 from alignment_pipelines.methods.training import METRICS_FILE, TrainResult
 
@@ -55,6 +56,19 @@ METHODS: dict[str, MethodSpec] = {
     "orpo": MethodSpec("orpo", orpo.ORPOMethodConfig, orpo.train, "pairs", "base",
                        description="Odds-Ratio Preference Optimization straight from the base model: no SFT step, "
                                    "no reference model."),
+    "reward": MethodSpec("reward", reward.RewardMethodConfig, reward.train, "pairs", "sft", produces="reward",
+                         asset_name="reward_model",
+                         description="Bradley-Terry reward model from the SFT model on the pairs (TRL RewardTrainer): "
+                                     "one score per answer; pairwise accuracy, margin and score plot on the eval split."),
+    "ppo": MethodSpec("ppo", ppo.PPOMethodConfig, ppo.train, "prompts", "sft", needs=("reward_model",),
+                      description="PPO (RLHF) from the SFT model on fresh samples scored by the reward model: KL "
+                                  "penalty to the reference, GAE, clipped policy and value losses. LoRA by default (PERL)."),
+    "rloo": MethodSpec("rloo", rloo.RLOOMethodConfig, rloo.train, "prompts", "sft", needs=("reward_model",),
+                       description="RLOO (TRL RLOOTrainer) from the SFT model: k samples per prompt, each one's "
+                                   "baseline the mean reward of the others; no critic. LoRA by default (PERL)."),
+    "online_dpo": MethodSpec("online_dpo", online_dpo.OnlineDPOMethodConfig, online_dpo.train, "prompts", "sft",
+                             description="Online DPO from AI feedback: two fresh samples per prompt from the current "
+                                         "policy, judged in both orders by an annotator steered by an instruction."),
 }
 
 

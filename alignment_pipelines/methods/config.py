@@ -24,7 +24,18 @@ from typing import Any, ClassVar, Literal
 
 ModelRole = Literal["policy", "reference", "reward", "value"]
 LoraOutput = Literal["adapter", "merged"]
+MixedPrecision = Literal["auto", "bf16", "fp16", "no"]
 DATA_SUFFIXES = (".parquet", ".jsonl")
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What a method holds in memory beside the policy's weights and activations (see ``methods/memory.py``)."""
+
+    sequences_per_example: int = 1  # 2 for pairs that go through the model together (chosen + rejected)
+    reference: bool = False  # a frozen copy of the start model when training in full (unless precomputed)
+    # The LM head: TRL's chunked log-prob head (never all logits at once), every logit at once, or a score head
+    logits: Literal["chunked", "full", "none"] = "chunked"
 
 
 class ConfigError(ValueError):
@@ -50,7 +61,22 @@ def option(default: Any, help: str, *, minimum: float | None = None, maximum: fl
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def wiring(help: str, *, required: bool = False, kind: Literal["model", "data", "output", "dir"] = "data",
+def answers_only_option() -> Any:
+    """The ``score_answers_only`` field of the methods whose TRL trainer uses the chunked LM head (SFT, DPO, KTO)."""
+    return option(True, "compute logits only where there is a label (the answer tokens), as TRL's former "
+                        "use_logits_to_keep did: TRL 1.16 does so on a GPU but scores every position on a CPU, where "
+                        "answers are often under a tenth of a padded batch's positions")
+
+
+def precompute_option() -> Any:
+    """The ``precompute_ref_log_probs`` field of the methods with a frozen reference (DPO, KTO)."""
+    return option(True, "with full fine-tuning (lora false): compute the frozen reference's log-probabilities over "
+                        "the whole dataset once before training, so no second model stays in memory (one reference "
+                        "forward per example, up front). With LoRA the reference is the policy with its adapter off, "
+                        "which costs no memory, and this is not used")
+
+
+def wiring(help: str, *, required: bool = False, kind: Literal["model", "data", "output", "dir", "store"] = "data",
            aliases: tuple[str, ...] = ()) -> Any:
     """A path the training asset fills in from its inputs; a CLI flag (and ``aliases``), never a launchpad field."""
     metadata = {"help": help, "wiring": True, "kind": kind, "required": required, "aliases": aliases}
@@ -170,7 +196,18 @@ class MethodConfig:
         "adapter", "what a LoRA run writes: the adapter alone (small; loads onto its start model) or a "
         "merged copy of the full weights")
     gradient_checkpointing: bool = option(
-        False, "recompute activations in the backward pass: less memory, about 30% more compute")
+        True, "keep only each layer's input and recompute its activations in the backward pass: a fraction of the "
+        "activation memory for one more forward pass (TRL's default)")
+    mixed_precision: MixedPrecision = option(
+        "auto", "compute precision: auto = bf16 on a GPU that supports it, else float32 (a CPU without bf16 units "
+        "runs bf16 several times slower); fp16 needs a CUDA GPU")
+    liger_kernels: bool = option(
+        False, "Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) on a CUDA GPU: less activation memory; needs "
+        "the liger-kernel package")
+    memory_budget_gb: float | None = option(
+        None, "refuse to start when the estimated peak memory exceeds this many GB (1e9 bytes); unset: the "
+        "training machine's memory (the GPU's when CUDA is visible, else RAM or the container limit); 0: no check",
+        minimum=0)
     seed: int = option(0, "seed for data order, dropout and sampling", minimum=0)
     logging_steps: int = option(1, "log metrics every this many steps", minimum=1)
     save_steps: int = option(10, "write a checkpoint every this many steps (needs checkpoint_dir); 0 writes none",
@@ -180,6 +217,8 @@ class MethodConfig:
 
     # Columns every data file must have; checked from the file's schema (Parquet) or first row (JSONL).
     required_columns: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
+    # What the method keeps in memory beside the policy, for the estimate checked before launch.
+    memory_profile: ClassVar[MemoryProfile] = MemoryProfile()
 
     # ---- introspection ---------------------------------------------------------------------------
     @classmethod
@@ -214,6 +253,7 @@ class MethodConfig:
             setattr(self, f.name, value)
         self._validate_paths()
         self._validate_method()
+        self._validate_machine()
         return self
 
     def _validate_paths(self) -> None:
@@ -270,6 +310,27 @@ class MethodConfig:
     def _validate_method(self) -> None:
         """Rules that involve several fields; subclasses override."""
 
+    def _validate_machine(self) -> None:
+        """Rules that depend on the machine that trains: settings only a CUDA GPU supports, and the memory
+        estimate (when it exceeds the machine, the error names the knob to turn). Nothing loads."""
+        import importlib.util
+
+        from alignment_pipelines.methods.memory import check_fits, machine
+
+        where = machine()
+        if where.kind != "gpu" and self.mixed_precision == "fp16":
+            raise ConfigError("mixed_precision", "fp16", "fp16 needs a CUDA GPU; use auto, bf16 or no")
+        if self.liger_kernels:
+            if where.kind != "gpu":
+                raise ConfigError("liger_kernels", True, "Liger's Triton kernels need a CUDA GPU")
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ConfigError("liger_kernels", True, "needs the liger-kernel package (pip install liger-kernel)")
+        check_fits(self, where)
+
+    def lineage_tags(self) -> dict[str, str]:
+        """What else identifies the trained model (e.g. an annotator's instruction), as ``lineage.*`` tags."""
+        return {}
+
     def adapt_to_data(self, stats: dict[str, Any]) -> None:
         """Fill unset fields from what the dataset asset measured (e.g. KTO's class weights); default: nothing."""
 
@@ -280,7 +341,7 @@ class MethodConfig:
     def checkpoint_fingerprint(self) -> dict[str, Any]:
         """What must not change between a run and its resumption: the config without paths that may move."""
         d = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in self.to_dict().items()
-             if k not in ("output_dir", "checkpoint_dir", "disable_tqdm")}
+             if k not in ("output_dir", "checkpoint_dir", "disable_tqdm", "memory_budget_gb")}
         d["__class__"] = type(self).__name__
         return json.loads(json.dumps(d, default=str))
 

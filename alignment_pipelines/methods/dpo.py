@@ -7,10 +7,12 @@ the reference. With full fine-tuning a frozen copy of ``config.model`` is the re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from alignment_pipelines.methods.config import MethodConfig, option
+from alignment_pipelines.methods.config import (MemoryProfile, MethodConfig, answers_only_option, option,
+                                                precompute_option)
 from alignment_pipelines.methods.data import load_pairs, to_preference_dataset
+from alignment_pipelines.methods.memory import precomputes_reference
 from alignment_pipelines.methods.training import Datasets, TRLMethod
 
 # Loss types TRL 1.16's DPOTrainer accepts.
@@ -25,6 +27,10 @@ class DPOMethodConfig(MethodConfig):
     loss_type: DPOLoss = option("sigmoid", "DPO loss variant (sigmoid is the paper's)")
     label_smoothing: float = option(0.0, "assumed share of flipped labels (robust / cDPO)", minimum=0, maximum=0.5,
                                     exclusive_maximum=True)
+    precompute_ref_log_probs: bool = precompute_option()
+    score_answers_only: bool = answers_only_option()
+
+    memory_profile: ClassVar[MemoryProfile] = MemoryProfile(sequences_per_example=2, reference=True)
 
 
 class DPO(TRLMethod):
@@ -41,8 +47,11 @@ class DPO(TRLMethod):
         return DPOConfig, DPOTrainer
 
     def trl_args(self, config: DPOMethodConfig, data: Datasets) -> dict:
+        # TRL 1.16's DPO has no padding-free mode (it falls back to padding) and no use_logits_to_keep: its chunked
+        # LM head already scores the answer positions without materialising the logits
         return {"max_length": config.max_length, "beta": config.beta, "loss_type": [config.loss_type],
-                "label_smoothing": config.label_smoothing, "trust_remote_code": config.trust_remote_code}
+                "label_smoothing": config.label_smoothing, "trust_remote_code": config.trust_remote_code,
+                "precompute_ref_log_probs": precomputes_reference(config)}
 
 
 train = DPO().train

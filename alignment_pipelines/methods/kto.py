@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from alignment_pipelines.methods.config import ConfigError, MethodConfig, option
+from alignment_pipelines.methods.config import (ConfigError, MemoryProfile, MethodConfig, answers_only_option, option,
+                                                precompute_option)
 from alignment_pipelines.methods.data import BINARY_COLUMNS, load_binary, to_unpaired_dataset
+from alignment_pipelines.methods.memory import precomputes_reference
 from alignment_pipelines.methods.training import Datasets, TRLMethod
 
 
@@ -26,8 +28,11 @@ class KTOMethodConfig(MethodConfig):
         None, "loss weight of thumbs-down examples (unset: from the balance report)", minimum=0,
         exclusive_minimum=True)
     loss_type: Literal["kto", "apo_zero_unpaired"] = option("kto", "KTO loss variant")
+    precompute_ref_log_probs: bool = precompute_option()
+    score_answers_only: bool = answers_only_option()
 
     required_columns: ClassVar[tuple[str, ...]] = BINARY_COLUMNS
+    memory_profile: ClassVar[MemoryProfile] = MemoryProfile(reference=True)
 
     def _validate_method(self) -> None:
         if self.loss_type == "kto" and self.per_device_batch_size < 2:
@@ -65,7 +70,8 @@ class KTO(TRLMethod):
         return {"max_length": config.max_length, "beta": config.beta, "loss_type": config.loss_type,
                 "desirable_weight": config.desirable_weight or 1.0,
                 "undesirable_weight": config.undesirable_weight or 1.0,
-                "trust_remote_code": config.trust_remote_code}
+                "trust_remote_code": config.trust_remote_code,
+                "precompute_ref_log_probs": precomputes_reference(config)}
 
 
 train = KTO().train

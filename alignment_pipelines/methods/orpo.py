@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pandas as pd
 
-from alignment_pipelines.methods.config import ConfigError, MethodConfig, option
+from alignment_pipelines.methods.config import ConfigError, MemoryProfile, MethodConfig, option
 from alignment_pipelines.methods.data import load_pairs, to_preference_dataset
 from alignment_pipelines.methods.training import Datasets, TRLMethod
 
@@ -40,9 +41,13 @@ class ORPOMethodConfig(MethodConfig):
     beta: float = option(0.1, "λ in the ORPO paper: weight of the odds-ratio term next to the NLL on chosen answers",
                          minimum=0, exclusive_minimum=True)
 
+    # TRL's experimental ORPO computes every logit of chosen and rejected at once: often its peak
+    memory_profile: ClassVar[MemoryProfile] = MemoryProfile(sequences_per_example=2, logits="full")
+
 
 class ORPO(TRLMethod):
     name = "orpo"
+    token_keys = ("chosen_input_ids", "rejected_input_ids")  # each includes the prompt
 
     def datasets(self, config: ORPOMethodConfig) -> Datasets:
         pairs, removed = load_orpo_pairs(config.data)

@@ -27,7 +27,9 @@ Models in memory:
 
 Log-probs of the policy and of the reference are taken at the sampling temperature, as TRL's old PPO did.
 All models run in eval mode, also while training: dropout would make the log-probs of the update differ from
-those of the rollout for reasons other than the update, and PPO's ratio must start at exactly 1.
+those of the rollout for reasons other than the update, and PPO's ratio must start at exactly 1. (With
+``gradient_checkpointing``, which transformers applies only in training mode, the policy's updates run in training
+mode with every dropout set to 0, which computes the same.)
 
 Determinism and resuming: every step seeds torch from ``(seed, step)`` before sampling and shuffles minibatches
 with a generator from the same seed, so a run resumed from ``checkpoint-<n>`` repeats the steps ``n+1, ...``
@@ -46,6 +48,7 @@ Metrics (one dict per logged step, in ``state.log_history`` and to each callback
 ``policy/clipfrac_avg``        share of tokens where the policy ratio was clipped
 ``loss/policy_avg``            mean clipped policy loss
 ``loss/value_avg``             mean clipped value loss
+``loss``                       what the updates minimised: ``loss/policy_avg + vf_coef * loss/value_avg``
 ``val/clipfrac_avg``           share of tokens where the value was clipped
 ``val/explained_variance``     how much of the returns' variance the rollout's values explain
 ``completions/mean_length``    mean number of completion tokens (EOS included)
@@ -140,6 +143,11 @@ class PPOTrainingArguments:
     reward_weights: list[float] | None = field(
         default=None,
         metadata={"help": "Weight of each reward function in the score (their weighted sum); None: all 1."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute the policy's activations in the backward pass of each update: less memory, one "
+                  "more forward pass. The policy then runs in training mode during updates, with dropout off."},
     )
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Clip the gradient norm of each optimizer step to this; None: no clipping."}
@@ -248,6 +256,15 @@ def load_trainable_state(module: nn.Module, path: Path) -> None:
             param.copy_(saved[name])
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout of ``model``: ``nn.Dropout`` modules and attention modules' own dropout rate."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The step of a complete checkpoint folder (its trainer_state.json is written last), else None."""
     try:
@@ -340,6 +357,11 @@ class PPOTrainer:
             nn.init.zeros_(self.value_head.bias)
             critic_params = list(self.value_head.parameters())
         policy.eval()
+        if args.gradient_checkpointing:
+            # transformers checkpoints only in training mode: updates run in it, so dropout must be off to keep
+            # the ratio at exactly 1 on the first minibatch, as in eval mode
+            disable_dropout(policy)
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         self.trainable_params = [p for p in policy.parameters() if p.requires_grad] + critic_params
         self.optimizer = torch.optim.AdamW(self.trainable_params, lr=args.learning_rate)
@@ -356,6 +378,7 @@ class PPOTrainer:
             max_steps=args.max_steps, logging_steps=args.logging_steps, save_steps=args.save_steps
         )
         self.control = TrainerControl()
+        self.trained_tokens = 0  # non-padding tokens of every update's forward pass, in this process
         self._prompt_orders: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ setup helpers
@@ -550,6 +573,7 @@ class PPOTrainer:
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "policy_clipfrac": 0.0, "value_clipfrac": 0.0,
                   "approx_kl": 0.0}
         updates = 0
+        self.policy.train(args.gradient_checkpointing)
         for _ in range(args.ppo_epochs):
             order = torch.randperm(args.per_device_batch_size, generator=generator).to(self.device)
             for start in range(0, args.per_device_batch_size, args.mini_batch_size):
@@ -568,6 +592,7 @@ class PPOTrainer:
                 )
                 loss = policy_loss + args.vf_coef * value_loss
                 loss.backward()
+                self.trained_tokens += int(rollout.attention_mask[rows].sum())
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
                 self.optimizer.step()
@@ -580,6 +605,7 @@ class PPOTrainer:
                 totals["policy_clipfrac"] += float(policy_clipfrac)
                 totals["value_clipfrac"] += float(value_clipfrac)
                 totals["approx_kl"] += float(approx_kl)
+        self.policy.eval()
         return {name: total / updates for name, total in totals.items()}
 
     def _training_step(self, step: int) -> dict[str, float]:
@@ -611,6 +637,7 @@ class PPOTrainer:
             "policy/clipfrac_avg": updates["policy_clipfrac"],
             "loss/policy_avg": updates["policy_loss"],
             "loss/value_avg": updates["value_loss"],
+            "loss": updates["policy_loss"] + args.vf_coef * updates["value_loss"],
             "val/clipfrac_avg": updates["value_clipfrac"],
             "val/explained_variance": explained_variance(rollout.values, returns, mask),
             "completions/mean_length": float(mask.sum(dim=1).float().mean()),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from alignment_pipelines.methods.config import MethodConfig, option
+from alignment_pipelines.methods.config import MethodConfig, answers_only_option, option
 from alignment_pipelines.methods.data import load_pairs, to_sft_dataset
 from alignment_pipelines.methods.training import Datasets, TRLMethod
 
@@ -18,6 +18,11 @@ from alignment_pipelines.methods.training import Datasets, TRLMethod
 class SFTMethodConfig(MethodConfig):
     learning_rate: float = option(2e-4, "peak learning rate (constant schedule)", minimum=0, exclusive_minimum=True)
     completion_only_loss: bool = option(True, "loss on the answer tokens only (false: on the whole conversation)")
+    packing: bool = option(
+        True, "pack whole examples into rows of max_length tokens (best fit; attention stays within each example): "
+        "no compute or memory spent on padding. A row then holds several examples, so per_device_batch_size counts "
+        "rows; an example longer than max_length is truncated as without packing")
+    score_answers_only: bool = answers_only_option()
 
     required_columns: ClassVar[tuple[str, ...]] = ("prompt", "chosen")
 
@@ -39,7 +44,7 @@ class SFT(TRLMethod):
 
     def trl_args(self, config: SFTMethodConfig, data: Datasets) -> dict:
         return {"max_length": config.max_length, "completion_only_loss": config.completion_only_loss,
-                "packing": False, "trust_remote_code": config.trust_remote_code}
+                "packing": config.packing, "packing_strategy": "bfd", "trust_remote_code": config.trust_remote_code}
 
 
 train = SFT().train

@@ -166,7 +166,8 @@ def load_weights(folder: str | Path, role: str = "policy", *, trust_remote_code:
     from peft import PeftModel
 
     base = load_weights(adapter_parent(folder), role, trust_remote_code=trust_remote_code, dtype=dtype)
-    return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()
+    # merged weights are plain weights again: trainable like any model loaded from a folder
+    return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload().requires_grad_(True)
 
 
 def _is_complete(folder: Path) -> bool:

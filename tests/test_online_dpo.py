@@ -1,0 +1,336 @@
+"""Online DPO with AI feedback on the tiny model: rule judges, the judgement store, and an HTTP annotator."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from alignment_pipelines.ai_feedback import AIFeedbackStore, preference_pairs, summary
+from alignment_pipelines.judges import JudgeError, ShorterJudge, Verdict
+from alignment_pipelines.methods import ConfigError, config_from_dict, run_training
+from alignment_pipelines.methods.online_dpo import OnlineDPOMethodConfig, OnlineDPOTrainer, pair_weights
+
+QUESTIONS = ["How do I boil an egg?", "What is a prime number?", "Name a colour.", "Why is the sky blue?",
+             "How far is the moon?", "What do cats eat?", "Say hello.", "What is rain?"]
+TEA = [{"role": "user", "content": "How do I make green tea?"}]
+
+
+@pytest.fixture
+def prompts_path(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    return path
+
+
+def online_config(tmp_path, model, data, **overrides) -> dict:
+    values = dict(model=str(model), data=str(data), output_dir=str(tmp_path / "out"), judge="shorter",
+                  max_steps=2, per_device_batch_size=4, max_new_tokens=12, max_length=128, learning_rate=5e-3,
+                  gradient_checkpointing=False, memory_budget_gb=0, feedback_store=str(tmp_path / "store"))
+    return values | overrides
+
+
+class CountingJudge(ShorterJudge):
+    """The shorter answer wins; remembers every batch it was asked about."""
+
+    def __init__(self):
+        self.calls: list[tuple[list, list[str], list[str]]] = []
+
+    def judge(self, prompts, answers_a, answers_b):
+        self.calls.append((list(prompts), list(answers_a), list(answers_b)))
+        return super().judge(prompts, answers_a, answers_b)
+
+
+# ---------------------------------------------------------------- ties and the store, no model
+
+
+def test_ties_are_dropped_or_downweighted_in_the_averaged_direction():
+    agree_b = Verdict.from_orders((0.2, "B"), (0.9, "A"))
+    leaning_a = Verdict.from_orders((0.9, "A"), (0.7, "A"))  # both orders chose A: a tie, P(a better) = 0.6
+    exact = Verdict.from_orders((1.0, "A"), (1.0, "A"))  # pure position bias: P(a better) = 0.5
+    assert [v.preferred for v in (agree_b, leaning_a, exact)] == ["b", "tie", "tie"]
+    assert pair_weights([agree_b, leaning_a, exact], "drop", 0.25) == [(False, 1.0), (True, 0.0), (True, 0.0)]
+    assert pair_weights([agree_b, leaning_a, exact], "downweight", 0.25) == [(False, 1.0), (True, 0.25), (True, 0.0)]
+
+
+def test_store_judges_each_pair_once_in_either_order(tmp_path):
+    judge = CountingJudge()
+    store = AIFeedbackStore(tmp_path / "store")
+    first = store.judge(judge, [TEA, TEA, TEA], ["short", "a longer answer", "x"], ["a long answer", "tiny", "yy"],
+                        policy_version="run@step-0")
+    assert (first.judged, first.cached) == (3, 0)
+    assert [v.preferred for v in first.verdicts] == ["a", "b", "a"]
+
+    # the first pair asked again with its answers swapped, one repeat inside the batch, one new pair
+    again = store.judge(judge, [TEA, TEA, TEA], ["a long answer", "z", "z"], ["short", "zzz", "zzz"],
+                        policy_version="run@step-1")
+    assert (again.judged, again.cached) == (1, 2)
+    assert [v.preferred for v in again.verdicts] == ["b", "a", "a"]
+    assert again.verdicts[0].first_order == first.verdicts[0].second_order  # the stored verdict, flipped
+    assert len(judge.calls) == 2 and judge.calls[1][1:] == (["z"], ["zzz"])
+
+    reopened = AIFeedbackStore(tmp_path / "store")
+    rows = reopened.read()
+    assert len(reopened) == len(rows) == 4
+    assert set(rows["policy_version"]) == {"run@step-0", "run@step-1"}
+    assert set(rows["judge_id"]) == {"shorter"}
+    assert reopened.judge(judge, [TEA], ["tiny"], ["a longer answer"], policy_version="x").judged == 0
+    pairs = preference_pairs(rows)
+    assert list(pairs["chosen"]) == ["short", "tiny", "x", "z"]
+    assert summary(rows)["agreement_rate"] == 1.0
+
+
+def test_a_failed_batch_stores_nothing(tmp_path):
+    class FailsOnSecond(ShorterJudge):
+        def compare_batch(self, prompts, firsts, seconds):
+            raise JudgeError("annotator went away", request_index=1)
+
+    store = AIFeedbackStore(tmp_path / "store")
+    with pytest.raises(JudgeError, match="pair 1"):
+        store.judge(FailsOnSecond(), [TEA, TEA], ["a", "b"], ["cc", "dd"], policy_version="v")
+    assert len(store) == 0 and not list((tmp_path / "store").glob("*"))
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_the_policy_may_not_be_its_own_annotator(tmp_path, tiny_model_dir, prompts_path):
+    base = online_config(tmp_path, tiny_model_dir, prompts_path, judge="llm")
+    with pytest.raises(ConfigError, match="own policy as its annotator"):  # default: the base under the start model
+        config_from_dict("online_dpo", base)
+    with pytest.raises(ConfigError, match="own policy as its annotator"):
+        config_from_dict("online_dpo", base | {"judge_model": str(tiny_model_dir)})
+    with pytest.raises(ConfigError, match="judge_base_url"):
+        config_from_dict("online_dpo", base | {"judge": "openai", "judge_model": "m"})
+    with pytest.raises(ConfigError, match="instruction"):
+        config_from_dict("online_dpo", base | {"judge": "shorter", "instruction": "  "})
+    config = config_from_dict("online_dpo", base | {"judge": "openai", "judge_model": "m",
+                                                     "judge_base_url": "http://127.0.0.1:9/v1",
+                                                     "instruction": "helpful and very short"})
+    assert config.judge_spec()["instruction"] == "helpful and very short"
+    assert config.to_dict()["instruction"] == "helpful and very short"  # what the asset logs as MLflow params
+    assert config.lineage_tags() == {"annotator.kind": "openai", "annotator.instruction": "helpful and very short",
+                                     "annotator.model": "m"}
+
+
+# ---------------------------------------------------------------- training on the tiny model
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_a_position_biased_judge_yields_only_ties_and_no_update(tmp_path, tiny_model_dir, prompts_path):
+    config = config_from_dict("online_dpo", online_config(tmp_path, tiny_model_dir, prompts_path, judge="position",
+                                                          ties="downweight"))
+    result = run_training("online_dpo", config)
+    m = result.metrics
+    assert m["ai_feedback/pairs"] == 8 and m["ai_feedback/preferences"] == 0 and m["ai_feedback/ties"] == 8
+    assert m["ai_feedback/position_bias_rate"] == 1.0 and m["ai_feedback/agreement_rate"] == 0.0
+    assert all(entry["pairs/trained"] == 0 for entry in result.history)
+    lora_b = [t for name, t in adapter_tensors(tmp_path / "out").items() if "lora_B" in name]
+    assert lora_b and all(float(t.abs().max()) == 0.0 for t in lora_b)  # LoRA B starts at zero: nothing moved
+    assert set(AIFeedbackStore(tmp_path / "store").read()["preferred"]) == {"tie"}
+
+
+def test_samples_of_every_step_come_from_the_weights_after_the_previous_update(tmp_path, tiny_model_dir,
+                                                                              prompts_path):
+    from peft import get_peft_model
+    from transformers import TrainerCallback
+
+    from alignment_pipelines.methods.ppo_trainer import trainable_state
+    from alignment_pipelines.methods.training import load_start_model, lora_config
+
+    config = OnlineDPOMethodConfig(**online_config(tmp_path, tiny_model_dir, prompts_path, max_steps=3)).validate()
+    policy, tokenizer = load_start_model(config, "policy")
+    policy = get_peft_model(policy, lora_config(config, "policy"))
+    snapshots: list[dict] = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            snapshots.append({name: t.clone() for name, t in trainable_state(model).items()})
+
+    judge = CountingJudge()
+    trainer = OnlineDPOTrainer(config, policy, tokenizer, None, judge, AIFeedbackStore(tmp_path / "store"),
+                               QUESTIONS, [Snapshot()])
+    trainer.train()
+    assert len(snapshots) == len(judge.calls) == 3
+    for earlier, later in zip(snapshots, snapshots[1:]):  # every step changed the weights
+        assert any(not earlier[name].equal(later[name]) for name in earlier)
+
+    def resample(weights, step):
+        with __import__("torch").no_grad():
+            for name, param in policy.named_parameters():
+                if name in weights:
+                    param.copy_(weights[name])
+        return trainer.sample(trainer.prompt_indices(step), step).texts
+
+    for step, (weights, (_, answers_a, answers_b)) in enumerate(zip(snapshots, judge.calls), start=1):
+        assert resample(weights, step) == answers_a + answers_b  # sampled from the weights of that moment
+    assert resample(snapshots[0], 3) != judge.calls[2][1] + judge.calls[2][2]  # not from the start weights
+
+
+def test_judgements_are_stored_and_a_rerun_judges_nothing_twice(tmp_path, tiny_model_dir, prompts_path):
+    values = online_config(tmp_path, tiny_model_dir, prompts_path, instruction="helpful and very short")
+    first = run_training("online_dpo", config_from_dict("online_dpo", values))
+    rows = AIFeedbackStore(tmp_path / "store").read()
+    assert first.metrics["ai_feedback/judged_total"] == len(rows) == 8
+    assert set(rows["instruction"]) == {""}  # a rule judge has no instruction; its id says what it does
+    assert set(rows["policy_version"]) == {f"{tmp_path / 'out'}@step-0", f"{tmp_path / 'out'}@step-1"}
+    assert {"prompt", "answer_a", "answer_b", "first_order", "second_order", "raw_first", "raw_second",
+            "judge_id"} <= set(rows.columns)
+    assert first.metrics["ai_feedback/agreement_rate"] == 1.0  # a score judge never depends on the order
+    assert first.metrics["steps"] == 2 and 0 < first.metrics["ai_feedback/preferences"] <= 8
+
+    again = run_training("online_dpo", config_from_dict("online_dpo", values | {"output_dir": str(tmp_path / "out2")}))
+    assert again.metrics["ai_feedback/judged_total"] == 0 and again.metrics["ai_feedback/cached_total"] == 8
+    assert len(AIFeedbackStore(tmp_path / "store").read()) == 8
+
+
+def test_default_annotator_is_the_base_model_under_the_sft_adapter(tmp_path, tiny_model_dir, prompts_path):
+    from peft import get_peft_model
+
+    from alignment_pipelines.methods.training import load_start_model, lora_config, save_trained
+
+    base = OnlineDPOMethodConfig(**online_config(tmp_path, tiny_model_dir, prompts_path))
+    policy, tokenizer = load_start_model(base, "policy")
+    save_trained(get_peft_model(policy, lora_config(base, "policy")), tokenizer, base, tmp_path / "sft", "policy",
+                 "sft")
+    config = config_from_dict("online_dpo", online_config(tmp_path, tmp_path / "sft", prompts_path, judge="llm",
+                                                          instruction="helpful and very short", max_steps=1))
+    assert config.annotator_model().resolve() == tiny_model_dir.resolve()
+    result = run_training("online_dpo", config)
+    rows = AIFeedbackStore(tmp_path / "store").read()
+    assert len(rows) == 4 and set(rows["instruction"]) == {"helpful and very short"}
+    assert str(tiny_model_dir) in rows["judge_id"].iloc[0] and rows["raw_first"].iloc[0].startswith("logp(A)=")
+    assert json.loads((tmp_path / "out" / "annotator.json").read_text())["instruction"] == "helpful and very short"
+    assert 0 <= result.metrics["ai_feedback/position_bias_rate"] <= 1
+
+
+# ---------------------------------------------------------------- an OpenAI-compatible annotator over HTTP
+
+
+class ShorterAnswerServer(ThreadingHTTPServer):
+    """Chat completions on 127.0.0.1 that answer "A" when Answer A is shorter, else "B";
+    ``faults`` scripts the next replies: "500", "malformed" or "timeout"."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), ShorterAnswerHandler)
+        self.faults: list[str] = []
+        self.always: str | None = None
+        self.bodies: list[dict] = []
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class ShorterAnswerHandler(BaseHTTPRequestHandler):
+    server: ShorterAnswerServer
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.bodies.append(body)
+            fault = self.server.always or (self.server.faults.pop(0) if self.server.faults else None)
+        if fault == "timeout":
+            threading.Event().wait(1.0)
+        if fault == "500":
+            return self.send(500, b'{"error": "scripted"}')
+        text = body["messages"][0]["content"]
+        answer_a, answer_b = text.split("[Answer A]\n")[1].split("\n\n[Answer B]\n")
+        answer_b = answer_b.split("\n\nJudged by this criterion")[0]
+        letter = "I cannot say" if fault == "malformed" else "A" if len(answer_a) < len(answer_b) else "B"
+        self.send(200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": letter}}]})
+                  .encode())
+
+    def send(self, status: int, payload: bytes):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        try:
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def annotator_server():
+    server = ShorterAnswerServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def http_config(tmp_path, tiny_model_dir, prompts_path, server, **overrides) -> dict:
+    return online_config(tmp_path, tiny_model_dir, prompts_path, judge="openai", judge_base_url=server.base_url,
+                         judge_model="annotator", instruction="helpful and very short", judge_timeout_s=0.3,
+                         judge_max_retries=2, max_steps=1, **overrides)
+
+
+def test_http_annotator_end_to_end_with_retried_faults(tmp_path, tiny_model_dir, prompts_path, annotator_server):
+    annotator_server.faults = ["500", "malformed", "timeout"]
+    result = run_training("online_dpo", config_from_dict(
+        "online_dpo", http_config(tmp_path, tiny_model_dir, prompts_path, annotator_server)))
+    assert len(annotator_server.bodies) == 2 * 4 + 3  # both orders of 4 pairs, and the 3 retried requests
+    assert all("helpful and very short" in b["messages"][0]["content"] for b in annotator_server.bodies)
+    assert all(b["model"] == "annotator" for b in annotator_server.bodies)
+    rows = AIFeedbackStore(tmp_path / "store").read()
+    assert len(rows) == 4 and set(rows["instruction"]) == {"helpful and very short"}
+    assert rows["judge_id"].iloc[0].startswith("openai") and "annotator" in rows["judge_id"].iloc[0]
+    decided = rows[rows["preferred"] != "tie"]
+    assert all((a if p == "a" else b) == min(a, b, key=len)
+               for a, b, p in zip(decided["answer_a"], decided["answer_b"], decided["preferred"]))
+    assert result.metrics["ai_feedback/position_bias_rate"] == (rows["answer_a"].str.len()
+                                                                == rows["answer_b"].str.len()).mean()
+
+
+def test_http_annotator_that_keeps_failing_stops_training_and_stores_nothing(tmp_path, tiny_model_dir, prompts_path,
+                                                                            annotator_server):
+    annotator_server.always = "500"
+    config = config_from_dict("online_dpo", http_config(tmp_path, tiny_model_dir, prompts_path, annotator_server,
+                                                        judge_max_concurrency=1))
+    with pytest.raises(JudgeError, match=r"pair \d+ in order .*chat/completions failed after 3 attempts.*HTTP 500"):
+        run_training("online_dpo", config)
+    assert AIFeedbackStore(tmp_path / "store").read().empty
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the ai_feedback asset
+
+
+def test_ai_feedback_asset_publishes_judgements_and_agreed_pairs(tmp_path, tiny_model_dir):
+    import dagster as dg
+
+    from alignment_pipelines.assets.ai_feedback import ai_feedback
+    from alignment_pipelines.layout import DataRoot
+    from alignment_pipelines.methods.data import load_pairs
+    from alignment_pipelines.resources.storage import StorageResource
+
+    store = AIFeedbackStore(DataRoot(tmp_path).ai_feedback)
+    questions = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    store.judge(ShorterJudge(), questions, ["ok", "a long one", "same", "x"], ["a long one", "ok", "four", "yy"],
+                policy_version="run@step-0")
+    built = dg.materialize([ai_feedback], resources={"storage": StorageResource(root=str(tmp_path))})
+    ref = built.output_for_node("ai_feedback")
+    metadata = built.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["dagster/row_count"].value == 4 and metadata["ties"].value == 1  # "same" vs "four": a tie
+    assert ref.train_rows + ref.eval_rows == metadata["preference_pairs"].value == 3
+    pairs = load_pairs(ref.train_path)
+    assert all(len(c) < len(r) for c, r in zip(pairs["chosen"], pairs["rejected"]))
+    # an offline method trains on AI feedback only when a run is pointed at it
+    assert config_from_dict("dpo", {"model": str(tiny_model_dir), "data": ref.train_path, "memory_budget_gb": 0,
+                                    "output_dir": str(tmp_path / "dpo")}).data == ref.train_path
