@@ -47,8 +47,11 @@ DEMO_METHOD_CONFIG = {
     "rloo": {"max_steps": 10, "max_new_tokens": 48},
     "online_dpo": {"max_steps": 8, "max_new_tokens": 48},
 }
+# The demo's sequences are short: recomputing activations would cost time and save little memory.
+DEMO_COMMON = {"gradient_checkpointing": False}
 DEMO_RUN_CONFIG = {"ops": {
-    **{spec.asset: {"config": DEMO_METHOD_CONFIG.get(name, {"max_steps": 20})} for name, spec in METHODS.items()},
+    **{spec.asset: {"config": DEMO_COMMON | DEMO_METHOD_CONFIG.get(name, {"max_steps": 20})}
+       for name, spec in METHODS.items()},
     "evaluation_report": {"config": {"max_pairs": 64, "max_prompts": 64, "max_new_tokens": 48}},
 }}
 

@@ -51,6 +51,7 @@ def registry(tmp_path_factory, tiny_model_dir):
     synthetic_pairs().to_parquet(pairs)
     tracker = Tracker(DataRoot(root).ensure().local_tracking_uri, artifact_root=root / "artifacts")
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    saved_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(tracker.tracking_uri)
     mlflow.set_registry_uri(tracker.tracking_uri)
     common = {"data": str(pairs), "max_steps": 2, "learning_rate": 1e-2, "max_length": 64, "disable_tqdm": True}
@@ -63,6 +64,11 @@ def registry(tmp_path_factory, tiny_model_dir):
     yield {"tracker": tracker, "sft": sft, "dpo": dpo, "root": root, "base": tiny_model_dir}
     mlflow.set_tracking_uri(previous[0])
     mlflow.set_registry_uri(previous[1])
+    for name, value in saved_env.items():  # set_tracking_uri also exports the URI: later tests must not inherit it
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _answer(prediction) -> str:

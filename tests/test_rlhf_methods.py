@@ -264,3 +264,26 @@ def test_cli_trains_a_reward_model_then_ppo_and_rloo_on_it(tmp_path):
         assert metrics["method"] == method and metrics["metrics"]["steps"] == 3
     used = json.loads((tmp_path / "P" / "alignment_config.json").read_text())["reward_model"]
     assert Path(used).resolve() == (tmp_path / "RM").resolve()
+
+
+def test_a_reward_model_starts_from_an_sft_adapter(tmp_path, tiny_model_dir):
+    """The graph's case: the SFT model is a LoRA adapter of a causal LM, the reward model a sequence classifier."""
+    import torch
+
+    from alignment_pipelines.methods import run_training
+    from alignment_pipelines.methods.sft import SFTMethodConfig
+    from alignment_pipelines.models.loading import load_model
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Tea {i}?", "chosen": "Yes marker.", "rejected": "No."}) + "\n"
+                             for i in range(8)))
+    sft = tmp_path / "sft"
+    run_training("sft", SFTMethodConfig(model=str(tiny_model_dir), data=str(pairs), output_dir=str(sft), max_steps=2,
+                                        learning_rate=1e-2))
+    reward_start, _ = load_model(sft, "reward", device="cpu", dtype="float32")
+    policy, _ = load_model(sft, "policy", device="cpu", dtype="float32")
+    trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head")}
+    for name, value in reward_start.state_dict().items():
+        if name in trunk:
+            torch.testing.assert_close(value, trunk[name])  # the SFT weights, merged, under a new score head
+    assert reward_start.score.out_features == 1

@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+import copy
 import json
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -151,6 +152,20 @@ def lora_task_type(role: str) -> str:
     return "CAUSAL_LM" if role in ("policy", "reference") else "SEQ_CLS"
 
 
+def _with_new_head(model, cls, extra: dict):
+    """``model``'s trunk under the head ``cls`` puts on it (a fresh one-label score head for a reward model)."""
+    config = copy.deepcopy(model.config)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    reheaded = cls.from_config(config).to(model.dtype)
+    missing, _ = reheaded.load_state_dict(model.state_dict(), strict=False)
+    trunk_missing = [name for name in missing if not name.startswith(("score.", "classifier."))]
+    if trunk_missing:
+        raise ModelFolderError(f"cannot put a {cls.__name__} head on {type(model).__name__}: "
+                               f"{len(trunk_missing)} trunk weights do not match, e.g. {trunk_missing[:3]}")
+    return reheaded
+
+
 def load_weights(folder: str | Path, role: str = "policy", *, trust_remote_code: bool = False, dtype: Any = "auto"):
     """The model in ``folder`` for ``role``, on the CPU: an adapter is loaded onto its start model (recursively)
     and merged, so callers always get plain weights.
@@ -163,6 +178,10 @@ def load_weights(folder: str | Path, role: str = "policy", *, trust_remote_code:
     if not is_adapter_folder(folder):
         return cls.from_pretrained(folder, dtype=_torch_dtype(dtype), use_safetensors=True,
                                    trust_remote_code=trust_remote_code, **extra)
+    own_role = model_role(folder)
+    if auto_model_class(own_role) is not cls:  # e.g. a reward model started from the SFT policy's adapter
+        merged = load_weights(folder, own_role, trust_remote_code=trust_remote_code, dtype=dtype)
+        return _with_new_head(merged, cls, extra)
     from peft import PeftModel
 
     base = load_weights(adapter_parent(folder), role, trust_remote_code=trust_remote_code, dtype=dtype)
