@@ -5,7 +5,7 @@ import json
 import dagster as dg
 
 from alignment_pipelines.assets.training import SFT_ASSET, TRAINING_POOL
-from alignment_pipelines.data.records import read_records
+from alignment_pipelines.data.records import head_records
 from alignment_pipelines.evaluation.compare import CHAMPION, ModelUnderTest, evaluate_models
 from alignment_pipelines.evaluation.report import REPORT_FILE, comparison_table, evaluation_plots, render_report
 from alignment_pipelines.methods import METHODS
@@ -90,7 +90,8 @@ def build_evaluation_asset(policy_names: list[str], reward_names: list[str] | No
         if config.judge_by_reward_model and not reward_name:
             raise dg.Failure("judge_by_reward_model needs a trained reward model "
                              f"({reward_names or 'none is registered'})")
-        pairs = read_records(preference_pairs.eval_path).head(config.max_pairs)
+        # the eval split only, its first max_pairs rows only, and only the columns scored
+        pairs = head_records(preference_pairs.eval_path, config.max_pairs, columns=["prompt", "chosen", "rejected"])
         the_judge = None if config.judge_by_reward_model else judge.build()
         evaluation = evaluate_models(
             models, SFT_ASSET, pairs, list(pairs["prompt"].head(config.max_prompts)), the_judge,

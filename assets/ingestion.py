@@ -14,8 +14,8 @@ import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from alignment_pipelines.data.inbox import content_hash_of, find_batch_file, scan_inbox
-from alignment_pipelines.data.records import read_records
-from alignment_pipelines.data.validation import (ValidationRules, defect_count, row_keys, run_expectation_suite,
+from alignment_pipelines.data.key_index import KEYS_FILE, KeyIndex, ensure_keys
+from alignment_pipelines.data.validation import (ValidationRules, defect_count, run_expectation_suite_on_file,
                                                  validate_file_to_parquet)
 from alignment_pipelines.resources.models import BaseModelResource
 from alignment_pipelines.resources.storage import StorageResource
@@ -87,10 +87,13 @@ def validate_feedback_batch(context: dg.AssetExecutionContext, config: Validatio
         max_prompt_tokens=config.max_prompt_tokens, max_completion_tokens=config.max_completion_tokens,
         quarantine_over_length=config.quarantine_over_length,
         max_quarantine_fraction=config.max_quarantine_fraction)
-    earlier = earlier_accepted_keys(context.instance, layout, key)
-    summary = validate_file_to_parquet(raw_batch_file(batch_dir), batch_dir / ACCEPTED_FILE,
-                                       batch_dir / QUARANTINE_FILE, rules, layout=config.layout,
-                                       known_keys=earlier)
+    earlier = earlier_key_index(context.instance, layout, key)
+    try:
+        summary = validate_file_to_parquet(raw_batch_file(batch_dir), batch_dir / ACCEPTED_FILE,
+                                           batch_dir / QUARANTINE_FILE, rules, layout=config.layout,
+                                           known_index=earlier, keys_path=batch_dir / KEYS_FILE)
+    finally:
+        earlier.close()
     summary["rules"] = asdict(rules)
     (batch_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     if summary["accepted"] + summary["quarantined"] != summary["rows"]:  # the contract, checked every time
@@ -117,30 +120,32 @@ def validate_feedback_batch(context: dg.AssetExecutionContext, config: Validatio
     })
 
 
-def earlier_accepted_keys(instance: dg.DagsterInstance, layout, key: str) -> set[str]:
-    """Row keys of the accepted rows of every batch registered before `key` whose gate passed: a row
-    seen there is a cross-batch duplicate. A rejected batch's rows never reach a trainer, so a later
-    batch may bring them."""
+def earlier_key_index(instance: dg.DagsterInstance, layout, key: str) -> KeyIndex:
+    """The key index of every batch registered before `key` whose gate passed: a row seen there is a
+    cross-batch duplicate. A rejected batch's rows never reach a trainer, so a later batch may bring
+    them. Only the batches' key files are read (8 bytes a row, by the lookup query), never their rows."""
     earlier = instance.get_dynamic_partitions(feedback_batches.name)
     earlier = earlier[:earlier.index(key)] if key in earlier else earlier
-    keys: set[str] = set()
-    for batch, passed in gate_verdicts(instance, earlier).items():
-        if passed:
-            keys |= row_keys(read_records(layout.batch_dir(batch) / ACCEPTED_FILE))
-    return keys
+    files = [ensure_keys(layout.batch_dir(batch), ACCEPTED_FILE)
+             for batch, passed in gate_verdicts(instance, earlier).items()
+             if passed and (layout.batch_dir(batch) / ACCEPTED_FILE).exists()]
+    return KeyIndex(files)
 
 
 @dg.asset_check(asset="validated_feedback", blocking=True, partitions_def=feedback_batches,
                 description="The Great Expectations suite on the accepted rows, plus the batch's quarantine rate.")
 def validated_feedback_expectations(context: dg.AssetCheckExecutionContext,
                                     storage: StorageResource) -> dg.AssetCheckResult:
-    """The batch gate: `run_expectation_suite` on the accepted rows, with the rules and quarantine counts
-    the validation recorded in the batch's summary. Its recorded verdict is what admits the batch to
+    """The batch gate: the GX suite on the accepted rows (`run_expectation_suite_on_file`: streamed in large
+    chunks, reading only the columns the suite checks; uniqueness over the whole batch from its key file),
+    with the rules and quarantine counts the validation recorded in the batch's summary. Its recorded verdict is what admits the batch to
     the training datasets (`gate_verdicts`); the summary's own `suite_success` is not consulted."""
     batch_dir = storage.layout.batch_dir(context.partition_key)
     summary = json.loads((batch_dir / SUMMARY_FILE).read_text())
-    report = run_expectation_suite(read_records(batch_dir / ACCEPTED_FILE), ValidationRules(**summary["rules"]),
-                                   quarantined_count=defect_count(summary["by_reason"]))
+    keys = batch_dir / KEYS_FILE
+    report = run_expectation_suite_on_file(batch_dir / ACCEPTED_FILE, ValidationRules(**summary["rules"]),
+                                           quarantined_count=defect_count(summary["by_reason"]),
+                                           keys_path=keys if keys.exists() else None)
     return dg.AssetCheckResult(passed=report.success, metadata={
         "expectations": dg.MetadataValue.md(report.markdown()),
         "failed": [r["expectation"] for r in report.results if not r["success"]],

@@ -1,13 +1,15 @@
 """Ingestion + validation throughput and peak memory on a large generated feedback batch.
 
-    python benchmarks/ingestion.py --rows 200000 --rows 1000000 [--chunk-rows 50000] \
-        [--output benchmarks/results/ingestion.md]
+    python benchmarks/ingestion.py --rows 1000000 --rows 5000000 [--chunk-rows 50000] \
+        [--tokenizer .data/models/smollm2-135m-instruct] [--output benchmarks/results/ingestion.md]
 
 For each size a JSONL batch (pairwise, HH-RLHF-like multi-turn prompts, ~1% bad rows: broken
 JSON, identical pairs, empty answers, duplicates) is generated in a temp dir, then a fresh Python
-process runs `validate_file_to_parquet` on it (so peak RSS is that run's alone) and reports
-seconds, rows/s and peak RSS (resource.getrusage). The table is printed and, with --output,
-written as markdown.
+process runs `validate_file_to_parquet` on it (so peak RSS is that run's alone), with token-length
+statistics by the base model's tokenizer and the batch's key file written, and reports seconds,
+rows/s and peak RSS (resource.getrusage). The blocking check's GX suite on the accepted rows
+(`run_expectation_suite_on_file`) is timed separately. The machine's load (`uptime`) is recorded
+before and after each run. The table is printed and, with --output, written as markdown.
 """
 
 from __future__ import annotations
@@ -73,9 +75,38 @@ def generate(path: Path, rows: int, seed: int = 0, bad_fraction: float = 0.01) -
     return planted
 
 
-def child(path: str, chunk_rows: int) -> None:
+def load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
+
+
+BASE_ROWS = 250_000
+
+
+def generate_large(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
+    """`generate` for big sizes in a fraction of the time: a base block of at most BASE_ROWS lines is
+    generated once and written again with fresh prompt ids ("#<copy>.<i>"), so every copy has new rows
+    (and its own planted bad rows) while the lines keep the same shapes and lengths."""
+    if rows <= BASE_ROWS:
+        return generate(path, rows, seed=seed)
+    base = path.with_name(path.name + ".base")
+    planted = generate(base, BASE_ROWS, seed=seed)
+    lines = base.read_text(encoding="utf-8").splitlines()
+    base.unlink()
+    copies = -(-rows // BASE_ROWS)
+    written = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for k in range(copies):
+            n = min(BASE_ROWS, rows - written)
+            block = lines[:n] if k == 0 else [line.replace('"#', f'"#{k}.', 1) for line in lines[:n]]
+            fh.write("\n".join(block) + "\n")
+            written += n
+    return {key: value * rows // BASE_ROWS for key, value in planted.items()}
+
+
+def child(path: str, chunk_rows: int, tokenizer: str | None) -> None:
     """Run in a fresh process: validate one file and print a JSON result line."""
-    from alignment_pipelines.data.validation import validate_file_to_parquet
+    from alignment_pipelines.data.validation import (ValidationRules, defect_count, run_expectation_suite_on_file,
+                                                     validate_file_to_parquet)
 
     def rss_mib() -> float:
         with open("/proc/self/status") as fh:
@@ -85,16 +116,28 @@ def child(path: str, chunk_rows: int) -> None:
         return float("nan")
 
     out = Path(path).parent
-    # warm up: GX import and context are one-off costs, not throughput
+    rules = ValidationRules(tokenizer=tokenizer)
+    # warm up: imports, the GX context and the tokenizer's loading are one-off costs, not throughput
     tiny = out / "warmup.jsonl"
     tiny.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
-    validate_file_to_parquet(tiny, out / "w.a.parquet", out / "w.q.parquet")
+    t0 = time.perf_counter()
+    validate_file_to_parquet(tiny, out / "w.a.parquet", out / "w.q.parquet", rules)
+    run_expectation_suite_on_file(out / "w.a.parquet", rules)
+    warmup = time.perf_counter() - t0
     baseline = rss_mib()
     start = time.perf_counter()
-    summary = validate_file_to_parquet(path, out / "accepted.parquet", out / "quarantine.parquet", chunk_rows=chunk_rows)
+    summary = validate_file_to_parquet(path, out / "accepted.parquet", out / "quarantine.parquet", rules,
+                                       chunk_rows=chunk_rows, keys_path=out / "keys.parquet")
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "peak_mib": peak, "baseline_mib": baseline, "summary": summary}))
+    start = time.perf_counter()
+    report = run_expectation_suite_on_file(out / "accepted.parquet", rules, defect_count(summary["by_reason"]),
+                                           keys_path=out / "keys.parquet")
+    gate_seconds = time.perf_counter() - start
+    gate_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mib": peak, "baseline_mib": baseline, "warmup_s": warmup,
+                      "gate_seconds": gate_seconds, "gate_success": report.success, "gate_peak_mib": gate_peak,
+                      "summary": summary}))
 
 
 def main() -> None:
@@ -102,35 +145,43 @@ def main() -> None:
     ap.add_argument("--rows", type=int, action="append", help="batch size (repeatable); default 20000")
     ap.add_argument("--chunk-rows", type=int, default=50_000)
     ap.add_argument("--output", type=Path, help="write the markdown table here")
+    ap.add_argument("--tokenizer", default=".data/models/smollm2-135m-instruct",
+                    help="token-length statistics with this tokenizer ('' for none)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.chunk_rows)
+        child(args.child, args.chunk_rows, args.tokenizer or None)
         return
 
     sizes = args.rows or [20_000]
     results = []
+    if args.tokenizer:
+        args.tokenizer = str(Path(args.tokenizer).resolve())
     for rows in sizes:
-        with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir="/tmp") as tmp:
             path = Path(tmp) / "batch.jsonl"
             t0 = time.perf_counter()
-            planted = generate(path, rows)
+            planted = generate_large(path, rows)
             gen_s = time.perf_counter() - t0
             mib = path.stat().st_size / 2**20
             print(f"[{rows:,} rows] generated {mib:.0f} MiB in {gen_s:.0f}s, planted {planted}", flush=True)
+            before = load()
             proc = subprocess.run(
-                [sys.executable, __file__, "--child", str(path), "--chunk-rows", str(args.chunk_rows)],
+                [sys.executable, __file__, "--child", str(path), "--chunk-rows", str(args.chunk_rows),
+                 "--tokenizer", args.tokenizer or ""],
                 capture_output=True, text=True, check=False,
             )
+            after = load()
             if proc.returncode:
                 sys.exit(f"benchmark child failed:\n{proc.stderr[-4000:]}")
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             s = res["summary"]
             assert s["accepted"] + s["quarantined"] == s["rows"] == rows
-            res.update(rows=rows, file_mib=mib, planted=planted)
+            res.update(rows=rows, file_mib=mib, planted=planted, load_before=before, load_after=after)
             results.append(res)
             print(f"[{rows:,} rows] {res['seconds']:.1f}s, {rows / res['seconds']:,.0f} rows/s, peak {res['peak_mib']:.0f} MiB, "
-                  f"quarantined {s['quarantined']:,} {s['by_reason']}", flush=True)
+                  f"gate {res['gate_seconds']:.1f}s, quarantined {s['quarantined']:,} {s['by_reason']}, load {before} -> {after}",
+                  flush=True)
 
     cpus = os.cpu_count()
     lines = [
@@ -138,22 +189,35 @@ def main() -> None:
         "",
         "`python benchmarks/ingestion.py " + " ".join(f"--rows {r}" for r in sizes)
         + f" --chunk-rows {args.chunk_rows}`: JSONL batch of conversational pairs (3-turn prompts) with ~1% bad rows,",
-        "ingested + validated by `validate_file_to_parquet` (GX suite routing per chunk, chunk gate, duplicate",
-        "detection across chunks, Parquet output). Fresh process per size; seconds exclude the one-off GX warm-up.",
-        f"Machine: {cpus} CPU cores (shared with other work), Python {platform.python_version()}, {platform.machine()}.",
+        "ingested + validated by `validate_file_to_parquet`: plain lines parsed by Arrow's JSON reader, the rest row by",
+        "row; the suite's rules as Arrow kernels; duplicates within the batch; token-length statistics with the",
+        f"tokenizer `{Path(args.tokenizer).name if args.tokenizer else 'none'}` (exact counts); accepted rows, quarantine",
+        "and the batch's key file written as Parquet. Fresh process per size; seconds exclude the one-off warm-up",
+        "(imports, GX context, tokenizer load: `warm-up s`). `gate s` is the blocking check's Great Expectations suite",
+        "on the accepted rows (`run_expectation_suite_on_file`), run after it in the same process.",
+        f"Machine: {cpus} CPU cores, shared with other work (load average before -> after each run in the table),",
+        f"Python {platform.python_version()}, {platform.machine()}.",
         "",
-        "| rows | file MiB | chunk rows | seconds | rows/s | peak RSS MiB | RSS before run MiB | accepted | quarantined |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| rows | file MiB | chunk rows | seconds | rows/s | peak RSS MiB | RSS before run MiB | warm-up s | gate s "
+        "| accepted | quarantined | load before -> after |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         s = r["summary"]
         lines.append(
             f"| {r['rows']:,} | {r['file_mib']:.0f} | {args.chunk_rows:,} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} "
-            f"| {r['peak_mib']:.0f} | {r['baseline_mib']:.0f} | {s['accepted']:,} | {s['quarantined']:,} |"
+            f"| {r['peak_mib']:.0f} | {r['baseline_mib']:.0f} | {r['warmup_s']:.1f} | {r['gate_seconds']:.1f} "
+            f"| {s['accepted']:,} | {s['quarantined']:,} | {r['load_before']} -> {r['load_after']} |"
         )
     lines += ["", "Quarantine by reason:", ""]
     for r in results:
         lines.append(f"- {r['rows']:,} rows: {r['summary']['by_reason']} (planted: {r['planted']})")
+    lines += ["", "Token statistics:", ""]
+    for r in results:
+        t = r["summary"]["truncation"] or {}
+        lines.append(f"- {r['rows']:,} rows: measured {t.get('measured_rows', 0):,} rows, prompt tokens mean "
+                     f"{t.get('prompt_tokens_mean')} (max {t.get('prompt_tokens_max')}), completion tokens mean "
+                     f"{t.get('completion_tokens_mean')} (max {t.get('completion_tokens_max')})")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

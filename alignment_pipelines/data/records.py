@@ -64,12 +64,33 @@ def write_records(df: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def read_records(path: str | Path) -> pd.DataFrame:
-    """Read records written by `write_records`; `prompt` comes back as list of {"role","content"}
-    dicts, `label` as bool."""
+def read_records(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read records written by `write_records` (only `columns`, when given); `prompt` comes back as
+    list of {"role","content"} dicts, `label` as bool."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(Path(path))
+    return arrow_to_records(pq.read_table(Path(path), columns=columns))
+
+
+def head_records(path: str | Path, n: int, columns: list[str] | None = None) -> pd.DataFrame:
+    """The first `n` records of a file, reading only `columns` and only the row groups that hold them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(Path(path))
+    batches, taken = [], 0
+    if n > 0:
+        for batch in pf.iter_batches(batch_size=min(n, 65_536), columns=columns):
+            batches.append(batch.slice(0, n - taken))
+            taken += min(len(batch), n - taken)
+            if taken >= n:
+                break
+    schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
+    return arrow_to_records(pa.Table.from_batches(batches, schema=schema))
+
+
+def arrow_to_records(table) -> pd.DataFrame:
+    """A records table (Arrow) as the DataFrame `read_records` gives."""
     data: dict[str, Any] = {}
     for name in table.column_names:
         column = table.column(name)

@@ -176,7 +176,11 @@ def kto_balance(binary: pd.DataFrame) -> dict[str, Any]:
     if bad is not None:
         raise ValueError(f"label must be a boolean, got {bad!r:.40}")
     n = sum(1 for v in labels if v)
-    m = len(labels) - n
+    return kto_balance_counts(n, len(labels) - n)
+
+
+def kto_balance_counts(n: int, m: int) -> dict[str, Any]:
+    """`kto_balance` from the counts: n desirable, m undesirable rows."""
     out: dict[str, Any] = {"desirable": n, "undesirable": m}
     if n == 0 or m == 0:
         out.update(ratio=None if m == 0 else 0.0, desirable_weight=1.0, undesirable_weight=1.0, balanced=False)

@@ -45,6 +45,10 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from alignment_pipelines.data import columnar
 
 from alignment_pipelines.data.importers import ImportResult, iter_feedback_chunks, read_feedback_file
 from alignment_pipelines.data.pii import PII_TYPES, find_pii, redact_pii
@@ -61,21 +65,21 @@ from alignment_pipelines.data.schemas import (
     render_prompt,
     truncate_raw,
 )
+from alignment_pipelines.data.routing import (COMPLETION_FIELDS, TEXT_RULES, Chunk, derived_columns, raw_from_records,
+                                              records_to_arrow, route_chunk)
 from alignment_pipelines.data.splits import record_key
+from alignment_pipelines.data.tokens import _WS_CLASS, token_counter
 
-# C0 controls except tab/newline/carriage return, DEL, C1 controls, lone surrogates, U+FFFD.
-CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffd]"
-NON_BLANK = r"\S"
+# C0 controls except tab/newline/carriage return, DEL, C1 controls and U+FFFD (which lone surrogates, from
+# invalid UTF-8 or "\ud800" escapes, become before the rules run). Written with the characters themselves,
+# so that Python's `re` and RE2 (Arrow, pandas' Arrow strings under GX) read the pattern alike.
+CONTROL_CHARS = "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]"
+# Python's `\S` (any character that is not str.isspace()), spelled out so RE2 means the same
+NON_BLANK = f"[^{_WS_CLASS}]"
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 GATE_EXPECTATION = "expect_quarantine_fraction_to_be_at_most"
-# per kind: (columns that must be non-blank, text columns checked for control chars and length)
-_TEXT = {
-    "pairwise": (("prompt_final", "chosen", "rejected"), ("prompt_text", "chosen", "rejected")),
-    "binary": (("prompt_final", "completion"), ("prompt_text", "completion")),
-    "prompts": (("prompt_final",), ("prompt_text",)),
-}
+_TEXT = TEXT_RULES
 KEY_COLUMN = {"pairwise": "pair_key", "binary": "feedback_key", "prompts": "prompt_key"}
-COMPLETION_FIELDS = {"pairwise": ("chosen", "rejected"), "binary": ("completion",), "prompts": ()}
 
 
 def row_key(record: dict[str, Any], kind: str) -> str:
@@ -174,46 +178,11 @@ class SuiteReport:
 
 # --------------------------------------------------------------------------- tokens
 
-_TOKENIZERS: dict[str, Any] = {}
-
-
 def load_token_counter(path: str):
-    """A function texts -> token counts, from a local tokenizer (tokenizer.json via `tokenizers`,
-    else transformers' AutoTokenizer with local files only). Cached per path."""
-    with _LOCK:
-        if path not in _TOKENIZERS:
-            p = Path(path)
-            file = p if p.is_file() else p / "tokenizer.json"
-            if file.is_file():
-                from tokenizers import Tokenizer
-
-                tok = Tokenizer.from_file(str(file))
-                tok.no_truncation()
-                tok.no_padding()
-
-                def count(texts: list[str], tok=tok) -> list[int]:
-                    return [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
-
-            elif p.is_dir():
-                from transformers import AutoTokenizer
-
-                hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-
-                def count(texts: list[str], hf=hf) -> list[int]:
-                    return [len(ids) for ids in hf(texts, add_special_tokens=False)["input_ids"]]
-
-            else:
-                raise FileNotFoundError(f"tokenizer not found: {path} (a tokenizer folder or tokenizer.json)")
-            _TOKENIZERS[path] = count
-        return _TOKENIZERS[path]
-
-
-def _token_counts(texts: list[str], rules: ValidationRules) -> np.ndarray:
-    # a text over max_chars is quarantined anyway: cap what is tokenized (a 10 MB line stays cheap)
-    cap = rules.max_chars + 1
-    counter = load_token_counter(str(rules.tokenizer))
-    clean = [t[:cap].encode("utf-8", "replace").decode("utf-8") for t in texts]
-    return np.asarray(counter(clean), dtype=np.int64) if clean else np.zeros(0, dtype=np.int64)
+    """A function texts (Arrow string array or list of str) -> token counts (int64 array), from a local
+    tokenizer (tokenizer.json via `tokenizers`, else transformers' AutoTokenizer with local files only).
+    Loaded once per path; see `tokens.TokenCounter`."""
+    return token_counter(path).count
 
 
 def _new_truncation(rules: ValidationRules) -> dict:
@@ -281,41 +250,50 @@ def derived_frame(
     rules: ValidationRules | None = None,
     pii_rows: dict[int, Counter] | set[int] | None = None,
 ) -> pd.DataFrame:
-    """The frame the suite runs on: text columns plus helper columns (no list values)."""
+    """The frame the suite runs on: text columns (Arrow-backed strings) plus helper columns."""
     kind = kind or kind_of(records)
     rules = rules or ValidationRules()
-    prompts = records["prompt"].tolist()
-    out: dict[str, Any] = {
-        "row": records["row"].astype("int64").to_numpy(),
-        "prompt_text": [render_prompt(p) for p in prompts],
-        "prompt_final": [last_user_turn(p) for p in prompts],
-    }
-    for col in COMPLETION_FIELDS[kind]:
-        out[col] = ["" if v is None else str(v) for v in records[col].tolist()]
+    records = records.reset_index(drop=True)
+    table, label_ok = records_to_arrow(records, kind)
+    derived = derived_columns(table, kind)
+    out: dict[str, Any] = {"row": records["row"].astype("int64").to_numpy()}
+    for col in ("prompt_text", "prompt_final", *COMPLETION_FIELDS[kind]):
+        out[col] = pd.Series(derived[col], dtype=pd.ArrowDtype(pa.string())).astype("str")
     if kind == "pairwise":
-        out["pair_differs"] = [normalize_text(c) != normalize_text(r) for c, r in zip(out["chosen"], out["rejected"])]
+        out["pair_differs"] = pd.Series(pc.not_equal(columnar.normalize(derived["chosen"]),
+                                                     columnar.normalize(derived["rejected"])).to_numpy(zero_copy_only=False),
+                                        dtype=object)
     if kind == "binary":
         out["label_type"] = ["bool" if isinstance(v, (bool, np.bool_)) else type(v).__name__ for v in records["label"]]
     if rules.tokenizer:
-        out["prompt_tokens"] = _token_counts(out["prompt_text"], rules)
-        completions = [_token_counts(out[c], rules) for c in COMPLETION_FIELDS[kind]]
+        counter = load_token_counter(str(rules.tokenizer))
+        out["prompt_tokens"] = counter(derived["prompt_text"])
+        completions = [counter(derived[c]) for c in COMPLETION_FIELDS[kind]]
         out["completion_tokens"] = (
             np.maximum.reduce(completions) if completions else np.zeros(len(records), dtype=np.int64)
         )
     if rules.pii == "quarantine":
         pii_rows = pii_rows if pii_rows is not None else _pii_scan(records, kind, redact=False)[1]
         out["pii_found"] = [int(r) in pii_rows for r in out["row"]]
-    # lone surrogates (invalid UTF-8, "\ud800" escapes) cannot be hashed or stored by pandas/GX:
-    # they become U+FFFD, which the suite's text rule quarantines as INVALID_TEXT
-    for col in ("prompt_text", "prompt_final", *COMPLETION_FIELDS[kind]):
-        out[col] = [_SURROGATES.sub("\ufffd", t) if _SURROGATES.search(t) else t for t in out[col]]
-    frame = pd.DataFrame(
-        {k: (pd.Series(v, dtype=object) if isinstance(v, list) else v) for k, v in out.items()}
-    )
-    columns = COLUMNS_BY_KIND[kind][1:]
-    keys = [record_key(dict(zip(columns, values)), kind) for values in zip(*(records[c] for c in columns))]
-    frame[KEY_COLUMN[kind]] = pd.Series(keys, dtype=object)
+    frame = pd.DataFrame(out)
+    pk = columnar.prompt_keys(table.column("prompt"))
+    if kind == "pairwise":
+        keys = columnar.pair_keys(pk, columnar.normalize(derived["chosen"]), columnar.normalize(derived["rejected"]))
+    elif kind == "binary":
+        labels = [_label_token(v) for v in records["label"]]
+        keys = [record_key({"prompt": p, "completion": c, "label": lab}, kind) if tok not in ("0", "1") else None
+                for p, c, lab, tok in zip(records["prompt"], records["completion"], records["label"], labels)]
+        fast = columnar.binary_keys(pk, columnar.normalize(derived["completion"]),
+                                    np.array([t == "1" for t in labels], dtype=bool))
+        keys = [k if k is not None else f for k, f in zip(keys, fast)]
+    else:
+        keys = pk
+    frame[KEY_COLUMN[kind]] = pd.Series(keys, dtype="str")
     return frame
+
+
+def _label_token(label: Any) -> str:
+    return ("1" if label else "0") if isinstance(label, (bool, np.bool_)) else repr(label)
 
 
 def _pii_scan(records: pd.DataFrame, kind: str, redact: bool) -> tuple[pd.DataFrame, dict[int, Counter], Counter]:
@@ -364,6 +342,11 @@ def _gx():
             import great_expectations as gx
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
+            # GX fingerprints every batch by hashing every cell (pandas' hash_pandas_object), which costs
+            # more than the expectations themselves; a batch here is identified by its shape and rows
+            from great_expectations.execution_engine import pandas_execution_engine
+
+            pandas_execution_engine.hash_pandas_dataframe = _fingerprint
             context = gx.get_context(mode="ephemeral")
             try:
                 context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
@@ -375,6 +358,15 @@ def _gx():
             _STATE["batch_definition"] = asset.add_batch_definition_whole_dataframe("whole")
             _STATE["suites"] = {}
         return _STATE["gx"], _STATE["batch_definition"]
+
+
+def _fingerprint(df: pd.DataFrame) -> str:
+    import hashlib
+
+    rows = df["row"].to_numpy() if "row" in df.columns and len(df) else np.zeros(0, dtype=np.int64)
+    summary = (df.shape, [str(c) for c in df.columns], int(rows.sum()) if len(rows) else 0,
+               rows[:8].tolist(), rows[-8:].tolist())
+    return hashlib.md5(repr(summary).encode(), usedforsecurity=False).hexdigest()
 
 
 def _row_expectations(rules: ValidationRules, kind: str = "pairwise") -> list[tuple[Any, ReasonCode]]:
@@ -522,116 +514,87 @@ class KeySet:
 # --------------------------------------------------------------------------- routing
 
 
-@dataclass
-class _Routed:
-    result: ValidationResult
-    accepted_frame: pd.DataFrame | None  # derived frame of the accepted rows (for the chunk gate)
-
-
-def _route(
-    imported: ImportResult,
-    rules: ValidationRules,
-    known: KeySet | None = None,
-    seen: KeySet | None = None,
-) -> _Routed:
+def _chunk_from_import(imported: ImportResult, rules: ValidationRules) -> Chunk:
+    """A routing chunk of an importer's result (PII screened or redacted first, as configured)."""
     kind = imported.kind
     records = imported.records.reset_index(drop=True)
-    quarantine_rows: list[dict[str, Any]] = imported.rejected.to_dict("records")
-    failed: dict[int, tuple[ReasonCode, str]] = {}
-    pii_summary: dict | None = None
-    truncation: dict | None = _new_truncation(rules) if rules.tokenizer else None
-    accepted_frame = None
-
+    pii_rows = pii_summary = None
     if rules.pii != "off":
         records, pii_rows, counts = _pii_scan(records, kind, redact=rules.pii == "redact")
         pii_summary = {"mode": rules.pii, "rows": len(pii_rows), **{t: int(counts.get(t, 0)) for t in PII_TYPES}}
-    else:
-        pii_rows = {}
+    table, label_ok = records_to_arrow(records, kind)
+    return Chunk(source=imported.source, kind=kind, layout=imported.layout, rows=imported.rows, table=table,
+                 rejected=imported.rejected.to_dict("records"), raw=raw_from_records(records, imported.raw_lines),
+                 label_ok=label_ok, pii_rows=pii_rows, pii=pii_summary, original=records)
 
-    if len(records):
-        frame = derived_frame(records, kind, rules, pii_rows)
-        key_col = KEY_COLUMN[kind]
-        for er, reason in _run_suite(frame, rules, complete=True, kind=kind):
-            if reason is ReasonCode.DUPLICATE or er.success:
-                continue
-            if er.exception_info and er.exception_info.get("raised_exception"):
-                raise RuntimeError(f"expectation {er.expectation_config.type} raised: {er.exception_info}")
-            _, column = _describe(er)
-            if column in _TOKEN_DETAIL:
-                n = rules.max_prompt_tokens if column == "prompt_tokens" else rules.max_completion_tokens
-                detail = _TOKEN_DETAIL[column].format(n=n)
-            else:
-                detail = _DETAIL[reason].format(
-                    column=_COLUMN_NAMES.get(column, column), max_chars=rules.max_chars, first="?"
-                )
-            for item in er.result.get("unexpected_index_list") or []:
-                row = int(item["row"])
-                failed.setdefault(row, (reason, detail))  # first failure wins (suite order)
 
-        # duplicates among the rows that pass: earlier batches, then this batch (earlier chunks,
-        # then this chunk); the first copy is kept
-        passing = frame[~frame["row"].isin(failed.keys())]
-        k64 = np.fromiter((_key64(k) for k in passing[key_col]), dtype=np.uint64, count=len(passing))
-        rows = passing["row"].to_numpy(dtype=np.int64)
-        if known is not None and len(known):
-            hit, _ = known.lookup(k64)
-            for row in rows[hit]:
-                failed[int(row)] = (ReasonCode.DUPLICATE_ACROSS_BATCHES, _DETAIL[ReasonCode.DUPLICATE_ACROSS_BATCHES])
-            keep = ~hit
-            passing, k64, rows = passing[keep], k64[keep], rows[keep]
-        if seen is not None and len(seen):
-            hit, first_rows = seen.lookup(k64)
-            for row, first in zip(rows[hit], first_rows[hit]):
-                failed[int(row)] = (ReasonCode.DUPLICATE, _DETAIL[ReasonCode.DUPLICATE].format(first=int(first)))
-            keep = ~hit
-            passing, k64, rows = passing[keep], k64[keep], rows[keep]
-        dup = passing.duplicated(key_col, keep="first").to_numpy()
-        if dup.any():
-            first_row = passing[~dup].set_index(key_col)["row"]
-            for key, row in zip(passing.loc[dup, key_col], passing.loc[dup, "row"]):
-                failed[int(row)] = (ReasonCode.DUPLICATE, _DETAIL[ReasonCode.DUPLICATE].format(first=int(first_row[key])))
-        if seen is not None:
-            seen.add(k64[~dup], rows[~dup])
+def _iter_chunks(path: str | Path, layout: str | None, chunk_rows: int, rules: ValidationRules):
+    """Routing chunks of a feedback file: JSON Lines at Arrow speed (`jsonl_fast`), other formats (and
+    PII screening, which rewrites records) through the row-by-row importers."""
+    from alignment_pipelines.data import importers
+    from alignment_pipelines.data.jsonl_fast import iter_jsonl_chunks
 
-        if failed:
-            bad = records[records["row"].isin(failed.keys())]
-            for rec in bad.to_dict("records"):
-                row = int(rec["row"])
-                reason, detail = failed[row]
-                if reason is ReasonCode.PII:
-                    detail = "contains personal data: " + ", ".join(
-                        f"{n} {t}" for t, n in sorted(pii_rows.get(row, Counter()).items())
-                    )
-                quarantine_rows.append(
-                    {"row": row, "reason": reason, "detail": detail,
-                     "raw": imported.raw_lines.get(row) or truncate_raw(_raw(rec))}
-                )
-        accepted_frame = frame[~frame["row"].isin(failed.keys())].reset_index(drop=True)
-        if truncation is not None and len(accepted_frame):
-            _count_truncation(truncation, accepted_frame, rules, kind)
+    p = Path(path)
+    if rules.pii == "off" and p.is_file() and importers._detect_format(p, importers._sniff(p)) == "jsonl":
+        yield from _prefetch(iter_jsonl_chunks(p, layout=layout, chunk_rows=chunk_rows))
+        return
+    for imported in iter_feedback_chunks(path, layout=layout, chunk_rows=chunk_rows):
+        yield _chunk_from_import(imported, rules)
 
-    accepted = records[~records["row"].isin(failed.keys())].reset_index(drop=True)[COLUMNS_BY_KIND[kind]]
-    if kind == "binary":
-        accepted["label"] = accepted["label"].astype(bool)
+
+def _prefetch(chunks):
+    """Read and parse the next chunk on a second thread while this one is routed (Arrow, RE2, the
+    JSON reader and the tokenizer release the GIL, so the two cores overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    iterator = iter(chunks)
+    sentinel = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="feedback-reader") as pool:
+        future = pool.submit(next, iterator, sentinel)
+        while True:
+            chunk = future.result()
+            if chunk is sentinel:
+                return
+            future = pool.submit(next, iterator, sentinel)
+            yield chunk
+
+
+def _quarantine(routed, rules: ValidationRules) -> pd.DataFrame:
+    rows = routed.quarantine
     if rules.pii != "off":  # with screening on, no PII is persisted: not even in the quarantine
-        for q in quarantine_rows:
-            q["raw"] = redact_pii(str(q["raw"]))[0]
-    quarantined = quarantine_frame(quarantine_rows)
+        rows = [{**q, "raw": redact_pii(str(q["raw"]))[0]} for q in rows]
+    quarantined = quarantine_frame(rows)
     if len(quarantined):
         quarantined = quarantined.sort_values("row", kind="stable").reset_index(drop=True)[QUARANTINE_COLUMNS]
+    return quarantined
+
+
+def _accepted_frame(chunk: Chunk, routed) -> pd.DataFrame:
+    kind = chunk.kind
+    if chunk.original is not None:
+        accepted = chunk.original[routed.accepted_mask].reset_index(drop=True)[COLUMNS_BY_KIND[kind]]
+    else:
+        from alignment_pipelines.data.records import arrow_to_records
+
+        accepted = arrow_to_records(routed.accepted)
+    if kind == "binary":
+        accepted["label"] = accepted["label"].astype(bool)
+    return accepted
+
+
+def _result(chunk: Chunk, routed, rules: ValidationRules) -> ValidationResult:
     out = ValidationResult(
-        source=imported.source,
-        rows=imported.rows,
-        accepted=accepted,
-        quarantined=quarantined,
-        kind=kind,
-        layout=imported.layout,
-        truncation=truncation,
-        pii=pii_summary,
-        over_length_policy=rules.over_length_policy,
-    )
+        source=chunk.source, rows=chunk.rows, accepted=_accepted_frame(chunk, routed),
+        quarantined=_quarantine(routed, rules), kind=chunk.kind, layout=chunk.layout,  # type: ignore[arg-type]
+        truncation=routed.truncation, pii=chunk.pii, over_length_policy=rules.over_length_policy)
     assert len(out.accepted) + len(out.quarantined) == out.rows, "validation must account for every row"
-    return _Routed(out, accepted_frame)
+    return out
+
+
+def _route(imported: ImportResult, rules: ValidationRules, known: KeySet | None = None,
+           seen: KeySet | None = None) -> ValidationResult:
+    chunk = _chunk_from_import(imported, rules)
+    return _result(chunk, route_chunk(chunk, rules, known, seen), rules)
 
 
 def _count_truncation(acc: dict, frame: pd.DataFrame, rules: ValidationRules, kind: str) -> None:
@@ -652,11 +615,6 @@ def _count_truncation(acc: dict, frame: pd.DataFrame, rules: ValidationRules, ki
         acc["any_over"] += int(p_over.sum())
 
 
-def _raw(rec: dict[str, Any]) -> str:
-    out = {k: ([dict(m) for m in as_messages(v)] if k == "prompt" else v) for k, v in rec.items() if k != "row"}
-    return json.dumps(out, ensure_ascii=False, default=str)
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -665,7 +623,7 @@ def validate_records(
 ) -> ValidationResult:
     """Route every imported row to `accepted` or `quarantined` (with a ReasonCode)."""
     known = KeySet.from_hex(known_keys) if known_keys else None
-    return _route(imported, rules, known, KeySet()).result
+    return _route(imported, rules, known, KeySet())
 
 
 def validate_file(
@@ -734,6 +692,95 @@ def run_expectation_suite(
     return SuiteReport(success=all(r["success"] for r in results), results=results)
 
 
+def _gate_frame(table: pa.Table, kind: str, rules: ValidationRules, keys: np.ndarray | None) -> pd.DataFrame:
+    """`derived_frame` of a records table read from Parquet (labels are booleans there), the key column
+    from the batch's key file when given."""
+    derived = derived_columns(table, kind)
+    out: dict[str, Any] = {"row": columnar.as_array(table.column("row")).to_numpy(zero_copy_only=False)}
+    for col in ("prompt_text", "prompt_final", *COMPLETION_FIELDS[kind]):
+        out[col] = pd.Series(derived[col], dtype=pd.ArrowDtype(pa.string())).astype("str")
+    normalized = {c: columnar.normalize(derived[c]) for c in COMPLETION_FIELDS[kind]}
+    if kind == "pairwise":
+        out["pair_differs"] = pd.Series(pc.not_equal(normalized["chosen"], normalized["rejected"])
+                                        .to_numpy(zero_copy_only=False), dtype=object)
+    labels = None
+    if kind == "binary":
+        label = columnar.as_array(table.column("label"))
+        out["label_type"] = np.where(pc.is_null(label).to_numpy(zero_copy_only=False), "NoneType", "bool")
+        labels = pc.fill_null(label, False).to_numpy(zero_copy_only=False)
+    if rules.tokenizer:
+        counter = load_token_counter(str(rules.tokenizer))
+        out["prompt_tokens"] = counter(derived["prompt_text"])
+        completions = [counter(derived[c]) for c in COMPLETION_FIELDS[kind]]
+        out["completion_tokens"] = np.maximum.reduce(completions) if completions else np.zeros(table.num_rows, np.int64)
+    if rules.pii == "quarantine":
+        from alignment_pipelines.data.records import arrow_to_records
+
+        pii_rows = _pii_scan(arrow_to_records(table), kind, redact=False)[1]
+        out["pii_found"] = [int(r) in pii_rows for r in out["row"]]
+    if keys is None:
+        keys = columnar.record_key64(kind, columnar.prompt_keys(table.column("prompt")), normalized, labels)
+    frame = pd.DataFrame(out)
+    frame[KEY_COLUMN[kind]] = np.asarray(keys).view(np.int64)
+    return frame
+
+
+def run_expectation_suite_on_file(
+    path: str | Path,
+    rules: ValidationRules = ValidationRules(),
+    quarantined_count: int | None = None,
+    kind: str | None = None,
+    keys_path: str | Path | None = None,
+    chunk_rows: int = 250_000,
+) -> SuiteReport:
+    """`run_expectation_suite` on a batch's accepted Parquet file, in memory bounded by `chunk_rows`: the
+    suite runs on each chunk (only the kind's columns are read) and the results add up; uniqueness is
+    checked over the whole batch, from its key file (`key_index`) when given."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(Path(path))
+    kind = kind or kind_of(pf.schema_arrow.empty_table().to_pandas())
+    key_rows = all_keys = None
+    if keys_path is not None:
+        kt = pq.read_table(Path(keys_path), columns=["row", "key"])
+        key_rows = kt.column("row").to_numpy()
+        all_keys = kt.column("key").to_numpy()
+        order = np.argsort(key_rows, kind="stable")
+        key_rows, all_keys = key_rows[order], all_keys[order]
+    merged: dict[tuple, dict] = {}
+    order_of: list[tuple] = []
+    seen_keys: list[np.ndarray] = []
+    batches = pf.iter_batches(batch_size=chunk_rows, columns=COLUMNS_BY_KIND[kind])
+    for batch in batches if pf.metadata.num_rows else [None]:
+        table = pa.Table.from_batches([batch]) if batch is not None else pf.schema_arrow.empty_table()
+        keys = None
+        if all_keys is not None and table.num_rows:
+            rows = table.column("row").to_numpy()
+            keys = all_keys[np.searchsorted(key_rows, rows)]
+        frame = _gate_frame(table, kind, rules, keys)
+        seen_keys.append(frame[KEY_COLUMN[kind]].to_numpy())
+        for r in _report_rows(frame, rules, kind):
+            k = (r["expectation"], str(r["column"]))
+            if k not in merged:
+                merged[k] = dict(r)
+                order_of.append(k)
+            else:
+                merged[k]["success"] = merged[k]["success"] and r["success"]
+                merged[k]["unexpected_count"] += r["unexpected_count"]
+    # uniqueness over the whole batch (GX saw one chunk at a time)
+    keys_all = np.concatenate(seen_keys) if seen_keys else np.zeros(0, np.int64)
+    uniq, counts = np.unique(keys_all, return_counts=True)
+    dup_rows = int(counts[counts > 1].sum())
+    for k in order_of:
+        if merged[k]["reason"] is ReasonCode.DUPLICATE:
+            merged[k]["unexpected_count"] = dup_rows
+            merged[k]["success"] = dup_rows == 0
+    results = [merged[k] for k in order_of]
+    if quarantined_count is not None:
+        results.append(_gate_result(int(quarantined_count), pf.metadata.num_rows + int(quarantined_count), rules))
+    return SuiteReport(success=all(r["success"] for r in results), results=results)
+
+
 def validate_file_to_parquet(
     path: str | Path,
     accepted_path: str | Path,
@@ -742,92 +789,90 @@ def validate_file_to_parquet(
     layout: str | None = None,
     known_keys: set[str] | None = None,
     chunk_rows: int = 50_000,
+    keys_path: str | Path | None = None,
+    known_index: Any = None,
 ) -> dict:
     """Validate a file chunk by chunk, streaming accepted rows (`write_records` format) and
     quarantined rows (QUARANTINE_COLUMNS) to Parquet. Memory is bounded by the chunk size (plus
     16 bytes per accepted row for duplicate detection). The outputs appear only when the whole
     file was read (written to temporary names, then renamed); a FeedbackFileError leaves none.
 
+    Rows already accepted in earlier batches are duplicates: `known_keys` (row keys, hex) or
+    `known_index` (an object whose `lookup(key64)` answers, e.g. `key_index.KeyIndex`). With
+    `keys_path` the accepted rows' keys are written there too (`key_index.KEYS_SCHEMA`): the batch's
+    entry in the key index.
+
     Returns the summary: rows, accepted, quarantined, by_reason, kind, layout, truncation, pii,
-    over_length_policy, suite_success (the suite on every accepted chunk and the batch
-    quarantine-fraction gate, recorded as data: the batch gate is `run_expectation_suite`),
+    over_length_policy, suite_success (the row rules hold on the accepted rows by construction; this is
+    the batch quarantine-fraction gate, recorded as data: the batch gate is `run_expectation_suite`),
     suite (failed expectations), samples (<= 5 quarantined rows), chunks.
     """
     import pyarrow.parquet as pq
 
-    from alignment_pipelines.data.records import quarantine_schema, quarantine_table, records_schema, records_table
+    from alignment_pipelines.data.key_index import KEYS_SCHEMA
+    from alignment_pipelines.data.records import quarantine_schema, quarantine_table, records_schema
 
     accepted_path, quarantine_path = Path(accepted_path), Path(quarantine_path)
-    for p in (accepted_path, quarantine_path):
+    outputs = [accepted_path, quarantine_path] + ([Path(keys_path)] if keys_path else [])
+    for p in outputs:
         p.parent.mkdir(parents=True, exist_ok=True)
-    tmp_a = accepted_path.with_name(accepted_path.name + ".partial")
-    tmp_q = quarantine_path.with_name(quarantine_path.name + ".partial")
-    known = KeySet.from_hex(known_keys) if known_keys else None
+    partial = [p.with_name(p.name + ".partial") for p in outputs]
+    known = known_index if known_index is not None else (KeySet.from_hex(known_keys) if known_keys else None)
     seen = KeySet()
-    writer_a = writer_q = None
+    writers: list[Any] = []
     rows = accepted = quarantined = chunks = 0
     by_reason: Counter = Counter()
     samples: list[dict] = []
-    failed_expectations: dict[str, dict] = {}
-    chunk_gates_ok = True
     truncation: dict | None = None
     pii: dict | None = None
     kind, file_layout = "pairwise", "none"
     try:
-        for imported in iter_feedback_chunks(path, layout=layout, chunk_rows=chunk_rows):
-            routed = _route(imported, rules, known, seen)
-            result = routed.result
-            kind, file_layout = result.kind, result.layout
-            if writer_a is None:
-                writer_a = pq.ParquetWriter(tmp_a, records_schema(kind))
-                writer_q = pq.ParquetWriter(tmp_q, quarantine_schema())
-            if len(result.accepted):
-                writer_a.write_table(records_table(result.accepted).cast(records_schema(kind)))
-            if len(result.quarantined):
-                q = result.quarantined
-                writer_q.write_table(quarantine_table(q))
+        for chunk in _iter_chunks(path, layout, chunk_rows, rules):
+            routed = route_chunk(chunk, rules, known, seen)
+            kind, file_layout = chunk.kind, chunk.layout
+            if not writers:
+                writers = [pq.ParquetWriter(partial[0], records_schema(kind)),
+                           pq.ParquetWriter(partial[1], quarantine_schema())]
+                if keys_path:
+                    writers.append(pq.ParquetWriter(partial[2], KEYS_SCHEMA))
+            if routed.accepted.num_rows:
+                writers[0].write_table(routed.accepted.cast(records_schema(kind)))
+                if keys_path:
+                    writers[2].write_table(routed.keys.cast(KEYS_SCHEMA))
+            q = _quarantine(routed, rules)
+            if len(q):
+                writers[1].write_table(quarantine_table(q))
                 for rec in q.head(5 - len(samples)).to_dict("records") if len(samples) < 5 else []:
                     samples.append({"row": int(rec["row"]), "reason": str(rec["reason"]), "detail": rec["detail"]})
-            # the chunk gate: the suite on this chunk's accepted rows (reusing the derived frame)
-            if routed.accepted_frame is not None and len(routed.accepted_frame):
-                for r in _report_rows(routed.accepted_frame, rules, kind):
-                    if not r["success"]:
-                        chunk_gates_ok = False
-                        entry = failed_expectations.setdefault(
-                            f"{r['expectation']}:{r['column']}", {**r, "reason": str(r["reason"]), "unexpected_count": 0}
-                        )
-                        entry["unexpected_count"] += r["unexpected_count"]
-            rows += result.rows
-            accepted += len(result.accepted)
-            quarantined += len(result.quarantined)
-            by_reason.update(result.counts_by_reason())
-            truncation = _add_truncation(truncation, result.truncation)
-            if result.pii is not None:
-                pii = dict(result.pii) if pii is None else {
-                    k: (v + result.pii[k] if isinstance(v, int) else v) for k, v in pii.items()
+                by_reason.update(q["reason"].map(str).tolist())
+            rows += chunk.rows
+            accepted += routed.accepted.num_rows
+            quarantined += len(q)
+            truncation = _add_truncation(truncation, routed.truncation)
+            if chunk.pii is not None:
+                pii = dict(chunk.pii) if pii is None else {
+                    k: (v + chunk.pii[k] if isinstance(v, int) else v) for k, v in pii.items()
                 }
             chunks += 1
-        if writer_a is None:  # pragma: no cover - iter_feedback_chunks always yields
+        if not writers:  # pragma: no cover - the chunk iterators always yield
             raise RuntimeError("no chunk read")
     except BaseException:
-        for w in (writer_a, writer_q):
-            if w is not None:
-                w.close()
-        for p in (tmp_a, tmp_q):
+        for w in writers:
+            w.close()
+        for p in partial:
             p.unlink(missing_ok=True)
         raise
-    writer_a.close()
-    writer_q.close()
+    for w in writers:
+        w.close()
     if accepted + quarantined != rows:  # the contract, checked every time
-        tmp_a.unlink(missing_ok=True)
-        tmp_q.unlink(missing_ok=True)
+        for p in partial:
+            p.unlink(missing_ok=True)
         raise AssertionError(f"{path}: rows lost in validation: {rows} in, {accepted} accepted, {quarantined} quarantined")
-    os.replace(tmp_a, accepted_path)
-    os.replace(tmp_q, quarantine_path)
+    for tmp, final in zip(partial, outputs):
+        os.replace(tmp, final)
     defects = defect_count(by_reason)
     gate = _gate_result(defects, rows - (quarantined - defects), rules)
-    if not gate["success"]:
-        failed_expectations[GATE_EXPECTATION] = {**gate, "reason": str(gate["reason"])}
+    failed = [] if gate["success"] else [{**gate, "reason": str(gate["reason"])}]
     return {
         "source": str(path),
         "kind": kind,
@@ -839,8 +884,8 @@ def validate_file_to_parquet(
         "truncation": _truncation_summary(truncation, rules.over_length_policy),
         "pii": pii,
         "over_length_policy": rules.over_length_policy,
-        "suite_success": bool(chunk_gates_ok and gate["success"]),
-        "suite": {"failed": list(failed_expectations.values()), "quarantine_fraction": gate["observed_value"]},
+        "suite_success": bool(gate["success"]),
+        "suite": {"failed": failed, "quarantine_fraction": gate["observed_value"]},
         "samples": samples,
         "chunks": chunks,
         "chunk_rows": chunk_rows,

@@ -1,0 +1,164 @@
+"""Vectorised helpers over Arrow columns: the prompt's derived texts, Python-exact normalisation and the
+content keys of many records at once.
+
+Every function here gives exactly what its one-record counterpart in `schemas`/`splits` gives
+(`render_prompt`, `last_user_turn`, `normalize_text`, `prompt_key`, `record_key`), for all records of a
+chunk at once: Arrow kernels for the common case (ASCII text), Python only for the rows that need it
+(NFC of non-ASCII text), hashlib for the digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from alignment_pipelines.data.tokens import PY_WHITESPACE
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+PROMPT_TYPE = pa.list_(MESSAGE_TYPE)
+
+
+def as_array(column: Any) -> pa.Array:
+    """One contiguous Arrow array from a column (ChunkedArray or Array)."""
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+def strip(arr: pa.Array) -> pa.Array:
+    """`str.strip()` of each value: every character `str.isspace()` accepts, at both ends."""
+    return pc.utf8_trim(arr, PY_WHITESPACE)
+
+
+def normalize(arr: pa.Array) -> pa.Array:
+    """`schemas.normalize_text` of each value: NFC, then stripped. ASCII text is already NFC."""
+    arr = as_array(arr)
+    if len(arr) == 0:
+        return arr
+    non_ascii = np.flatnonzero(~pc.string_is_ascii(arr).to_numpy(zero_copy_only=False))
+    if len(non_ascii):
+        values = arr.take(pa.array(non_ascii)).to_pylist()
+        fixed = pa.array([unicodedata.normalize("NFC", v) for v in values], type=pa.string())
+        mask = np.zeros(len(arr), dtype=bool)
+        mask[non_ascii] = True
+        arr = pc.replace_with_mask(arr, pa.array(mask), fixed)
+    return strip(arr)
+
+
+def prompt_parts(prompt: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """(roles, contents, parent row of each message) of a list<struct<role, content>> column."""
+    prompt = as_array(prompt)
+    messages = prompt.flatten()
+    parents = pc.list_parent_indices(prompt).to_numpy(zero_copy_only=False)
+    return messages.field("role"), messages.field("content"), parents
+
+
+def _list_of(prompt: pa.Array, values: pa.Array) -> pa.ListArray:
+    """A list array with the prompt's list structure over `values` (one value per message)."""
+    prompt = as_array(prompt)
+    offsets = np.asarray(prompt.offsets.to_numpy(zero_copy_only=False), dtype=np.int32)
+    offsets = offsets - offsets[0]
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
+
+
+def render_prompts(prompt: pa.Array) -> pa.Array:
+    """`schemas.render_prompt` of each row: "role: content" turns joined by a blank line."""
+    roles, contents, _ = prompt_parts(prompt)
+    turns = pc.binary_join_element_wise(roles, contents, ": ")
+    return pc.fill_null(pc.binary_join(_list_of(prompt, turns), "\n\n"), "")
+
+
+def last_user_turns(prompt: pa.Array) -> pa.Array:
+    """`schemas.last_user_turn` of each row: the content of its last user turn, "" when none."""
+    prompt = as_array(prompt)
+    roles, contents, parents = prompt_parts(prompt)
+    n = len(prompt)
+    last = np.full(n, -1, dtype=np.int64)
+    users = np.flatnonzero(pc.equal(roles, "user").to_numpy(zero_copy_only=False))
+    if len(users):
+        np.maximum.at(last, parents[users], users)
+    has = last >= 0
+    out = np.full(n, "", dtype=object)
+    if has.any():
+        taken = contents.take(pa.array(last[has]))
+        result = pa.array([""] * n, type=pa.string())
+        return pc.replace_with_mask(result, pa.array(has), taken)
+    return pa.array(out.tolist(), type=pa.string())
+
+
+def json_escape(arr: pa.Array) -> pa.Array:
+    """The body of `json.dumps(value, ensure_ascii=False)` for text without other control characters
+    than tab, newline and carriage return (what a row that passed the rules holds)."""
+    for old, new in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
+        arr = pc.replace_substring(arr, old, new)
+    return arr
+
+
+def _sha256_hex(payloads: pa.Array) -> list[str]:
+    return [hashlib.sha256(p).hexdigest() for p in payloads.cast(pa.binary()).to_pylist()]
+
+
+def prompt_keys(prompt: pa.Array) -> list[str]:
+    """`splits.prompt_key` of each row (sha256 hex of the normalised turns as sorted-key JSON)."""
+    roles, contents, _ = prompt_parts(prompt)
+    if len(roles):
+        distinct = pc.unique(roles).to_pylist()
+        lowered = pa.array([str(r).strip().lower() for r in distinct], type=pa.string())
+        roles = pc.take(lowered, pc.index_in(roles, value_set=pa.array(distinct, type=pa.string())))
+    turns = pc.binary_join_element_wise(
+        '{"content":"', json_escape(normalize(contents)), '","role":"', json_escape(roles), '"}', "")
+    body = pc.fill_null(pc.binary_join(_list_of(prompt, turns), ","), "")
+    return _sha256_hex(pc.binary_join_element_wise("[", body, "]", ""))
+
+
+def _sha256_key64(payloads: pa.Array) -> np.ndarray:
+    """The first 64 bits of each payload's sha256, as uint64 (what `key64` gives of the hex key)."""
+    digests = b"".join(hashlib.sha256(p).digest()[:8] for p in payloads.cast(pa.binary()).to_pylist())
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def pair_payloads(prompt_key_hex: list[str], chosen_norm: pa.Array, rejected_norm: pa.Array) -> pa.Array:
+    """What `splits.record_key(…, "pairwise")` hashes, from the prompt keys and the normalised answers."""
+    return pc.binary_join_element_wise(
+        '["pairwise","', pa.array(prompt_key_hex, type=pa.string()), '","', json_escape(chosen_norm), '","',
+        json_escape(rejected_norm), '"]', "")
+
+
+def binary_payloads(prompt_key_hex: list[str], completion_norm: pa.Array, labels: np.ndarray) -> pa.Array:
+    """What `splits.record_key(…, "binary")` hashes, for boolean labels."""
+    token = pa.array(np.where(labels, "1", "0").tolist(), type=pa.string())
+    return pc.binary_join_element_wise(
+        '["binary","', pa.array(prompt_key_hex, type=pa.string()), '","', json_escape(completion_norm), '","',
+        token, '"]', "")
+
+
+def pair_keys(prompt_key_hex: list[str], chosen_norm: pa.Array, rejected_norm: pa.Array) -> list[str]:
+    """`splits.record_key(…, "pairwise")` (hex) from the prompt keys and the normalised answers."""
+    return _sha256_hex(pair_payloads(prompt_key_hex, chosen_norm, rejected_norm))
+
+
+def binary_keys(prompt_key_hex: list[str], completion_norm: pa.Array, labels: np.ndarray) -> list[str]:
+    """`splits.record_key(…, "binary")` (hex) for boolean labels."""
+    return _sha256_hex(binary_payloads(prompt_key_hex, completion_norm, labels))
+
+
+def record_key64(kind: str, prompt_key_hex: list[str], texts: dict[str, pa.Array], labels: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """`key64` of `splits.record_key` for records whose normalised texts are given."""
+    if kind == "pairwise":
+        return _sha256_key64(pair_payloads(prompt_key_hex, texts["chosen"], texts["rejected"]))
+    if kind == "binary":
+        return _sha256_key64(binary_payloads(prompt_key_hex, texts["completion"], labels))
+    return key64(prompt_key_hex)
+
+
+def key64(hex_keys: list[str]) -> np.ndarray:
+    """The first 64 bits of each sha256 hex key, as uint64 (what duplicate detection compares)."""
+    if not hex_keys:
+        return np.zeros(0, dtype=np.uint64)
+    return np.frombuffer(bytes.fromhex("".join(k[:16] for k in hex_keys)), dtype=">u8").astype(np.uint64)
