@@ -215,6 +215,19 @@ def test_piecewise_token_counts_equal_whole_text_counts(tmp_path):
     assert counter.count(pa.array(texts).slice(17)).tolist() == counter.encode_counts(texts[17:]).tolist()
 
 
+SMOLLM2 = Path(__file__).resolve().parents[1] / ".data" / "models" / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="the SmolLM2 model store is not set up here")
+def test_piecewise_counts_with_the_default_models_tokenizer():
+    counter = TokenCounter(SMOLLM2)
+    assert counter.piecewise
+    rng = random.Random(2)
+    alphabet = list("abcdefgh ABC  \n\t.,'!?0123456789éü日本\u00a0\u3000-_\"") + ["'s", " 's", "<|im_end|>", " <|im_start|>"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(4000)]
+    assert counter.count(pa.array(texts)).tolist() == counter.encode_counts(texts).tolist()
+
+
 def test_streamed_gate_equals_the_in_memory_gate(tmp_path):
     lines = [json.dumps(conv(f"Q{i}", f"a{i}", f"b{i}")) for i in range(50)]
     path = _write(tmp_path / "g.jsonl", lines)

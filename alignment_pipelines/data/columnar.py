@@ -94,9 +94,15 @@ def last_user_turns(prompt: pa.Array) -> pa.Array:
 def json_escape(arr: pa.Array) -> pa.Array:
     """The body of `json.dumps(value, ensure_ascii=False)` for text without other control characters
     than tab, newline and carriage return (what a row that passed the rules holds)."""
+    arr = as_array(arr)
+    special = pc.fill_null(pc.match_substring_regex(arr, '[\\\\"\n\r\t]'), False).to_numpy(zero_copy_only=False)
+    if not special.any():
+        return arr
+    index = np.flatnonzero(special)
+    sub = arr.take(pa.array(index))
     for old, new in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
-        arr = pc.replace_substring(arr, old, new)
-    return arr
+        sub = pc.replace_substring(sub, old, new)
+    return pc.replace_with_mask(arr, pa.array(special), sub)
 
 
 def _sha256_hex(payloads: pa.Array) -> list[str]:

@@ -212,15 +212,20 @@ def _majority(counts: Counter) -> str | None:
     return max(counts, key=lambda k: (counts[k], -order.index(k)))
 
 
-def _parse_plain(text: pa.Array, schema: pa.Schema) -> pa.Table:
+def _parse_plain(text: pa.Array, index: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Arrow's JSON reader over the lines at `index` (plain lines of one shape): each run of consecutive
+    lines is read straight from the block's buffer, without copying it."""
     import pyarrow.json as pj
 
-    joined = pc.binary_join_element_wise(text, "", "")  # each line keeps its newline
-    data = joined.buffers()[2]
-    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)
-    start, stop = int(offsets[joined.offset]), int(offsets[joined.offset + len(joined)])
-    return pj.read_json(pa.BufferReader(data.slice(start, stop - start)),
-                        parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error"))
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32)[text.offset: text.offset + len(text) + 1]
+    data = text.buffers()[2]
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    tables = []
+    for run in np.split(index, breaks):
+        start, stop = int(offsets[run[0]]), int(offsets[run[-1] + 1])
+        tables.append(pj.read_json(pa.BufferReader(data.slice(start, stop - start)), parse_options=options))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
 def _subset(arr: pa.Array, index: np.ndarray) -> pa.Array:
@@ -232,7 +237,7 @@ def _plain_records(prep: _Prepared) -> pa.Table:
     parts = []
     lines = prep.lines
     if len(prep.plain_conv):
-        t = _parse_plain(_subset(lines.text, prep.plain_conv), _SCHEMA_CONV)
+        t = _parse_plain(lines.text, prep.plain_conv, _SCHEMA_CONV)
         parts.append(pa.table({
             "row": pa.array(lines.rows[prep.plain_conv], type=pa.int64()),
             "prompt": columnar.as_array(t.column("prompt")),
@@ -240,7 +245,7 @@ def _plain_records(prep: _Prepared) -> pa.Table:
             "rejected": pc.list_element(columnar.as_array(t.column("rejected")), 0).field("content"),
         }))
     if len(prep.plain_pair):
-        t = _parse_plain(_subset(lines.text, prep.plain_pair), _SCHEMA_PAIR)
+        t = _parse_plain(lines.text, prep.plain_pair, _SCHEMA_PAIR)
         n = t.num_rows
         prompt = pa.ListArray.from_arrays(
             pa.array(np.arange(n + 1, dtype=np.int32)),

@@ -97,6 +97,11 @@ def _subset(data, index: np.ndarray):
     return data if len(index) == n else data.take(pa.array(index))
 
 
+def _cheaper_whole(index: np.ndarray, n: int) -> bool:
+    """Compute over every row and keep `index`, rather than copying those rows out first."""
+    return len(index) >= 0.8 * n
+
+
 def derived_columns(table: pa.Table, kind: str) -> dict[str, pa.Array]:
     """The suite's text columns (prompt_text, prompt_final and the answers) of a records table."""
     prompt = columnar.as_array(table.column("prompt"))
@@ -158,7 +163,11 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, key_detail: dict | N
             counter = v.load_token_counter(str(rules.tokenizer))
             prompt_tokens = np.zeros(n, dtype=np.int64)
             completion_tokens = np.zeros(n, dtype=np.int64)
-            if len(live):
+            if len(live) and _cheaper_whole(live, n):
+                prompt_tokens[:] = counter(derived["prompt_text"])
+                for col in COMPLETION_FIELDS[kind]:
+                    completion_tokens[:] = np.maximum(completion_tokens, counter(derived[col]))
+            elif len(live):
                 prompt_tokens[live] = counter(_subset(derived["prompt_text"], live))
                 for col in COMPLETION_FIELDS[kind]:
                     completion_tokens[live] = np.maximum(completion_tokens[live], counter(_subset(derived[col], live)))
@@ -177,17 +186,24 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, key_detail: dict | N
         # duplicates among the rows that pass: earlier batches, then earlier chunks, then this chunk
         passing = np.flatnonzero(reason_of < 0)
         if len(passing):
-            sub = _subset(table, passing)
+            whole = _cheaper_whole(passing, n)
+            keep_rows = np.arange(n) if whole else passing
+            sub = table if whole else _subset(table, passing)
             pk = columnar.prompt_keys(sub.column("prompt"))
             if kind == "pairwise":
-                texts = {c: _subset(normalized[c], passing) for c in ("chosen", "rejected")}
+                texts = {c: normalized[c] if whole else _subset(normalized[c], passing) for c in ("chosen", "rejected")}
                 k64 = columnar.record_key64(kind, pk, texts)
             elif kind == "binary":
-                texts = {"completion": columnar.normalize(_subset(derived["completion"], passing))}
+                completion = derived["completion"] if whole else _subset(derived["completion"], passing)
+                texts = {"completion": columnar.normalize(completion)}
                 labels = pc.fill_null(columnar.as_array(sub.column("label")), False).to_numpy(zero_copy_only=False)
                 k64 = columnar.record_key64(kind, pk, texts, labels)
             else:
                 k64 = columnar.key64(pk)
+            if whole:  # keys of every row were computed: keep the passing rows'
+                k64 = k64[passing]
+                pk = [pk[i] for i in passing.tolist()]
+            del keep_rows
             prows = rows[passing]
             alive = np.ones(len(passing), dtype=bool)
             dup_across = len(reasons)

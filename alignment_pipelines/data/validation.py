@@ -831,10 +831,11 @@ def validate_file_to_parquet(
             routed = route_chunk(chunk, rules, known, seen)
             kind, file_layout = chunk.kind, chunk.layout
             if not writers:
-                writers = [pq.ParquetWriter(partial[0], records_schema(kind)),
+                # texts are nearly all distinct: dictionary encoding would only cost time
+                writers = [pq.ParquetWriter(partial[0], records_schema(kind), use_dictionary=["prompt.list.element.role"]),
                            pq.ParquetWriter(partial[1], quarantine_schema())]
                 if keys_path:
-                    writers.append(pq.ParquetWriter(partial[2], KEYS_SCHEMA))
+                    writers.append(pq.ParquetWriter(partial[2], KEYS_SCHEMA, use_dictionary=False))
             if routed.accepted.num_rows:
                 writers[0].write_table(routed.accepted.cast(records_schema(kind)))
                 if keys_path:
