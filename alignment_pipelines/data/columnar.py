@@ -83,12 +83,10 @@ def last_user_turns(prompt: pa.Array) -> pa.Array:
     if len(users):
         np.maximum.at(last, parents[users], users)
     has = last >= 0
-    out = np.full(n, "", dtype=object)
+    result = pa.array([""] * n, type=pa.string())
     if has.any():
-        taken = contents.take(pa.array(last[has]))
-        result = pa.array([""] * n, type=pa.string())
-        return pc.replace_with_mask(result, pa.array(has), taken)
-    return pa.array(out.tolist(), type=pa.string())
+        return pc.replace_with_mask(result, pa.array(has), contents.take(pa.array(last[has])))
+    return result
 
 
 def json_escape(arr: pa.Array) -> pa.Array:

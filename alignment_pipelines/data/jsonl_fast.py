@@ -180,7 +180,6 @@ class _Prepared:
 
 
 def _prepare(lines: _Lines) -> _Prepared:
-    n = len(lines)
     conv = pc.match_substring_regex(lines.text, CONVERSATIONAL).to_numpy(zero_copy_only=False).copy()
     pair = pc.match_substring_regex(lines.text, PAIRWISE).to_numpy(zero_copy_only=False).copy()
     plain_ok = lines.rows != 1

@@ -34,7 +34,6 @@ def ensure_keys(batch_dir: Path, accepted_file: str = "accepted.parquet") -> Pat
         return target
     import pyarrow.parquet as pq
 
-    from alignment_pipelines.data import columnar
     from alignment_pipelines.data.routing import derived_columns
     from alignment_pipelines.data.schemas import kind_of
 

@@ -187,7 +187,6 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, key_detail: dict | N
         passing = np.flatnonzero(reason_of < 0)
         if len(passing):
             whole = _cheaper_whole(passing, n)
-            keep_rows = np.arange(n) if whole else passing
             sub = table if whole else _subset(table, passing)
             pk = columnar.prompt_keys(sub.column("prompt"))
             if kind == "pairwise":
@@ -203,7 +202,6 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, key_detail: dict | N
             if whole:  # keys of every row were computed: keep the passing rows'
                 k64 = k64[passing]
                 pk = [pk[i] for i in passing.tolist()]
-            del keep_rows
             prows = rows[passing]
             alive = np.ones(len(passing), dtype=bool)
             dup_across = len(reasons)

@@ -33,7 +33,6 @@ GX is imported lazily; one ephemeral context per process.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -59,11 +58,7 @@ from alignment_pipelines.data.schemas import (
     ReasonCode,
     as_messages,
     kind_of,
-    last_user_turn,
-    normalize_text,
     quarantine_frame,
-    render_prompt,
-    truncate_raw,
 )
 from alignment_pipelines.data.routing import (COMPLETION_FIELDS, TEXT_RULES, Chunk, derived_columns, raw_from_records,
                                               records_to_arrow, route_chunk)
