@@ -151,6 +151,24 @@ def test_each_saving_lowers_the_estimate_where_it_applies(tmp_path, tiny_model_d
     assert longer["activations"] > 2 * parts["activations"] and longer["weights"] == parts["weights"]
 
 
+def test_rl_methods_count_the_reward_model_and_ppo_in_full_its_trained_critic(tmp_path, tiny_model_dir, pairs_path):
+    from alignment_pipelines.methods.ppo import PPOMethodConfig
+    from alignment_pipelines.methods.rloo import RLOOMethodConfig
+
+    weights = memory.model_shape(tiny_model_dir).parameters * 4
+    online = {"model": str(tiny_model_dir), "data": str(pairs_path), "reward_model": str(tiny_model_dir)}
+    perl = memory.estimate(PPOMethodConfig(output_dir=str(tmp_path / "p"), **online)).parts
+    assert perl["reward_model"] == weights and "trained_copy" not in perl and "reference" not in perl
+    full = memory.estimate(PPOMethodConfig(output_dir=str(tmp_path / "f"), lora=False, **online)).parts
+    # policy, reference, reward model, and a critic with its gradients, AdamW moments and activations
+    assert full["reference"] == full["reward_model"] == weights
+    assert full["trained_copy"] == memory.model_shape(tiny_model_dir).parameters * (2 * 4 + 8) + full["activations"]
+    rloo = memory.estimate(RLOOMethodConfig(output_dir=str(tmp_path / "r"), lora=False, **online)).parts
+    assert rloo["reward_model"] == weights and "trained_copy" not in rloo
+    assert memory.estimate(RLOOMethodConfig(output_dir=str(tmp_path / "r"), lora=False, **online)).total < \
+        memory.estimate(PPOMethodConfig(output_dir=str(tmp_path / "f"), lora=False, **online)).total
+
+
 def test_orpo_holds_every_logit_and_dpo_a_tile(tmp_path, tiny_model_dir, pairs_path):
     shape = memory.model_shape(tiny_model_dir)
     orpo = ORPOMethodConfig(model=str(tiny_model_dir), data=str(pairs_path), output_dir=str(tmp_path / "o"))

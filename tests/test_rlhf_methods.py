@@ -221,7 +221,6 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(tiny_model_dir, data, tmp_
     ("ppo", {"num_mini_batches": 3}, "num_mini_batches", "must divide per_device_batch_size=4"),
     ("ppo", {"max_new_tokens": 512}, "max_new_tokens", "must be below max_length=512"),
     ("rloo", {"num_generations": 3}, "num_generations", "must divide"),
-    ("rloo", {"use_vllm": True}, "use_vllm", "install the gpu extra"),
 ])
 def test_configs_refuse_what_cannot_run(method, overrides, field, rule, tiny_model_dir, data, tmp_path):
     values = {"model": str(tiny_model_dir), "data": str(data / "train.parquet"), "output_dir": str(tmp_path / "o"),

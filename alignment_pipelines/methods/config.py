@@ -36,6 +36,10 @@ class MemoryProfile:
     reference: bool = False  # a frozen copy of the start model when training in full (unless precomputed)
     # The LM head: TRL's chunked log-prob head (never all logits at once), every logit at once, or a score head
     logits: Literal["chunked", "full", "none"] = "chunked"
+    # Config fields naming other models kept frozen beside the policy while they are set (a reward model, an
+    # annotator), and the one whose model is copied and trained in full beside a fully trained policy (PPO's critic)
+    frozen_models: tuple[str, ...] = ()
+    trained_copy_of: str | None = None
 
 
 class ConfigError(ValueError):

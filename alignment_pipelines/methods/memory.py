@@ -11,6 +11,8 @@ config validation. It adds up, in bytes:
 - the LM head: TRL 1.16's chunked log-prob head works on tiles of at most 4096 tokens x 32768 vocabulary
   entries (a few float32 temporaries of that size on a CPU), while ORPO materialises every logit,
   ``tokens x vocab x 4`` bytes, several times over;
+- other models the method keeps beside the policy (``MemoryProfile.frozen_models``: a reward model, an annotator),
+  and the critic that full-training PPO copies from its reward model and trains (``trained_copy_of``);
 - the process itself (Python, torch, the tokenized data) on a CPU.
 
 The constants come from counting what a Llama block keeps per token, checked against SmolLM2-135M DPO runs
@@ -191,6 +193,16 @@ def estimate(config: MethodConfig, device: str = "cpu") -> MemoryEstimate | None
         parts["activations"] = float(tokens * (shape.layers * shape.hidden * act_bytes + per_token_layer))
     else:
         parts["activations"] = float(tokens * shape.layers * per_token_layer)
+
+    for name in profile.frozen_models:  # held in the dtype they load in, no gradients
+        other = model_shape(getattr(config, name)) if getattr(config, name, None) else None
+        if other is not None:
+            parts[name] = float(other.parameters * (other.stored_bytes if gpu else 4))
+    copied = profile.trained_copy_of and not config.lora and getattr(config, profile.trained_copy_of, None)
+    other = model_shape(copied) if copied else None
+    if other is not None:  # weights, gradients and AdamW's moments of a second trained model, and its activations
+        copy_bytes = other.stored_bytes if gpu else 4
+        parts["trained_copy"] = float(other.parameters * (2 * copy_bytes + 8) + parts["activations"])
 
     if profile.logits == "chunked":
         tile_tokens, tile_vocab = CPU_HEAD_TILE if not gpu and getattr(config, "score_answers_only", False) \

@@ -21,7 +21,6 @@ if TRL drops it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -89,7 +88,8 @@ class OnlineDPOMethodConfig(MethodConfig):
 
     required_columns: ClassVar[tuple[str, ...]] = ("prompt",)
     # Both answers of a prompt go through the model together, every logit at once (this loop has no chunked head).
-    memory: ClassVar[MemoryProfile] = MemoryProfile(sequences_per_example=2, reference=True, logits="full")
+    memory_profile: ClassVar[MemoryProfile] = MemoryProfile(sequences_per_example=2, reference=True, logits="full",
+                                                         frozen_models=("judge_model",))
 
     def _validate_method(self) -> None:
         if self.max_new_tokens >= self.max_length:
@@ -106,8 +106,6 @@ class OnlineDPOMethodConfig(MethodConfig):
             raise ConfigError("judge_pattern", self.judge_pattern, "judge 'regex' needs a pattern")
         if self.judge == "llm":
             self._validate_annotator_model()
-        if self.use_vllm and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("use_vllm", True, "vLLM is not installed (pip install vllm, on a GPU machine)")
 
     def _validate_annotator_model(self) -> None:
         from alignment_pipelines.models.loading import ModelFolderError, validate_model_folder

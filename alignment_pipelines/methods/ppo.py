@@ -14,7 +14,6 @@ shares (RLOO extends it): the reward sources, the KL weight and the generation s
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -75,9 +74,6 @@ class OnlineMethodConfig(MethodConfig):
         if self.max_new_tokens >= self.max_length:
             raise ConfigError("max_new_tokens", self.max_new_tokens,
                               f"must be below max_length={self.max_length}, which holds prompt and answer")
-        if self.use_vllm and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("use_vllm", True, "needs vLLM, which is not installed: install the gpu extra "
-                              "(pip install 'alignment-pipelines[gpu]') on a machine with a GPU, or turn use_vllm off")
 
 
 def fitting_prompts(config: OnlineMethodConfig, tokenizer):
@@ -121,7 +117,8 @@ class PPOMethodConfig(OnlineMethodConfig):
         None, "subtracted from the score of answers that never reach EOS; unset: no penalty", minimum=0)
 
     # a frozen reference in full training; the trainer takes every logit of the answer tokens at once
-    memory: ClassVar[MemoryProfile] = MemoryProfile(reference=True, logits="full")
+    memory_profile: ClassVar[MemoryProfile] = MemoryProfile(
+        reference=True, logits="full", frozen_models=("reward_model",), trained_copy_of="reward_model")
 
     def _validate_method(self) -> None:
         super()._validate_method()

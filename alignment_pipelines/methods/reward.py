@@ -33,7 +33,7 @@ class RewardMethodConfig(MethodConfig):
         0.01, "weight of a penalty on the mean score's square, which keeps scores centred on 0 so that rewards of "
         "different runs compare (Eisenstein et al. 2023); 0 turns it off", minimum=0)
 
-    memory: ClassVar[MemoryProfile] = MemoryProfile(sequences_per_example=2, logits="none")  # chosen + rejected
+    memory_profile: ClassVar[MemoryProfile] = MemoryProfile(sequences_per_example=2, logits="none")  # chosen + rejected
 
 
 def pair_scores(model, tokenizer, pairs, batch_size: int = 8) -> tuple[list[float], list[float]]:

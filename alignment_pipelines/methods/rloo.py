@@ -26,7 +26,8 @@ class RLOOMethodConfig(OnlineMethodConfig):
         "GPU")
     vllm_server_base_url: str | None = option(None, "with vllm_mode 'server': its URL, e.g. http://10.0.0.2:8000")
 
-    memory: ClassVar[MemoryProfile] = MemoryProfile(reference=True)  # a frozen reference in full training
+    # a frozen reference in full training, and the reward model
+    memory_profile: ClassVar[MemoryProfile] = MemoryProfile(reference=True, frozen_models=("reward_model",))
 
     def _validate_method(self) -> None:
         super()._validate_method()
