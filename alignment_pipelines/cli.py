@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import fields
@@ -53,24 +54,33 @@ def _training_data(path: str, work_dir: Path) -> str:
         return path
     from alignment_pipelines.data.records import write_records
     from alignment_pipelines.data.validation import validate_file
+    from alignment_pipelines.launch import is_main_process, process_rank
 
     result = validate_file(path)
-    if result.quarantined.shape[0]:
+    if result.quarantined.shape[0] and is_main_process():
         print(f"{path}: {len(result.quarantined)} of {result.rows} rows quarantined "
               f"{result.counts_by_reason()}; training on the {len(result.accepted)} accepted rows",
               file=sys.stderr)
     work_dir.mkdir(parents=True, exist_ok=True)
-    target = work_dir / f"{Path(path).name}.accepted.parquet"
+    rank = f".rank{process_rank()}" if process_rank() else ""  # ranks of one run never write the same file
+    target = work_dir / f"{Path(path).name}{rank}.accepted.parquet"
     write_records(result.accepted, target)
     return str(target)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from alignment_pipelines.methods import config_from_dict, get_method, run_training
+    """Train one method. Under ``accelerate launch`` every rank runs this; only rank 0 reports (Pipes, MLflow) and
+    prints the result. ``--config-json`` is the config as data, as the launchers pass it: its relative paths are
+    relative to the data root (``ALIGNMENT_PIPELINES_HOME``); a ``--config`` file's are relative to the cwd."""
+    from alignment_pipelines.launch import check_multi_process, is_main_process, resolve_from_root, world_size
+    from alignment_pipelines.methods import ConfigError, config_from_dict, get_method, run_training
     from alignment_pipelines.models.loading import resolve_model
 
     spec = get_method(args.method)
-    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    if args.config_json:
+        values = resolve_from_root(json.loads(args.config_json), spec.config_cls, default_data_root())
+    else:
+        values = json.loads(Path(args.config).read_text()) if args.config else {}
     values.update(spec.config_cls.values_from_args(args))
     for needed in ("model", "data", "output_dir"):
         if not values.get(needed):
@@ -84,12 +94,24 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("data", "eval_data"):
         if values.get(name):
             values[name] = _training_data(values[name], work_dir)
-    config = config_from_dict(args.method, values)
 
-    with _WorkerReporting() as report:
+    main = is_main_process()
+    with _WorkerReporting(report=main) as report:  # opened first: validation's warnings (a vLLM fallback) reach it
+        config = config_from_dict(args.method, values)
+        if world_size() > 1:
+            try:
+                check_multi_process(spec, config)
+            except ConfigError as error:
+                raise SystemExit(f"alignment-pipelines train {args.method}: {error}") from None
+        if main and config.num_processes != world_size():
+            logging.getLogger("alignment_pipelines.launch").warning(
+                "num_processes=%d, but %d process(es) are training: the launchers start the worker under "
+                "`accelerate launch --multi_gpu --num_processes N -m alignment_pipelines.cli train ...`; run it so "
+                "by hand for several", config.num_processes, world_size())
         result = run_training(args.method, config, callbacks=report.callbacks())
         report.finish(result)
-    print(result.to_json())
+    if main:
+        print(result.to_json())
     return 0
 
 
@@ -99,20 +121,31 @@ def _model_fields(config_cls) -> list[str]:
 
 
 class _WorkerReporting:
-    """Streams step metrics to Dagster (when run through Pipes) and MLflow (when given a run)."""
+    """Streams step metrics to Dagster (when run through Pipes) and MLflow (when given a run), and forwards the
+    warnings of ``alignment_pipelines`` loggers (a generation-backend fallback) to the Dagster run. ``report`` False
+    (a rank other than 0): nothing is opened, no callback is added."""
+
+    def __init__(self, report: bool = True):
+        self.report = report
 
     def __enter__(self):
         import contextlib
 
         self._stack = contextlib.ExitStack()
         self.pipes = None
+        self.tracker = None
+        self.mlflow_run_id = os.environ.get(WORKER_MLFLOW_RUN_ENV)
+        if not self.report:
+            return self
         if os.environ.get("DAGSTER_PIPES_CONTEXT"):
             from dagster_pipes import open_dagster_pipes
 
             self.pipes = self._stack.enter_context(open_dagster_pipes())
-        self.tracker = None
+            handler = _PipesLogHandler(self.pipes)
+            logger = logging.getLogger("alignment_pipelines")
+            logger.addHandler(handler)
+            self._stack.callback(logger.removeHandler, handler)
         uri = os.environ.get(WORKER_MLFLOW_URI_ENV)
-        self.mlflow_run_id = os.environ.get(WORKER_MLFLOW_RUN_ENV)
         if uri and self.mlflow_run_id:
             self.tracker = Tracker(uri)
         return self
@@ -133,6 +166,20 @@ class _WorkerReporting:
 
     def __exit__(self, *exc):
         return self._stack.__exit__(*exc)
+
+
+class _PipesLogHandler(logging.Handler):
+    """Sends WARNING and above to the Dagster run's log through Pipes."""
+
+    def __init__(self, pipes):
+        super().__init__(level=logging.WARNING)
+        self.pipes = pipes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.pipes.log.warning(self.format(record))
+        except Exception:  # a log line must never fail the training
+            self.handleError(record)
 
 
 def _registry(args: argparse.Namespace):
@@ -246,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         method = methods.add_parser(spec.name, help=spec.description, description=spec.description)
         spec.config_cls.add_arguments(method)
         method.add_argument("--config", help="JSON file with the method's config; flags override it")
+        method.add_argument("--config-json", metavar="JSON",
+                            help="the method's config as JSON text, as the launchers pass it; its relative paths are "
+                                 "relative to the data root (ALIGNMENT_PIPELINES_HOME); flags override it")
         method.add_argument("--model-store", help="where named models are converted to (default: <data root>/models)")
         method.add_argument("--allow-hub", action="store_true", help="allow downloading a hub model named by --model")
         method.set_defaults(func=_train)

@@ -1,11 +1,13 @@
 """The Dagster code location: it composes assets, checks, resources, sensors and the schedule; nothing else.
 
 Resources are chosen per deployment by ``ALIGNMENT_PIPELINES_DEPLOYMENT`` (``local`` by default,
-``production`` for a shared MLflow server and data root named by environment variables).
+``production`` for a shared MLflow server and data root named by environment variables, ``k8s`` for that plus
+training in Kubernetes pods); ``ALIGNMENT_PIPELINES_LAUNCHER`` (``subprocess`` or ``k8s``) overrides the launcher.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,13 +24,15 @@ from alignment_pipelines.assets.training import build_training_assets, policy_as
 from alignment_pipelines.layout import DATA_ROOT_ENV, MLFLOW_URI_ENV, default_data_root
 from alignment_pipelines.models.spec import DEFAULT_MODEL
 from alignment_pipelines.resources.judge import JudgeResource
-from alignment_pipelines.resources.launcher import TrainingLauncher
+from alignment_pipelines.resources.launcher import K8sLauncher, TrainingLauncher
 from alignment_pipelines.resources.mlflow import MlflowResource
 from alignment_pipelines.resources.models import BaseModelResource
 from alignment_pipelines.resources.storage import StorageResource
 
 BASE_MODEL_ENV = "ALIGNMENT_PIPELINES_BASE_MODEL"
 DEPLOYMENT_ENV = "ALIGNMENT_PIPELINES_DEPLOYMENT"
+LAUNCHER_ENV = "ALIGNMENT_PIPELINES_LAUNCHER"
+K8S_ENV_PREFIX = "ALIGNMENT_PIPELINES_K8S_"
 
 DATASETS = [preference_pairs, binary_feedback, prompts]
 ALL_CHECKS = [validated_feedback_expectations]
@@ -61,26 +65,58 @@ retrain_on_new_data = dg.AutomationConditionSensorDefinition(
 
 
 def build_resources(data_root: str | Path | None = None, base_model: str | None = None,
-                    deployment: str | None = None) -> dict:
+                    deployment: str | None = None, launcher_mode: str | None = None) -> dict:
     """``local``: everything under one data root, MLflow in SQLite there (or ``MLFLOW_TRACKING_URI``).
-    ``production``: the data root and the MLflow server come from environment variables, read at run time."""
+    ``production``: the data root and the MLflow server come from environment variables, read at run time.
+    ``k8s``: as production, and training runs in Kubernetes pods.
+
+    The training launcher (``launcher_mode``, else ``ALIGNMENT_PIPELINES_LAUNCHER``, else the deployment's):
+    ``subprocess`` (local and production) or ``k8s`` (see :func:`build_launcher`)."""
     deployment = deployment or os.environ.get(DEPLOYMENT_ENV, "local")
-    if deployment == "production":
+    if deployment in ("production", "k8s"):
         storage = StorageResource(root=dg.EnvVar(DATA_ROOT_ENV))
         mlflow = MlflowResource(storage=storage, tracking_uri=dg.EnvVar(MLFLOW_URI_ENV))
     elif deployment == "local":
         storage = StorageResource(root=str(data_root or default_data_root()))
         mlflow = MlflowResource(storage=storage, tracking_uri=os.environ.get(MLFLOW_URI_ENV))
     else:
-        raise ValueError(f"{DEPLOYMENT_ENV}={deployment!r}: must be 'local' or 'production'")
+        raise ValueError(f"{DEPLOYMENT_ENV}={deployment!r}: must be 'local', 'production' or 'k8s'")
+    mode = launcher_mode or os.environ.get(LAUNCHER_ENV) or ("k8s" if deployment == "k8s" else "subprocess")
     return {
         "storage": storage,
         "mlflow": mlflow,
         "base_model": BaseModelResource(storage=storage,
                                         model=base_model or os.environ.get(BASE_MODEL_ENV, DEFAULT_MODEL)),
-        "launcher": TrainingLauncher(),
+        "launcher": build_launcher(mode),
         "judge": JudgeResource(),
     }
+
+
+def build_launcher(mode: str) -> TrainingLauncher:
+    """``subprocess``: the worker runs on this machine. ``k8s``: in a pod, configured by environment variables read
+    at run time (``ALIGNMENT_PIPELINES_K8S_IMAGE`` required; ``_NAMESPACE``, ``_DATA_CLAIM``, ``_DATA_MOUNT``,
+    ``_GPUS``, ``_NODE_SELECTOR`` and ``_TOLERATIONS`` as JSON, ``_SERVICE_ACCOUNT``, ``_ENV_FROM_SECRETS`` comma-
+    separated, ``_MLFLOW_URI`` optional: docs/scale-out.md)."""
+    if mode == "subprocess":
+        return TrainingLauncher()
+    if mode != "k8s":
+        raise ValueError(f"{LAUNCHER_ENV}={mode!r}: must be 'subprocess' or 'k8s'")
+    env = os.environ
+    options: dict = {"image": dg.EnvVar(f"{K8S_ENV_PREFIX}IMAGE")}
+    for key, name in (("namespace", "NAMESPACE"), ("data_volume_claim", "DATA_CLAIM"),
+                      ("data_mount_path", "DATA_MOUNT"), ("service_account_name", "SERVICE_ACCOUNT"),
+                      ("mlflow_tracking_uri", "MLFLOW_URI"), ("memory", "MEMORY"), ("cpu", "CPU")):
+        if env.get(K8S_ENV_PREFIX + name):
+            options[key] = dg.EnvVar(K8S_ENV_PREFIX + name)
+    if env.get(f"{K8S_ENV_PREFIX}GPUS"):
+        options["gpus"] = int(env[f"{K8S_ENV_PREFIX}GPUS"])
+    for key, name in (("node_selector", "NODE_SELECTOR"), ("tolerations", "TOLERATIONS")):
+        if env.get(K8S_ENV_PREFIX + name):
+            options[key] = json.loads(env[K8S_ENV_PREFIX + name])
+    if env.get(f"{K8S_ENV_PREFIX}ENV_FROM_SECRETS"):
+        options["env_from_secrets"] = [s.strip() for s in env[f"{K8S_ENV_PREFIX}ENV_FROM_SECRETS"].split(",")
+                                       if s.strip()]
+    return K8sLauncher(**options)
 
 
 def build_definitions(**resource_options) -> dg.Definitions:

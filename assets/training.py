@@ -2,13 +2,16 @@
 
 Each asset's launchpad config is generated from the method's config dataclass (same fields, same
 defaults, same help text); the paths (start model, data, output, checkpoints, other models) are
-wired in from the asset's inputs. Training runs out of process through the launcher resource, then
+wired in from the asset's inputs. Training runs out of process through the launcher resource (a local
+subprocess or a Kubernetes pod, one process or several under ``accelerate launch``: docs/scale-out.md), then
 the model is registered in MLflow, whose artifact store keeps the only copy: the run folder is staging and
 is removed either way. A failed run registers nothing.
 """
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pydantic
 
 from alignment_pipelines.assets.datasets import ON_NEW_DATA
 from alignment_pipelines.evaluation.plots import markdown_image
-from alignment_pipelines.methods import METHODS, ConfigError, MethodSpec, config_from_dict
+from alignment_pipelines.methods import METHODS, ConfigError, MethodSpec
 from alignment_pipelines.refs import DatasetRef, ModelRef
 from alignment_pipelines.resources.launcher import TrainingLauncher
 from alignment_pipelines.resources.mlflow import MlflowResource
@@ -61,9 +64,11 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
               if f.metadata.get("kind") == "store"}  # shared across runs: no pair is judged twice
     values = tunables | stores | {"model": start_path, "data": dataset.train_path, "eval_data": dataset.eval_path,
                          **{name: ref.path for name, ref in others.items()}}
-    try:
-        config = config_from_dict(spec.name, values | {
-            "output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir_for(storage, asset_name, values))})
+    try:  # this machine's limits apply only where the worker runs here; a pod checks its own
+        with _warnings_to(context):  # e.g. use_vllm falling back to HF generate on a machine without vLLM
+            config = spec.config_cls.from_dict(values | {
+                "output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir_for(storage, asset_name, values)),
+            }).validate(machine=launcher.runs_here())
     except ConfigError as error:  # a retry would fail the same way
         raise dg.Failure(f"{asset_name}: invalid config: {error}", allow_retries=False) from error
     config.adapt_to_data(dataset.stats())
@@ -77,7 +82,7 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
     run_id = tracker.start_run(f"{asset_name}-{context.run_id[:8]}", tags=lineage.tags())
     try:
         tracker.log_params(run_id, config.to_dict() | {"method": spec.name})
-        result = launcher.launch(context, spec.name, config, tracker, run_id)
+        result = launcher.launch(context, spec.name, config, tracker, run_id, data_root=storage.layout.root)
         metadata = {  # built before registering: registration is the last step that can fail
             "mlflow_run_id": run_id,
             "dataset_version": dataset.version,
@@ -106,6 +111,22 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
     return dg.Output(ref, metadata={"model_uri": ref.uri, "registered_version": registered.version,
                                     "alias": registered.alias, "model_ref": dg.MetadataValue.json(ref.to_dict()),
                                     **metadata})
+
+
+@contextlib.contextmanager
+def _warnings_to(context: dg.AssetExecutionContext):
+    """Warnings of the ``alignment_pipelines`` loggers, in the run's log while the block runs."""
+
+    class ToRunLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            context.log.warning(self.format(record))
+
+    handler, logger = ToRunLog(level=logging.WARNING), logging.getLogger("alignment_pipelines")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def build_training_asset(spec: MethodSpec) -> dg.AssetsDefinition:

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from alignment_pipelines.data.schemas import normalize_prompt
-from alignment_pipelines.evaluation.metrics import (Answer, TransformersBackend, implicit_reward_metrics,
+from alignment_pipelines.evaluation.metrics import (Answer, implicit_reward_metrics,
                                                     judge_answers, pair_logprobs, sequence_logprobs,
                                                     summarize_verdicts)
 from alignment_pipelines.evaluation.stats import bootstrap_interval, degenerate_rate
+from alignment_pipelines.generation import generation_backend
 from alignment_pipelines.judges import ScoreJudge
 from alignment_pipelines.models.loading import load_model
 
@@ -104,7 +105,8 @@ def _measure(models: list[ModelUnderTest], pairs, prompts, max_new_tokens: int, 
     for path in _children_first(models):
         model, tokenizer = load_for_evaluation(path)
         if path in policy_paths:
-            answers[path] = TransformersBackend(model, tokenizer, batch_size).generate(prompts, max_new_tokens)
+            backend = generation_backend(path, batch_size, loaded=(model, tokenizer))  # vLLM where it can run
+            answers[path] = backend.generate(prompts, max_new_tokens)
         scored = [m.path for m in models if m.reference_path == path]  # answers this model is the reference of
         if any(m.path == path and m.reference_path for m in models):  # and its own, for its KL
             scored.append(path)

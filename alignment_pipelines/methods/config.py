@@ -56,10 +56,11 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
-           exclusive_minimum: bool = False, exclusive_maximum: bool = False) -> Any:
-    """A tunable field: shown in the launchpad and as a CLI flag, validated against its bounds."""
+           exclusive_minimum: bool = False, exclusive_maximum: bool = False, path: bool = False) -> Any:
+    """A tunable field: shown in the launchpad and as a CLI flag, validated against its bounds. ``path``: it may
+    name a file, which travels to the worker relative to the data root (``alignment_pipelines.launch``)."""
     metadata = {"help": help, "minimum": minimum, "maximum": maximum,
-                "exclusive_minimum": exclusive_minimum, "exclusive_maximum": exclusive_maximum}
+                "exclusive_minimum": exclusive_minimum, "exclusive_maximum": exclusive_maximum, "path": path}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -216,6 +217,15 @@ class MethodConfig:
     logging_steps: int = option(1, "log metrics every this many steps", minimum=1)
     save_steps: int = option(10, "write a checkpoint every this many steps (needs checkpoint_dir); 0 writes none",
                              minimum=0)
+    num_processes: int = option(
+        1, "training processes (data parallel, through accelerate launch): one per GPU; the global batch is "
+        "num_processes x per_device_batch_size x gradient_accumulation_steps. Without CUDA the processes share the "
+        "CPU over gloo. Methods with their own loop (PPO, online DPO) take 1", minimum=1)
+    deepspeed: str | None = option(
+        None, "DeepSpeed through accelerate launch: 'zero2' (optimizer state and gradients sharded across the "
+        "processes), 'zero3' (the weights too), or a DeepSpeed JSON config file (a path under the data root "
+        "travels relative to it); needs CUDA GPUs and the deepspeed package (the gpu extra). Unset: plain DDP",
+        path=True)
     trust_remote_code: bool = option(False, "run Python code shipped with the model folder (off: safer)")
     disable_tqdm: bool = option(True, "no progress bars (logs stay readable in Dagster)")
 
@@ -247,18 +257,55 @@ class MethodConfig:
         return out
 
     # ---- validation ------------------------------------------------------------------------------
-    def validate(self) -> "MethodConfig":
-        """Check every field's type and bounds, and that input paths exist. Reads no data, loads no model."""
+    def validate(self, machine: bool = True) -> "MethodConfig":
+        """Check every field's type and bounds, and that input paths exist. Reads no data, loads no model.
+
+        ``machine``: also the rules of the machine that trains (precision, memory, DeepSpeed) and the choice of
+        generation backend (``use_vllm`` falls back to HF generate, logged, where vLLM cannot run). Off where the
+        training runs elsewhere (a pod): the worker checks its own machine when it starts.
+        """
         for f, hint in self.field_specs():
             value = _check_type(f.name, getattr(self, f.name), hint, _sign_word(f.metadata))
             if f.metadata.get("wiring") and f.metadata.get("required") and not value:
                 raise ConfigError(f.name, value, "is required (a path)")
             _check_bounds(f.name, value, f.metadata)
             setattr(self, f.name, value)
+        if machine:
+            from alignment_pipelines.generation import resolve_use_vllm
+
+            resolve_use_vllm(self)
         self._validate_paths()
+        self._validate_deepspeed()
         self._validate_method()
-        self._validate_machine()
+        if machine:
+            self._validate_machine()
         return self
+
+    def _validate_deepspeed(self) -> None:
+        from alignment_pipelines.launch import DEEPSPEED_PRESETS
+
+        if self.deepspeed is None:
+            return
+        if self.deepspeed not in DEEPSPEED_PRESETS:
+            if not self.deepspeed.endswith(".json"):
+                raise ConfigError("deepspeed", self.deepspeed,
+                                  f"must be one of {list(DEEPSPEED_PRESETS)} or a .json file")
+            if not Path(self.deepspeed).is_file():
+                raise ConfigError("deepspeed", self.deepspeed, "file does not exist")
+        if self.lora and self.lora_output == "merged" and self.zero_stage() == 3:
+            raise ConfigError("lora_output", "merged", "with ZeRO-3 the weights are sharded across processes: a LoRA "
+                              "run writes its adapter ('adapter'); `alignment-pipelines export` merges it")
+
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage asked for (None without DeepSpeed, or when the file does not say)."""
+        if not self.deepspeed:
+            return None
+        if self.deepspeed.startswith("zero") and self.deepspeed[4:].isdigit():
+            return int(self.deepspeed[4:])
+        try:
+            return int(json.loads(Path(self.deepspeed).read_text())["zero_optimization"]["stage"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _validate_paths(self) -> None:
         for f, _ in self.field_specs():
@@ -329,6 +376,18 @@ class MethodConfig:
                 raise ConfigError("liger_kernels", True, "Liger's Triton kernels need a CUDA GPU")
             if importlib.util.find_spec("liger_kernel") is None:
                 raise ConfigError("liger_kernels", True, "needs the liger-kernel package (pip install liger-kernel)")
+        if self.deepspeed:
+            if where.kind != "gpu":
+                raise ConfigError("deepspeed", self.deepspeed, "DeepSpeed needs CUDA GPUs; unset it to train with DDP")
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ConfigError("deepspeed", self.deepspeed, "needs the deepspeed package (the gpu extra: "
+                                  "pip install 'alignment-pipelines[gpu]')")
+        if where.kind == "gpu" and self.num_processes > 1:
+            import torch
+
+            if self.num_processes > torch.cuda.device_count():
+                raise ConfigError("num_processes", self.num_processes,
+                                  f"exceeds the {torch.cuda.device_count()} CUDA GPU(s) visible here (one per process)")
         check_fits(self, where)
 
     def lineage_tags(self) -> dict[str, str]:

@@ -146,10 +146,12 @@ class StagingDir:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def save_trained(model, tokenizer, config: MethodConfig, target: Path, role: str, method: str) -> None:
+def save_trained(model, tokenizer, config: MethodConfig, target: Path, role: str, method: str,
+                 state_dict: dict | None = None) -> None:
     """Save what was trained: the LoRA adapter alone (pointing at its start model) or full safetensors weights.
 
     ``alignment_model.json`` records the role, the format and the start model, so loading needs no other input.
+    ``state_dict``: the weights gathered from every process (DeepSpeed shards them; see :func:`gathered_state_dict`).
     """
     from alignment_pipelines.models.loading import ADAPTER_CONFIG, MODEL_CARD
 
@@ -158,8 +160,11 @@ def save_trained(model, tokenizer, config: MethodConfig, target: Path, role: str
     is_peft = hasattr(model, "peft_config")
     if is_peft and config.lora_output == "merged":
         model, is_peft = model.merge_and_unload(), False
-    model = model.to("cpu")
-    model.save_pretrained(target, safe_serialization=True)
+    if state_dict is None:
+        model = model.to("cpu")
+        model.save_pretrained(target, safe_serialization=True)
+    else:
+        model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(target)
     if is_peft:  # PEFT records the original base path; the start model may itself be an adapter
         adapter_config = json.loads((target / ADAPTER_CONFIG).read_text())
@@ -168,6 +173,17 @@ def save_trained(model, tokenizer, config: MethodConfig, target: Path, role: str
     card = {"role": role, "format": "adapter" if is_peft else "full", "parent": start, "method": method}
     (target / MODEL_CARD).write_text(json.dumps(card, indent=2))
     (target / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, default=str))
+
+
+def gathered_state_dict(trainer) -> dict | None:
+    """Under DeepSpeed, the full weights gathered from every process (a collective: every rank calls it); None
+    otherwise, where the unwrapped model holds them whole."""
+    from accelerate.utils import DistributedType
+
+    accelerator = trainer.accelerator
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.get_state_dict(trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model)
 
 
 def finish(result: TrainResult, staging: StagingDir, config: MethodConfig) -> TrainResult:
@@ -372,7 +388,13 @@ class TRLMethod:
         return Models(policy=model, tokenizer=tokenizer, reference=reference)
 
     def train(self, config, callbacks: list | None = None) -> TrainResult:
-        """Load the data, then the models; train (resuming if a checkpoint exists); save; commit."""
+        """Load the data, then the models; train (resuming if a checkpoint exists); save; commit.
+
+        The models load on the CPU and the trainer places them (its device, or its rank's GPU, or DeepSpeed's
+        shards): nothing is moved to a device before the trainer sees it.
+        """
+        import torch
+
         config.validate()
         where = memory.machine()
         estimate = memory.estimate(config, where.kind)
@@ -401,7 +423,8 @@ class TRLMethod:
             resume, resumed_step = prepare_resume(config)
             started = time.perf_counter()
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-            tokens = counter.tokens
+            accelerator = trainer.accelerator
+            tokens = int(accelerator.reduce(torch.tensor(counter.tokens, device=accelerator.device), "sum"))
             if data.eval is not None:
                 trainer.evaluate()
             history, metrics = history_and_metrics(trainer.state.log_history, trainer.state.global_step,
@@ -409,13 +432,22 @@ class TRLMethod:
             metrics.update(data.metrics)
             metrics["wall_seconds"] = time.perf_counter() - started
             metrics["trainer_setup_seconds"] = setup_seconds
-            usage = memory_metrics(estimate, tokens, metrics.get("train_runtime", 0.0))
+            metrics["num_processes"] = float(accelerator.num_processes)
+            usage = memory_metrics(estimate, tokens, metrics.get("train_runtime", 0.0))  # this process's peak
             metrics.update(usage)
             trainer.callback_handler.on_log(args, trainer.state, trainer.control, usage)
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            save_trained(model, models.tokenizer, config, staging.model_dir, self.role, self.name)
+            # Several processes (accelerate launch): every rank takes part in gathering sharded weights and in the
+            # report (whose forward passes are collective under ZeRO-3); only rank 0 writes the model and commits.
+            state_dict = gathered_state_dict(trainer)
+            model = accelerator.unwrap_model(trainer.model)
+            staging.model_dir.mkdir(parents=True, exist_ok=True)
+            if accelerator.is_main_process:
+                save_trained(model, models.tokenizer, config, staging.model_dir, self.role, self.name, state_dict)
             extra, artifacts = self.report(trainer, models, data, staging.model_dir)
             metrics.update(extra)
             result = TrainResult(method=self.name, output_dir=str(config.output_dir), metrics=metrics,
                                  history=history, artifacts=artifacts)
-            return finish(result, staging, config)
+            if accelerator.is_main_process:
+                finish(result, staging, config)
+            accelerator.wait_for_everyone()  # the other ranks return once the model is in place
+            return result
