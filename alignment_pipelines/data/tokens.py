@@ -29,7 +29,7 @@ _WS_CLASS = "".join(("\\" + c) if c in "\\]^-[" else c for c in PY_WHITESPACE)
 # a space with other whitespace beside it, or at either end: the piece cut is not safe there
 UNSAFE_SPACE = f"^ | $| [{_WS_CLASS}]|[{_WS_CLASS}] "
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_MAX_CACHE = 2_000_000
+_MAX_CACHE = 300_000  # pieces remembered (~40 MB); past it the cache starts over
 
 
 def _splittable(config: dict) -> bool:

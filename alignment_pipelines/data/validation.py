@@ -467,12 +467,13 @@ def _key64(hex_key: str) -> int:
 
 
 class KeySet:
-    """Row keys as sorted uint64 (first 64 bits of the sha256) with the row that had each first:
-    16 bytes a key, so a batch of millions of rows can be checked for duplicates across chunks."""
+    """Row keys as uint64 (first 64 bits of the sha256) with the row that had each first: 16 bytes a
+    key, so a batch of millions of rows can be checked for duplicates across chunks. Kept as a few sorted
+    runs whose sizes at least double from newest to oldest (merged when they would not), so adding a
+    chunk costs about O(chunk x log batch) rather than re-sorting the whole batch every time."""
 
     def __init__(self) -> None:
-        self.keys = np.zeros(0, dtype=np.uint64)
-        self.rows = np.zeros(0, dtype=np.int64)
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted unique keys, their first rows)
 
     @classmethod
     def from_hex(cls, keys: Iterable[str] | None) -> KeySet:
@@ -482,28 +483,43 @@ class KeySet:
             out.add(arr, np.zeros(len(arr), dtype=np.int64))
         return out
 
+    @property
+    def keys(self) -> np.ndarray:
+        return np.sort(np.concatenate([k for k, _ in self._runs])) if self._runs else np.zeros(0, np.uint64)
+
     def __len__(self) -> int:
-        return len(self.keys)
+        return sum(len(k) for k, _ in self._runs)
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, first row of each found key)."""
-        if not len(self.keys) or not len(keys):
-            return np.zeros(len(keys), dtype=bool), np.zeros(len(keys), dtype=np.int64)
-        pos = np.searchsorted(self.keys, keys)
-        pos_c = np.minimum(pos, len(self.keys) - 1)
-        found = self.keys[pos_c] == keys
-        return found, self.rows[pos_c]
+        found = np.zeros(len(keys), dtype=bool)
+        first = np.zeros(len(keys), dtype=np.int64)
+        for run_keys, run_rows in self._runs:
+            if not len(keys):
+                break
+            pos = np.minimum(np.searchsorted(run_keys, keys), len(run_keys) - 1)
+            hit = (run_keys[pos] == keys) & ~found
+            first[hit] = run_rows[pos[hit]]
+            found |= hit
+        return found, first
 
     def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Add keys not in the set yet (the first row of each kept)."""
         if not len(keys):
             return
-        keys = np.concatenate([self.keys, keys.astype(np.uint64)])
-        rows = np.concatenate([self.rows, rows.astype(np.int64)])
+        keys, rows = keys.astype(np.uint64), rows.astype(np.int64)
+        known, _ = self.lookup(keys)
+        keys, rows = keys[~known], rows[~known]
         order = np.argsort(keys, kind="stable")
         keys, rows = keys[order], rows[order]
         first = np.ones(len(keys), dtype=bool)
         first[1:] = keys[1:] != keys[:-1]
-        self.keys, self.rows = keys[first], rows[first]
+        self._runs.append((keys[first], rows[first]))
+        while len(self._runs) > 1 and len(self._runs[-1][0]) * 2 > len(self._runs[-2][0]):
+            (k2, r2), (k1, r1) = self._runs.pop(), self._runs.pop()
+            merged = np.concatenate([k1, k2])
+            order = np.argsort(merged, kind="stable")
+            self._runs.append((merged[order], np.concatenate([r1, r2])[order]))
 
 
 # --------------------------------------------------------------------------- routing
