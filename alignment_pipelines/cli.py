@@ -208,7 +208,7 @@ def _promote(args: argparse.Namespace) -> int:
     gate = GateConfig(**{f.name: getattr(args, f.name) for f in fields(GateConfig)})
     try:
         outcome = promote_from_report(_registry(args), json.loads(report.read_text()), _actor(args), gate,
-                                      readmit_rolled_back=args.readmit_rolled_back)
+                                      readmit_rolled_back=args.readmit_rolled_back, seat_baseline=not args.no_incumbent)
     except PromotionRefused as error:
         raise SystemExit(f"alignment-pipelines promote: {error}") from None
     print(json.dumps(outcome | {"report": str(report)}, indent=2, default=str))
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
     promote.add_argument("--readmit-rolled-back", action="store_true",
                          help="let the gate pick a model that was rolled back (refused otherwise)")
+    promote.add_argument("--no-incumbent", action="store_true",
+                         help="while there is no champion, do not seat the baseline when no candidate beats it")
     rollback = commands.add_parser(
         "rollback", help="give `champion` back to the version that held it before",
         description="Restore the previous champion of aligned_policy; the demoted version records who and why.")

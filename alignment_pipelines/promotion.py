@@ -328,7 +328,7 @@ def gate_metrics(metrics: dict) -> dict:
 
 
 def promote_from_report(client, report: dict, actor: str, config: GateConfig = GateConfig(),
-                        readmit_rolled_back: bool = False) -> dict:
+                        readmit_rolled_back: bool = False, seat_baseline: bool = True) -> dict:
     """Run the gate on an evaluation report and, when a candidate passes, make it the project's champion.
 
     ``report`` is what the evaluation wrote (``evaluation.json``): ``models`` (name → ``model``, a
@@ -337,7 +337,10 @@ def promote_from_report(client, report: dict, actor: str, config: GateConfig = G
     Dagster runs). Every candidate's registered version gets the gate's verdict as tags. A report measured
     against another champion than today's moves nothing (:class:`StaleEvaluation`), unless its pick
     already is the champion. A model that was rolled back is refused until someone readmits it
-    (``readmit_rolled_back``), so the next evaluation does not quietly undo a rollback. Returns the
+    (``readmit_rolled_back``), so the next evaluation does not quietly undo a rollback. While the project has
+    no champion and no candidate beats the baseline, the baseline itself is seated as the incumbent
+    (``seat_baseline``; it must pass the gate's absolute checks): it is what candidates were measured against, so
+    serving it changes nothing the gate decided, and from then on a challenger must beat it. Returns the
     verdicts and what moved.
     """
     models, measured = report["models"], report.get("champion")
@@ -361,6 +364,11 @@ def promote_from_report(client, report: dict, actor: str, config: GateConfig = G
     if (measured or {}).get("aligned_version") != (current or {}).get("version"):
         raise StaleEvaluation(f"the evaluation measured against champion {(measured or {}).get('aligned_version')} "
                               f"but the champion is now {(current or {}).get('version')}: re-run the evaluation")
+    if choice is None and current is None and seat_baseline:
+        choice = _incumbent(report, config)
+        if choice is not None:  # its verdict as incumbent replaces "no win-rate against itself"
+            decisions[choice[0]] = choice[1]
+            outcome["verdicts"][choice[0]] = {"promote": True, "reason": choice[1].reason}
     for name, decision in decisions.items():
         _tag_candidate(client, models[name]["model"], decision)
     if choice is None:
@@ -370,8 +378,26 @@ def promote_from_report(client, report: dict, actor: str, config: GateConfig = G
     decision = GateDecision(decision.promote, decision.reason, decision.evidence | {"evaluation": evidence})
     version = _aligned_version(client, models[name]["model"], models[name]["metrics"], decision, evidence)
     promote(client, ALIGNED_MODEL, version, decision, actor)
-    return outcome | {"action": f"promoted {name} as {ALIGNED_MODEL} version {version}",
+    moved = "seated the baseline" if name == report.get("baseline") else "promoted"
+    return outcome | {"chosen": name, "action": f"{moved} {name} as {ALIGNED_MODEL} version {version}",
                       "champion": current_champion(client)}
+
+
+def _incumbent(report: dict, config: GateConfig) -> tuple[str, GateDecision] | None:
+    """The baseline as the first champion when no candidate beat it, if it passes the absolute checks itself."""
+    name = report.get("baseline")
+    if name not in report["models"] or _model_uri(report["models"][name]["model"]) is None:
+        return None
+    metrics = gate_metrics(report["models"][name]["metrics"])
+    skipped: list[str] = []
+    checks = _absolute_checks(metrics, config, skipped)
+    if not all(c["passed"] for c in checks):
+        return None
+    reason = (f"incumbent: no candidate beat the baseline {name}, so it serves until a challenger beats it; "
+              + "; ".join(c["detail"] for c in checks))
+    return name, GateDecision(promote=True, reason=reason, evidence={
+        "baseline": name, "role": "incumbent", "checks": checks, "skipped": skipped,
+        "candidate": _json_safe_metrics(metrics), "champion": None, "config": asdict(config)})
 
 
 def rolled_back_sources(client) -> dict[str, str]:

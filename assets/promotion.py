@@ -20,6 +20,9 @@ PromotionConfig = pydantic.create_model(
     actor=(str, pydantic.Field("", description=ACTOR_HELP)),
     readmit_rolled_back=(bool, pydantic.Field(False, description="Let the gate pick a model that was rolled back "
                                                                  "(refused otherwise, so a rollback sticks).")),
+    seat_baseline=(bool, pydantic.Field(True, description="While there is no champion and no candidate beats the "
+                                                          "baseline (SFT), seat the baseline as the incumbent champion "
+                                                          "if it passes the absolute checks.")),
     **{f.name: (float, pydantic.Field(f.default, description=f.metadata["help"])) for f in fields(GateConfig)})
 
 
@@ -40,7 +43,7 @@ def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, 
     gate = GateConfig(**{f.name: getattr(config, f.name) for f in fields(GateConfig)})
     try:
         outcome = promote_from_report(mlflow.tracker().client, evaluation_report, _actor(context, config.actor), gate,
-                                      readmit_rolled_back=config.readmit_rolled_back)
+                                      readmit_rolled_back=config.readmit_rolled_back, seat_baseline=config.seat_baseline)
     except StaleEvaluation as error:
         raise dg.Failure(str(error), allow_retries=False) from error
     context.log.info(outcome["action"])

@@ -364,9 +364,39 @@ def test_a_report_measured_against_another_champion_moves_nothing(tracker, versi
     assert {name: tags(client, name, "1") for name in POLICIES} == before
 
 
-def test_when_no_candidate_passes_nothing_is_created(tracker, versions):
+def test_when_no_candidate_beats_the_baseline_it_is_seated_and_a_challenger_must_then_beat_it(tracker, versions):
+    client = tracker.client
+    ties = {**{name: candidate(vs_champion=None, vs_sft=(0.5, 0.3, 0.7)) for name in POLICIES},
+            "sft_model": {"preference_accuracy": 0.6, "degenerate_rate": 0.05}}
+    outcome = promote_from_report(client, report(versions, ties), actor="alice")
+    assert outcome["chosen"] == "sft_model" and outcome["action"] == "seated the baseline sft_model as aligned_policy version 1"
+    assert champions(client) == [(ALIGNED_MODEL, "1")]
+    seated = client.get_model_version(ALIGNED_MODEL, "1")
+    assert seated.tags["source.uri"] == "models:/sft_model/1"
+    assert seated.tags["gate.reason"].startswith("incumbent: no candidate beat the baseline sft_model")
+    assert json.loads(seated.tags["promotion.evidence"])["role"] == "incumbent"
+    assert tags(client, "sft_model", "1")["evaluation.gate"] == "passed"
+    assert tags(client, "policy_dpo", "1")["evaluation.gate"] == "refused"
+
+    # The next evaluation measures against the seated baseline: a tie with it moves nothing, a clear win does.
+    tie_again = {**ties, "policy_dpo": candidate(vs_champion=(0.5, 0.3, 0.7))}
+    assert promote_from_report(client, report(versions, tie_again, "sft_model", "1"), actor="bob")["action"] == \
+        "none passed the gate"
+    beaten = {**ties, "policy_dpo": candidate(vs_champion=(0.8, 0.62, 0.9))}
+    outcome = promote_from_report(client, report(versions, beaten, "sft_model", "1"), actor="bob")
+    assert outcome["chosen"] == "policy_dpo" and champions(client) == [(ALIGNED_MODEL, "2")]
+
+
+def test_a_broken_baseline_is_not_seated(tracker, versions):
+    broken = {**{name: candidate(vs_champion=None, vs_sft=(0.5, 0.3, 0.7)) for name in POLICIES},
+              "sft_model": {"preference_accuracy": 0.6, "degenerate_rate": 0.5}}
+    assert promote_from_report(tracker.client, report(versions, broken), actor="alice")["chosen"] is None
+    assert champions(tracker.client) == []
+
+
+def test_when_no_candidate_passes_and_the_baseline_is_not_seated_nothing_is_created(tracker, versions):
     ties = {name: candidate(vs_champion=None, vs_sft=(0.5, 0.3, 0.7)) for name in POLICIES}
-    outcome = promote_from_report(tracker.client, report(versions, ties), actor="alice")
+    outcome = promote_from_report(tracker.client, report(versions, ties), actor="alice", seat_baseline=False)
     assert outcome["chosen"] is None and outcome["action"] == "none passed the gate"
     assert champions(tracker.client) == [] and current_champion(tracker.client) is None
     with pytest.raises(SystemExit, match="no 'champion' to roll back"):

@@ -214,6 +214,9 @@ class MethodConfig:
         "training machine's memory (the GPU's when CUDA is visible, else RAM or the container limit); 0: no check",
         minimum=0)
     seed: int = option(0, "seed for data order, dropout and sampling", minimum=0)
+    evaluate_at_end: bool = option(
+        True, "score eval_data once training ends (the trainer's eval_* metrics); off saves that pass, and the "
+        "evaluation_report measures every model on the held-out split anyway")
     logging_steps: int = option(1, "log metrics every this many steps", minimum=1)
     save_steps: int = option(10, "write a checkpoint every this many steps (needs checkpoint_dir); 0 writes none",
                              minimum=0)

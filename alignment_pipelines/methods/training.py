@@ -425,7 +425,7 @@ class TRLMethod:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
             accelerator = trainer.accelerator
             tokens = int(accelerator.reduce(torch.tensor(counter.tokens, device=accelerator.device), "sum"))
-            if data.eval is not None:
+            if data.eval is not None and config.evaluate_at_end:
                 trainer.evaluate()
             history, metrics = history_and_metrics(trainer.state.log_history, trainer.state.global_step,
                                                    resumed_step)
