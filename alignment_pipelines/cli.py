@@ -110,7 +110,8 @@ def _train(args: argparse.Namespace) -> int:
                 "by hand for several", config.num_processes, world_size())
         result = run_training(args.method, config, callbacks=report.callbacks())
         report.finish(result)
-    if main:
+        piped = report.pipes is not None
+    if main and not piped:  # through Pipes the result is a message to the run, not text for the console
         print(result.to_json())
     return 0
 

@@ -255,9 +255,11 @@ def test_dpo_lora_grows_reward_margin(tmp_path, tiny_model_dir, pairs_path):
 def test_lora_sft_and_full_dpo_write_merged_models(tmp_path, tiny_model_dir, pairs_path):
     out = tmp_path / "sft-lora"
     for _ in range(2):  # a second run replaces the first atomically
-        run_training("sft", SFTMethodConfig(model=str(tiny_model_dir), data=str(pairs_path), output_dir=str(out),
-                                            max_steps=3, learning_rate=1e-2, lora_output="merged"))
+        result = run_training("sft", SFTMethodConfig(
+            model=str(tiny_model_dir), data=str(pairs_path), output_dir=str(out), max_steps=3, learning_rate=1e-2,
+            lora_output="merged", eval_data=str(pairs_path), evaluate_at_end=False))
     assert_merged_model(out, tiny_model_dir)
+    assert not [k for k in result.metrics if k.startswith("eval_")]  # no pass over eval_data when told so
 
     out = tmp_path / "dpo-full"
     result = run_training("dpo", DPOMethodConfig(model=str(tiny_model_dir), data=str(pairs_path),
