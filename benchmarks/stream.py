@@ -2,6 +2,7 @@
 
     python benchmarks/stream.py [--batches 200] [--rows 10000] [--tokenizer .data/models/smollm2-135m-instruct] \
         [--output benchmarks/results/stream.md] [--plot benchmarks/results/stream.png]
+    python benchmarks/stream.py --replot benchmarks/results/stream.csv --plot benchmarks/results/stream.png
 
 Each batch is a new JSONL file of `--rows` conversational pairs (~1% bad rows; ~1% of its rows repeat rows
 of the previous batch, so duplicates across batches are found). Per batch, in one process, the same calls
@@ -46,6 +47,36 @@ def make_batch(path: Path, rows: int, seed: int, previous: list[str] | None) -> 
     return lines
 
 
+def plot(records: list[dict], path: Path, rows: int) -> None:
+    """Time per batch at its own scale (top), and against the old way of finding earlier keys (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["batch"] for r in records]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for ax in (top, bottom):
+        ax.plot(xs, [r["total_s"] for r in records], label="new batch: validation + key-index lookup + GX gate", lw=1.2)
+        ax.plot(xs, [r["validate_s"] for r in records], label="of which validation + key-index lookup", lw=0.8)
+        ax.set_ylabel("seconds")
+        ax.grid(alpha=0.3)
+    old = [(r["batch"], r["old_earlier_keys_s"]) for r in records if r["old_earlier_keys_s"] not in (None, "")]
+    if old:
+        bottom.plot(*zip(*[(b, float(s)) for b, s in old]), "o--", color="tab:red",
+                    label="old: rereading earlier batches' rows for their keys")
+    top.set_ylim(bottom=0)
+    bottom.set_ylim(bottom=0)
+    top.set_title(f"Time per batch over a stream of {len(records)} batches")
+    bottom.set_title("The same, beside the old way of finding earlier batches' keys")
+    bottom.set_xlabel(f"batch ({rows:,} rows each)")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=200)
@@ -54,7 +85,14 @@ def main() -> None:
     ap.add_argument("--old-way-at", type=int, action="append", help="batch numbers to time the old key gathering at")
     ap.add_argument("--output", type=Path)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--replot", type=Path, help="only draw --plot again from a CSV this script wrote")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot, newline="") as fh:
+            records = [{k: (float(v) if k.endswith("_s") and v else int(v) if v.isdigit() else v) for k, v in r.items()}
+                       for r in csv.DictReader(fh)]
+        plot(records, args.plot, args.rows)
+        return
 
     from alignment_pipelines.data.key_index import KEYS_FILE, KeyIndex
     from alignment_pipelines.data.records import read_records
@@ -123,27 +161,7 @@ def main() -> None:
             w.writeheader()
             w.writerows(records)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        xs = [r["batch"] for r in records]
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        ax.plot(xs, [r["total_s"] for r in records], label="new batch: validation + key-index lookup + GX gate", lw=1.2)
-        ax.plot(xs, [r["validate_s"] for r in records], label="of which validation + key-index lookup", lw=0.8)
-        old = [(r["batch"], r["old_earlier_keys_s"]) for r in records if r["old_earlier_keys_s"] is not None]
-        if old:
-            ax.plot(*zip(*old), "o--", color="tab:red", label="old: rereading earlier batches' rows for their keys")
-        ax.set_xlabel("batch (10,000 rows each)" if args.rows == 10_000 else f"batch ({args.rows:,} rows each)")
-        ax.set_ylabel("seconds")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"Time per batch over a stream of {len(records)} batches")
-        ax.legend(loc="upper left", fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=110)
+        plot(records, args.plot, args.rows)
 
     def stats(part):
         vals = sorted(r["total_s"] for r in part)

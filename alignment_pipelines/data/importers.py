@@ -47,7 +47,7 @@ import json
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -656,13 +656,54 @@ def _convert_chunk(source: str, chunk: list[RawRow], layout: str) -> ImportResul
     )
 
 
-def _majority(chunks: list[list[RawRow]]) -> str | None:
-    counts = Counter(detect_layout(obj) for chunk in chunks for _, obj, _ in chunk if isinstance(obj, dict))
+def layout_counts(rows: list[RawRow]) -> Counter:
+    """How many rows of a chunk have each layout (rows that are not objects, or match none, not counted)."""
+    counts = Counter(detect_layout(obj) for _, obj, _ in rows if isinstance(obj, dict))
     counts.pop(None, None)
+    return counts
+
+
+def majority_layout(counts: Counter) -> str | None:
     if not counts:
         return None
     order = list(LAYOUTS)
     return max(counts, key=lambda k: (counts[k], -order.index(k)))
+
+
+def field_names(rows: list[RawRow]) -> Iterator[str]:
+    return (k for _, obj, _ in rows if isinstance(obj, dict) for k in map(str, obj.keys()))
+
+
+def with_layout(path: Path, chunks: Iterator, layout: str | None, counts_of: Callable[[Any], Counter],
+                fields_of: Callable[[Any], Iterator[str]]) -> Iterator[tuple[Any, str | None]]:
+    """(chunk, layout) for each chunk of a file, in order, as soon as the file's layout is known: the
+    override, else the majority layout of the first chunks that have any recognisable row
+    (`counts_of(chunk)`). A file whose rows parse but match no layout is a FeedbackFileError; the chunks of
+    a file with no object at all come with None (every row is quarantined as it is)."""
+    pending: list = []
+    counts: Counter = Counter()
+    chosen = layout
+    fields: Counter[str] = Counter()
+    for chunk in chunks:
+        if chosen is None:
+            pending.append(chunk)
+            counts += counts_of(chunk)
+            chosen = majority_layout(counts)
+            if chosen is None:
+                fields.update(fields_of(chunk))
+                continue
+        for item in pending or [chunk]:
+            yield item, chosen
+        pending = []
+    if chosen is None and fields:
+        found = ", ".join(f for f, _ in fields.most_common(20))
+        raise FeedbackFileError(
+            path,
+            f"no row matches a known layout (fields found: {found}); "
+            f"pass layout= one of: {', '.join(LAYOUTS)}",
+        )
+    for item in pending:
+        yield item, None
 
 
 def _batched(rows: Iterator[RawRow], size: int) -> Iterator[list[RawRow]]:
@@ -687,37 +728,16 @@ def iter_feedback_chunks(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     source = str(path)
-    pending: list[list[RawRow]] = []
-    chosen = layout
-    fields: Counter[str] = Counter()
     yielded = False
-    for chunk in _batched(_iter_rows(path, chunk_rows), chunk_rows):
-        if chosen is None:
-            pending.append(chunk)
-            chosen = _majority(pending)
-            if chosen is None:
-                fields.update(k for _, obj, _ in chunk if isinstance(obj, dict) for k in map(str, obj.keys()))
-                continue
-        for item in pending or [chunk]:
-            yield _convert_chunk(source, item, chosen)
-            yielded = True
-        pending = []
-    if chosen is None and fields:
-        found = ", ".join(f for f, _ in fields.most_common(20))
-        raise FeedbackFileError(
-            path,
-            f"no row matches a known layout (fields found: {found}); "
-            f"pass layout= one of: {', '.join(LAYOUTS)}",
-        )
-    if chosen is None:  # empty, or nothing parsed as an object: every row is quarantined as it is
-        for item in pending:
-            result = _convert_chunk(source, item, "pairwise")
-            result.layout = "none"
-            yield result
-            yielded = True
+    for chunk, chosen in with_layout(path, _batched(_iter_rows(path, chunk_rows), chunk_rows), layout,
+                                     layout_counts, field_names):
+        result = _convert_chunk(source, chunk, chosen or "pairwise")
+        result.layout = chosen or "none"  # none: nothing parsed as an object, every row quarantined as it is
+        yield result
+        yielded = True
     if not yielded:
-        result = _convert_chunk(source, [], chosen or "pairwise")
-        result.layout = chosen or "none"
+        result = _convert_chunk(source, [], layout or "pairwise")
+        result.layout = layout or "none"
         yield result
 
 

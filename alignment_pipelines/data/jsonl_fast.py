@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -197,18 +198,10 @@ def _prepare(lines: _Lines) -> _Prepared:
 
 
 def _layout_counts(prep: _Prepared) -> Counter:
-    counts = Counter(importers.detect_layout(obj) for _, obj, _ in prep.other if isinstance(obj, dict))
+    counts = importers.layout_counts(prep.other)
     counts["conversational"] += len(prep.plain_conv)
     counts["pairwise"] += len(prep.plain_pair)
-    counts.pop(None, None)
     return +counts
-
-
-def _majority(counts: Counter) -> str | None:
-    if not counts:
-        return None
-    order = list(importers.LAYOUTS)
-    return max(counts, key=lambda k: (counts[k], -order.index(k)))
 
 
 def _parse_plain(text: pa.Array, index: np.ndarray, schema: pa.Schema) -> pa.Table:
@@ -259,6 +252,24 @@ def _plain_records(prep: _Prepared) -> pa.Table:
     return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
 
+@dataclass
+class RawLines:
+    """The quarantine's `raw` of a chunk's rows: the importer's text where it converted the row, else the
+    line itself (plain lines). `lines` is left out when a chunk travels between processes."""
+
+    converted: dict[int, str]
+    lines: _Lines | None
+
+    def __call__(self, rows: list[int]) -> list[str]:
+        out = [self.converted.get(row) for row in rows]
+        missing = [i for i, text in enumerate(out) if text is None]
+        if missing and self.lines is not None:
+            at = np.searchsorted(self.lines.rows, [rows[i] for i in missing])
+            for i, line in zip(missing, self.lines.text.take(pa.array(at)).to_pylist()):
+                out[i] = truncate_raw(line.rstrip("\n").rstrip("\r"))
+        return [text or "" for text in out]
+
+
 def _convert(source: str, prep: _Prepared, layout: str) -> Chunk:
     lines = prep.lines
     plain = layout in _PLAIN_LAYOUTS and (len(prep.plain_conv) or len(prep.plain_pair))
@@ -274,63 +285,58 @@ def _convert(source: str, prep: _Prepared, layout: str) -> Chunk:
     if plain:
         table = pa.concat_tables([_plain_records(prep).cast(table.schema), table])
         table = table.take(pc.sort_indices(table.column("row")))
-    position = {int(r): i for i, r in enumerate(lines.rows.tolist())} if plain else None
-
-    def raw(rows: list[int]) -> list[str]:
-        out = []
-        for row in rows:
-            text = imported.raw_lines.get(row)
-            if text is None and position is not None:
-                line = lines.text[position[row]].as_py()
-                text = truncate_raw(line.rstrip("\n").rstrip("\r"))
-            out.append(text or "")
-        return out
-
     if label_ok is not None and plain:  # pragma: no cover - plain lines are pairwise only
         raise AssertionError("plain lines in a binary file")
     return Chunk(source=source, kind=kind, layout=layout, rows=len(lines), table=table,
-                 rejected=imported.rejected.to_dict("records"), raw=raw, label_ok=label_ok,
+                 rejected=imported.rejected.to_dict("records"), raw=RawLines(imported.raw_lines, lines if plain else None),
+                 label_ok=label_ok,
                  original=None if plain else imported.records)
 
 
-def iter_jsonl_chunks(path: str | Path, layout: str | None = None, chunk_rows: int = 50_000) -> Iterator[Chunk]:
+def iter_jsonl_chunks(path: str | Path, layout: str | None = None, chunk_rows: int = 50_000,
+                      assess: Callable[[str, _Lines, str], Any] | None = None) -> Iterator[Any]:
     """`importers.iter_feedback_chunks` for a JSON Lines file, as routing chunks (see the module doc):
-    the same rows, records, rejects, layout choice and errors."""
+    the same rows, records, rejects, layout choice and errors. With `assess`, the chunks after the layout
+    is known are handed to it as lines (`assess(source, lines, layout)`, e.g. a submission to a process
+    pool) and what it returns is yielded in their place."""
     path = Path(path)
     importers._check_layout(layout)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     source = str(path)
-    pending: list[_Prepared] = []
-    counts: Counter = Counter()
     chosen = layout
-    fields: Counter[str] = Counter()
+
+    def prepared() -> Iterator[_Prepared | _Lines]:
+        for lines in _row_chunks(path, chunk_rows):
+            yield lines if assess is not None and chosen is not None else _prepare(lines)
+
     yielded = False
-    for lines in _row_chunks(path, chunk_rows):
-        prep = _prepare(lines)
-        if chosen is None:
-            pending.append(prep)
-            counts += _layout_counts(prep)
-            chosen = _majority(counts)
-            if chosen is None:
-                fields.update(k for _, obj, _ in prep.other if isinstance(obj, dict) for k in map(str, obj.keys()))
-                continue
-        for item in pending or [prep]:
-            yield _convert(source, item, chosen)
-            yielded = True
-        pending = []
-    if chosen is None and fields:
-        found = ", ".join(f for f, _ in fields.most_common(20))
-        raise importers.FeedbackFileError(
-            path, f"no row matches a known layout (fields found: {found}); pass layout= one of: {', '.join(importers.LAYOUTS)}")
-    if chosen is None:
-        for item in pending:
-            chunk = _convert(source, item, "pairwise")
-            chunk.layout = "none"
+    for item, chosen in importers.with_layout(path, prepared(), layout, _layout_counts,
+                                              lambda prep: importers.field_names(prep.other)):
+        if assess is not None and chosen is not None:  # the chunks that decided the layout are read again there
+            yield assess(source, item if isinstance(item, _Lines) else item.lines, chosen)
+        else:
+            chunk = _convert(source, item, chosen or "pairwise")
+            chunk.layout = chosen or "none"
             yield chunk
-            yielded = True
+        yielded = True
     if not yielded:
-        imported = importers._convert_chunk(source, [], chosen or "pairwise")
+        imported = importers._convert_chunk(source, [], layout or "pairwise")
         table, label_ok = records_to_arrow(imported.records, imported.kind)
-        yield Chunk(source=source, kind=imported.kind, layout=chosen or "none", rows=0, table=table,
+        yield Chunk(source=source, kind=imported.kind, layout=layout or "none", rows=0, table=table,
                     label_ok=label_ok, original=imported.records)
+
+
+def compact(lines: _Lines) -> _Lines:
+    """The lines with buffers of their own (a slice of a block would carry the whole block to a worker)."""
+    text = lines.text
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32)[text.offset: text.offset + len(text) + 1]
+    data = text.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    text = pa.Array.from_buffers(pa.string(), len(text), [None, pa.py_buffer(offsets - offsets[0]),
+                                                          pa.py_buffer(data.to_pybytes())])
+    return _Lines(lines.rows, text, lines.bad_utf8)
+
+
+def convert_lines(source: str, lines: _Lines, layout: str) -> Chunk:
+    """One chunk of lines of a file whose layout is known, as a routing chunk."""
+    return _convert(source, _prepare(lines), layout)

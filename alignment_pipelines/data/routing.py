@@ -111,14 +111,26 @@ def derived_columns(table: pa.Table, kind: str) -> dict[str, pa.Array]:
     return out
 
 
-def route_chunk(chunk: Chunk, rules, known=None, seen=None, key_detail: dict | None = None) -> Routed:
-    """Route every record of `chunk` (see the module doc). `known` has `lookup(key64) -> (found, _)`
-    (keys of earlier batches), `seen` is the batch's KeySet of earlier chunks (updated here)."""
+@dataclass
+class Assessment:
+    """What a chunk's rows are worth on their own (the part of routing that needs no other chunk): the
+    first rule each row fails, token counts, and the keys of the rows that pass every rule."""
+
+    reason_of: np.ndarray  # per row: index into `reasons`, -1 while the row passes
+    reasons: list  # [(ReasonCode, detail)]
+    token_columns: dict  # prompt_tokens, completion_tokens per row (with a tokenizer)
+    passing: np.ndarray  # rows that pass every rule (indices)
+    k64: np.ndarray  # their row keys (first 64 bits)
+    prompt_keys: pa.Array  # their prompt keys (hex)
+
+
+def assess_chunk(chunk: Chunk, rules) -> Assessment:
+    """The rules (the kind's suite, in its order: the first failure is the reason), token lengths and the
+    keys of the passing rows; see `route_chunk`."""
     from alignment_pipelines.data import validation as v
 
     kind, table = chunk.kind, chunk.table
     n = table.num_rows
-    rows = table.column("row").to_numpy()
     reason_of = np.full(n, -1, dtype=np.int32)
     reasons: list[tuple[ReasonCode, str]] = []
 
@@ -129,8 +141,9 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, key_detail: dict | N
         reasons.append((reason, detail))
 
     token_columns: dict[str, np.ndarray] = {}
-    keys_table = pa.table({"row": pa.array([], pa.int64()), "key": pa.array([], pa.int64()),
-                           "prompt_key": pa.array([], pa.string())})
+    passing = np.zeros(0, dtype=np.int64)
+    k64 = np.zeros(0, dtype=np.uint64)
+    pk: pa.Array = pa.array([], pa.string())
     if n:
         derived = derived_columns(table, kind)
         non_blank, texts = TEXT_RULES[kind]
@@ -179,71 +192,90 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, key_detail: dict | N
                     fail(completion_tokens > rules.max_completion_tokens, ReasonCode.TOO_LONG,
                          v._TOKEN_DETAIL["completion_tokens"].format(n=rules.max_completion_tokens))
         if rules.pii == "quarantine":
+            rows = table.column("row").to_numpy()
             pii_rows = chunk.pii_rows or {}
             found = np.fromiter((int(r) in pii_rows for r in rows), dtype=bool, count=n) if pii_rows else np.zeros(n, bool)
             fail(found, ReasonCode.PII, v._DETAIL[ReasonCode.PII])
 
-        # duplicates among the rows that pass: earlier batches, then earlier chunks, then this chunk
         passing = np.flatnonzero(reason_of < 0)
         if len(passing):
             whole = _cheaper_whole(passing, n)
             sub = table if whole else _subset(table, passing)
-            pk = columnar.prompt_keys(sub.column("prompt"))
+            pk_hex = columnar.prompt_keys(sub.column("prompt"))
             if kind == "pairwise":
                 texts = {c: normalized[c] if whole else _subset(normalized[c], passing) for c in ("chosen", "rejected")}
-                k64 = columnar.record_key64(kind, pk, texts)
+                k64 = columnar.record_key64(kind, pk_hex, texts)
             elif kind == "binary":
                 completion = derived["completion"] if whole else _subset(derived["completion"], passing)
                 texts = {"completion": columnar.normalize(completion)}
                 labels = pc.fill_null(columnar.as_array(sub.column("label")), False).to_numpy(zero_copy_only=False)
-                k64 = columnar.record_key64(kind, pk, texts, labels)
+                k64 = columnar.record_key64(kind, pk_hex, texts, labels)
             else:
-                k64 = columnar.key64(pk)
+                k64 = columnar.key64(pk_hex)
+            pk = pa.array(pk_hex, type=pa.string())
             if whole:  # keys of every row were computed: keep the passing rows'
                 k64 = k64[passing]
-                pk = [pk[i] for i in passing.tolist()]
-            prows = rows[passing]
-            alive = np.ones(len(passing), dtype=bool)
-            dup_across = len(reasons)
-            reasons.append((ReasonCode.DUPLICATE_ACROSS_BATCHES, v._DETAIL[ReasonCode.DUPLICATE_ACROSS_BATCHES]))
-            if known is not None:
-                hit, _ = known.lookup(k64)
-                reason_of[passing[hit]] = dup_across
-                alive &= ~hit
-            first_row = np.zeros(len(passing), dtype=np.int64)
-            dup = np.zeros(len(passing), dtype=bool)
-            if seen is not None and len(seen):
-                hit, firsts = seen.lookup(k64)
-                hit &= alive
-                dup |= hit
-                first_row[hit] = firsts[hit]
-            # within the chunk: the first alive, not yet duplicate copy of each key wins
-            cand = np.flatnonzero(alive & ~dup)
-            if len(cand):
-                order = np.argsort(k64[cand], kind="stable")
-                sorted_keys = k64[cand][order]
-                new_group = np.ones(len(cand), dtype=bool)
-                new_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
-                group_first = cand[order][np.maximum.accumulate(np.where(new_group, np.arange(len(cand)), 0))]
-                later = cand[order][~new_group]
-                dup[later] = True
-                first_row[later] = prows[group_first[~new_group]]
-            if dup.any():
-                dup_index = np.flatnonzero(dup)
-                # one reason entry per distinct "first" row keeps details exact
-                for first in np.unique(first_row[dup_index]):
-                    which = dup_index[first_row[dup_index] == first]
-                    reason_of[passing[which]] = len(reasons)
-                    reasons.append((ReasonCode.DUPLICATE, v._DETAIL[ReasonCode.DUPLICATE].format(first=int(first))))
-            keep = alive & ~dup
-            if seen is not None:
-                seen.add(k64[keep], prows[keep])
-            kept = np.flatnonzero(keep)
-            keys_table = pa.table({
-                "row": pa.array(prows[kept], type=pa.int64()),
-                "key": pa.array(k64[kept].view(np.int64), type=pa.int64()),
-                "prompt_key": pa.array([pk[i] for i in kept.tolist()], type=pa.string()),
-            })
+                pk = _subset(pk, passing)
+    return Assessment(reason_of, reasons, token_columns, passing, k64, pk)
+
+
+def route_chunk(chunk: Chunk, rules, known=None, seen=None, assessment: Assessment | None = None) -> Routed:
+    """Route every record of `chunk` (see the module doc): `assess_chunk` (unless given), then duplicates
+    among the rows that pass. `known` has `lookup(key64) -> (found, _)` (keys of earlier batches), `seen`
+    is the batch's KeySet of earlier chunks (updated here)."""
+    from alignment_pipelines.data import validation as v
+
+    kind, table = chunk.kind, chunk.table
+    n = table.num_rows
+    rows = table.column("row").to_numpy()
+    a = assessment if assessment is not None else assess_chunk(chunk, rules)
+    reason_of, reasons, token_columns, passing, k64 = a.reason_of, list(a.reasons), a.token_columns, a.passing, a.k64
+    keys_table = pa.table({"row": pa.array([], pa.int64()), "key": pa.array([], pa.int64()),
+                           "prompt_key": pa.array([], pa.string())})
+    if len(passing):
+        # duplicates among the rows that pass: earlier batches, then earlier chunks, then this chunk
+        prows = rows[passing]
+        alive = np.ones(len(passing), dtype=bool)
+        dup_across = len(reasons)
+        reasons.append((ReasonCode.DUPLICATE_ACROSS_BATCHES, v._DETAIL[ReasonCode.DUPLICATE_ACROSS_BATCHES]))
+        if known is not None:
+            hit, _ = known.lookup(k64)
+            reason_of[passing[hit]] = dup_across
+            alive &= ~hit
+        first_row = np.zeros(len(passing), dtype=np.int64)
+        dup = np.zeros(len(passing), dtype=bool)
+        if seen is not None and len(seen):
+            hit, firsts = seen.lookup(k64)
+            hit &= alive
+            dup |= hit
+            first_row[hit] = firsts[hit]
+        # within the chunk: the first alive, not yet duplicate copy of each key wins
+        cand = np.flatnonzero(alive & ~dup)
+        if len(cand):
+            order = np.argsort(k64[cand], kind="stable")
+            sorted_keys = k64[cand][order]
+            new_group = np.ones(len(cand), dtype=bool)
+            new_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
+            group_first = cand[order][np.maximum.accumulate(np.where(new_group, np.arange(len(cand)), 0))]
+            later = cand[order][~new_group]
+            dup[later] = True
+            first_row[later] = prows[group_first[~new_group]]
+        if dup.any():
+            dup_index = np.flatnonzero(dup)
+            # one reason entry per distinct "first" row keeps details exact
+            for first in np.unique(first_row[dup_index]):
+                which = dup_index[first_row[dup_index] == first]
+                reason_of[passing[which]] = len(reasons)
+                reasons.append((ReasonCode.DUPLICATE, v._DETAIL[ReasonCode.DUPLICATE].format(first=int(first))))
+        keep = alive & ~dup
+        if seen is not None:
+            seen.add(k64[keep], prows[keep])
+        kept = np.flatnonzero(keep)
+        keys_table = pa.table({
+            "row": pa.array(prows[kept], type=pa.int64()),
+            "key": pa.array(k64[kept].view(np.int64), type=pa.int64()),
+            "prompt_key": _subset(a.prompt_keys, kept),
+        })
 
     accepted_mask = reason_of < 0
     accepted = table.filter(pa.array(accepted_mask)) if n else table

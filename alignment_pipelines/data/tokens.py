@@ -12,6 +12,11 @@ buffer (no copy), counted once per distinct piece with the real tokenizer and re
 batch costs one dictionary encode of its pieces plus the new pieces' tokenization. A text where that
 cut is not safe (a space next to other whitespace, at either end) is tokenized whole, as is every
 text when the tokenizer is not one of those families. Either way the count is the tokenizer's own.
+
+Numbers, the usual never-seen pieces (ids, dates, amounts), need no tokenizer call with a byte-level BPE
+that never merges two digits (checked on its vocabulary when loaded): its GPT-2 pattern makes a run of
+ASCII digits a pre-token of its own, so the run is cut from the ASCII around it and counts one token a
+digit (the first one with the space before it, if the vocabulary has that pair).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ _WS_CLASS = "".join(("\\" + c) if c in "\\]^-[" else c for c in PY_WHITESPACE)
 UNSAFE_SPACE = f"^ | $| [{_WS_CLASS}]|[{_WS_CLASS}] "
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _MAX_CACHE = 300_000  # pieces remembered (~40 MB); past it the cache starts over
+_DIGITS = "0123456789"
+_OTHER, _ASCII = 0, 1  # byte kinds: _ASCII is ASCII other than digits and whitespace
+_BYTE_KIND = np.array([_ASCII if b < 0x80 and chr(b) not in _DIGITS and not chr(b).isspace() else _OTHER
+                       for b in range(256)], dtype=np.uint8)
 
 
 def _splittable(config: dict) -> bool:
@@ -58,6 +67,20 @@ def _splittable(config: dict) -> bool:
     return pre.get("type") in ("Whitespace", "WhitespaceSplit", "BertPreTokenizer")
 
 
+def _digit_counts(tok, config: dict) -> np.ndarray | None:
+    """Tokens of " 0" … " 9" when the tokenizer never merges two digits (no token holds two, no added token
+    any): then a run of n digits is n tokens, and n - 1 + tokens(" " + first digit) after a space."""
+    if (config.get("pre_tokenizer") or {}).get("type") not in ("ByteLevel", "Sequence"):
+        return None  # of the pre-tokenizers `_splittable` admits, only the GPT-2 pattern cuts digits apart
+    if any(sum(c in _DIGITS for c in token) > 1 for token in tok.get_vocab()):
+        return None
+    if any(c in _DIGITS for t in config.get("added_tokens") or [] for c in str(t.get("content", ""))):
+        return None
+    if any(len(tok.encode(d, add_special_tokens=False).ids) != 1 for d in _DIGITS):
+        return None
+    return np.array([len(tok.encode(" " + d, add_special_tokens=False).ids) for d in _DIGITS], dtype=np.int64)
+
+
 class TokenCounter:
     """Exact token counts of Arrow/Python texts with a local tokenizer; see the module doc."""
 
@@ -67,6 +90,7 @@ class TokenCounter:
         self.path = str(path)
         self._lock = threading.Lock()
         self._cache: dict[str, int] = {}
+        self._digits: np.ndarray | None = None
         if file.is_file():
             from tokenizers import Tokenizer
 
@@ -78,12 +102,9 @@ class TokenCounter:
             try:
                 config = json.loads(file.read_text(encoding="utf-8"))
                 self.piecewise = _splittable(config)
-                added = [str(t.get("content", "")) for t in config.get("added_tokens") or [] if t.get("content")]
+                self._digits = _digit_counts(tok, config) if self.piecewise else None
             except (OSError, ValueError):  # pragma: no cover - unreadable config: tokenize whole texts
-                self.piecewise, added = False, []
-            import re
-
-            self._added = re.compile("|".join(map(re.escape, added))) if added else None
+                self.piecewise = False
         elif p.is_dir():
             from transformers import AutoTokenizer
 
@@ -137,7 +158,7 @@ class TokenCounter:
         return out
 
     def _piecewise_counts(self, arr) -> np.ndarray:
-        """Counts of non-empty texts with no unsafe space: sum over their space-led pieces."""
+        """Counts of non-empty texts with no unsafe space: sum over their pieces (see the module doc)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -147,67 +168,57 @@ class TokenCounter:
         raw = np.frombuffer(data, dtype=np.uint8, count=end)
         boundary = np.zeros(end + 1, dtype=bool)
         boundary[start:end] = raw[start:end] == 0x20
-        is_text_start = np.zeros(end + 1, dtype=bool)
-        is_text_start[offsets[:-1]] = True
-        boundary |= is_text_start
-        boundary[end] = True
+        boundary[offsets] = True
+        digits = np.zeros(0, dtype=np.int64)
+        if self._digits is not None:  # a run of ASCII digits is a pre-token of its own beside ASCII non-space
+            digits = np.flatnonzero((raw[start:end] - np.uint8(0x30)) < 10) + start
+            before = raw[np.maximum(digits - 1, 0)]
+            after = raw[np.minimum(digits + 1, end - 1)]
+            boundary[digits[_BYTE_KIND[before] == _ASCII]] = True
+            boundary[digits[(_BYTE_KIND[after] == _ASCII) & (digits + 1 < end)] + 1] = True
         cuts = np.flatnonzero(boundary).astype(np.int32)  # piece starts, then the end
         pieces = pa.Array.from_buffers(pa.string(), len(cuts) - 1, [None, pa.py_buffer(cuts), data])
         encoded = pc.dictionary_encode(pieces)
-        values = encoded.dictionary.to_pylist()
-        counts = self._piece_counts(values)
-        per_piece = counts[encoded.indices.to_numpy(zero_copy_only=False)]
-        first_piece = np.flatnonzero(is_text_start[cuts[:-1]])
-        return np.add.reduceat(per_piece, first_piece)
+        indices = encoded.indices.to_numpy(zero_copy_only=False)
+        number = np.zeros(len(pieces), dtype=bool)
+        per_piece = np.zeros(len(pieces), dtype=np.int64)
+        if len(digits):  # pieces of digits alone (after a space or not): counted without the tokenizer
+            lead = cuts[:-1]
+            n_digits = np.bincount(np.searchsorted(cuts, digits, side="right") - 1, minlength=len(lead))
+            spaced = raw[np.minimum(lead, end - 1)] == 0x20
+            number = (n_digits > 0) & (n_digits == np.diff(cuts) - spaced)
+            first = raw[lead[number] + spaced[number]] - 0x30
+            per_piece[number] = n_digits[number] + np.where(spaced[number], self._digits[first] - 1, 0)
+        numeric = np.zeros(len(encoded.dictionary), dtype=bool)
+        numeric[indices[number]] = True
+        words = np.flatnonzero(~numeric)
+        counts = np.zeros(len(numeric), dtype=np.int64)
+        if len(words):
+            counts[words] = self._piece_counts(_subset(encoded.dictionary, words).to_pylist())
+        per_piece += counts[indices]
+        return np.add.reduceat(per_piece, np.searchsorted(cuts, offsets[:-1]))  # texts are non-empty
 
     def _piece_counts(self, pieces: list[str]) -> np.ndarray:
+        """Counts of distinct pieces: remembered ones from the cache, new ones by the tokenizer (each piece
+        encoded alone, in parallel and without the GIL)."""
         with self._lock:
             cache = self._cache
-            found = [cache.get(p) for p in pieces]
-            missing = [p for p, c in zip(pieces, found) if c is None]
+            found = [cache.get(p, -1) for p in pieces]
+            missing = [p for p, c in zip(pieces, found) if c < 0]
             if missing:
                 if len(cache) + len(missing) > _MAX_CACHE:
                     cache.clear()
-                new = self._new_piece_counts(missing)
-                cache.update(zip(missing, new.tolist()))
-                found = [cache[p] if c is None else c for p, c in zip(pieces, found)]
-            return np.asarray(found, dtype=np.int64)
+                new = self.encode_counts(missing).tolist()
+                cache.update(zip(missing, new))
+                found = [cache[p] if c < 0 else c for p, c in zip(pieces, found)]
+            return np.array(found, dtype=np.int64)
 
 
-    def _new_piece_counts(self, pieces: list[str]) -> np.ndarray:
-        """Counts of pieces never seen: the ones that start with at most one space before a non-space and
-        end with a non-space are tokenized together, joined by newlines (a newline between two such pieces
-        is a pre-token of its own for every tokenizer `piecewise` admits), and their tokens given back to
-        them by character offsets; a batch whose token total does not add up, and the other pieces, are
-        tokenized one by one."""
-        out = np.zeros(len(pieces), dtype=np.int64)
-        added = self._added
-        joinable = [i for i, p in enumerate(pieces) if p and not p[-1].isspace()
-                    and (not p[0].isspace() or (p[0] == " " and len(p) > 1 and not p[1].isspace()))
-                    and (added is None or not added.search(p))]
-        alone = np.ones(len(pieces), dtype=bool)
-        if len(joinable) > 1 and self._tok is not None:
-            sep_tokens = len(self._tok.encode("\n", add_special_tokens=False).ids)
-            for start in range(0, len(joinable), 20_000):
-                group = joinable[start:start + 20_000]
-                texts = [pieces[i] for i in group]
-                lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-                starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
-                enc = self._tok.encode("\n".join(texts), add_special_tokens=False)
-                offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-                if not len(offsets):
-                    continue
-                owner = np.searchsorted(starts, offsets[:, 0], side="right") - 1
-                inside = offsets[:, 0] < starts[owner] + lengths[owner]  # not a separator's token
-                counts = np.bincount(owner[inside], minlength=len(texts))
-                if counts.sum() + (len(texts) - 1) * sep_tokens != len(offsets):
-                    continue  # offsets that do not add up: tokenize this group one by one
-                out[group] = counts
-                alone[group] = False
-        rest = np.flatnonzero(alone)
-        if len(rest):
-            out[rest] = self.encode_counts([pieces[i] for i in rest])
-        return out
+def _subset(arr, index: np.ndarray):
+    """arr[index] (sorted indices); no copy when they are all the values."""
+    import pyarrow as pa
+
+    return arr if len(index) == len(arr) else arr.take(pa.array(index))
 
 
 _COUNTERS: dict[str, TokenCounter] = {}

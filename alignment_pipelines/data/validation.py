@@ -33,6 +33,7 @@ GX is imported lazily; one ephemeral context per process.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import threading
@@ -539,18 +540,85 @@ def _chunk_from_import(imported: ImportResult, rules: ValidationRules) -> Chunk:
                  label_ok=label_ok, pii_rows=pii_rows, pii=pii_summary, original=records)
 
 
-def _iter_chunks(path: str | Path, layout: str | None, chunk_rows: int, rules: ValidationRules):
-    """Routing chunks of a feedback file: JSON Lines at Arrow speed (`jsonl_fast`), other formats (and
-    PII screening, which rewrites records) through the row-by-row importers."""
+# a JSONL file at least this large is assessed by worker processes, one chunk each, in parallel
+PARALLEL_MIN_BYTES = 64 << 20
+
+
+def _iter_chunks(path: str | Path, layout: str | None, chunk_rows: int, rules: ValidationRules,
+                 workers: int | None = None):
+    """(routing chunk, its `Assessment` or None) for each chunk of a feedback file. JSON Lines at Arrow
+    speed (`jsonl_fast`): a large file (`PARALLEL_MIN_BYTES`) is assessed by `workers` processes (default:
+    one per CPU), a smaller one on this process with the next chunk read on a second thread; other formats
+    (and PII screening, which rewrites records) through the row-by-row importers."""
     from alignment_pipelines.data import importers
     from alignment_pipelines.data.jsonl_fast import iter_jsonl_chunks
 
     p = Path(path)
     if rules.pii == "off" and p.is_file() and importers._detect_format(p, importers._sniff(p)) == "jsonl":
-        yield from _prefetch(iter_jsonl_chunks(p, layout=layout, chunk_rows=chunk_rows))
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        if multiprocessing.current_process().daemon:  # a daemonic process may not start workers
+            workers = 1
+        if workers > 1 and p.stat().st_size >= PARALLEL_MIN_BYTES:
+            yield from _assessed_in_workers(p, layout, chunk_rows, rules, workers)
+        else:
+            yield from ((chunk, None) for chunk in _prefetch(iter_jsonl_chunks(p, layout=layout, chunk_rows=chunk_rows)))
         return
     for imported in iter_feedback_chunks(path, layout=layout, chunk_rows=chunk_rows):
-        yield _chunk_from_import(imported, rules)
+        yield _chunk_from_import(imported, rules), None
+
+
+def _one_thread_each() -> None:
+    """A worker's initializer: the workers already use every core, so Arrow and the tokenizer use one thread each
+    (their thread pools would otherwise spin against the other workers)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    pa.set_cpu_count(1)
+
+
+def _assess_lines(source: str, lines, layout: str, rules: ValidationRules):
+    """In a worker process: one chunk of lines converted and assessed (`routing.assess_chunk`)."""
+    from alignment_pipelines.data.jsonl_fast import convert_lines
+    from alignment_pipelines.data.routing import assess_chunk
+
+    chunk = convert_lines(source, lines, layout)
+    assessment = assess_chunk(chunk, rules)
+    plain = chunk.raw.lines is not None
+    chunk.raw.lines = None  # the caller has them: not sent back
+    return chunk, assessment, plain
+
+
+def _assessed_in_workers(path: Path, layout: str | None, chunk_rows: int, rules: ValidationRules, workers: int):
+    """`_iter_chunks` with each chunk converted and assessed by a pool of processes (the first ones, read here
+    to decide the layout, are read again there), `workers` + 1 in flight, and given back in file order: the
+    duplicates, which depend on every earlier row, are settled by the caller, one chunk after the other."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    from alignment_pipelines.data.jsonl_fast import compact, iter_jsonl_chunks
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_each)
+
+    def submit(source: str, lines, chosen: str):
+        return lines, pool.submit(_assess_lines, source, compact(lines), chosen, rules)
+
+    def settled(item):
+        if isinstance(item, Chunk):
+            return item, None
+        lines, future = item
+        chunk, assessment, plain = future.result()
+        chunk.raw.lines = lines if plain else None
+        return chunk, assessment
+
+    window: deque = deque()
+    try:
+        for item in iter_jsonl_chunks(path, layout=layout, chunk_rows=chunk_rows, assess=submit):
+            window.append(item)
+            if len(window) > workers:
+                yield settled(window.popleft())
+        while window:
+            yield settled(window.popleft())
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _prefetch(chunks):
@@ -802,6 +870,7 @@ def validate_file_to_parquet(
     chunk_rows: int = 50_000,
     keys_path: str | Path | None = None,
     known_index: Any = None,
+    workers: int | None = None,
 ) -> dict:
     """Validate a file chunk by chunk, streaming accepted rows (`write_records` format) and
     quarantined rows (QUARANTINE_COLUMNS) to Parquet. Memory is bounded by the chunk size (plus
@@ -811,7 +880,8 @@ def validate_file_to_parquet(
     Rows already accepted in earlier batches are duplicates: `known_keys` (row keys, hex) or
     `known_index` (an object whose `lookup(key64)` answers, e.g. `key_index.KeyIndex`). With
     `keys_path` the accepted rows' keys are written there too (`key_index.KEYS_SCHEMA`): the batch's
-    entry in the key index.
+    entry in the key index. A large JSON Lines file is assessed by `workers` processes (default: one per CPU;
+    1: none), with the same outcome.
 
     Returns the summary: rows, accepted, quarantined, by_reason, kind, layout, truncation, pii,
     over_length_policy, suite_success (the row rules hold on the accepted rows by construction; this is
@@ -838,8 +908,8 @@ def validate_file_to_parquet(
     pii: dict | None = None
     kind, file_layout = "pairwise", "none"
     try:
-        for chunk in _iter_chunks(path, layout, chunk_rows, rules):
-            routed = route_chunk(chunk, rules, known, seen)
+        for chunk, assessment in _iter_chunks(path, layout, chunk_rows, rules, workers):
+            routed = route_chunk(chunk, rules, known, seen, assessment)
             kind, file_layout = chunk.kind, chunk.layout
             if not writers:
                 # texts are nearly all distinct: dictionary encoding would only cost time

@@ -1,0 +1,84 @@
+"""Feedback at scale, part two: the worker processes and the token counts of numbers.
+
+- a JSONL file assessed by worker processes gives byte for byte the outputs of the one-process path (and so
+  of the row-by-row reference, which `test_data_at_scale` compares that path with);
+- runs of digits are counted without the tokenizer only where it never merges two digits, and the counts
+  are the tokenizer's own either way.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from alignment_pipelines.data import validation
+from alignment_pipelines.data.tokens import TokenCounter
+from alignment_pipelines.data.validation import ValidationRules, validate_file_to_parquet
+from tests.test_data_at_scale import HOSTILE, SMOLLM2, _write, conv
+
+
+def _outputs(tmp_path: Path, path: Path, name: str, rules: ValidationRules, **kw) -> tuple[dict, list]:
+    out = tmp_path / name
+    summary = validate_file_to_parquet(path, out / "a.parquet", out / "q.parquet", rules, chunk_rows=16,
+                                       keys_path=out / "k.parquet", **kw)
+    return summary, [pd.read_parquet(out / f) for f in ("a.parquet", "q.parquet", "k.parquet")]
+
+
+def _lines() -> list[str]:
+    rng = random.Random(11)
+    lines = []
+    for i in range(400):
+        lines.append(json.dumps(conv(f"#{i} Question {i % 50}?", f"Answer {i % 9}.", f"Other {i % 13}.")))
+        if rng.random() < 0.15:
+            lines.append(rng.choice(HOSTILE))
+    return lines
+
+
+@pytest.mark.parametrize("layout", [None, "conversational"])
+def test_workers_give_the_outputs_of_one_process(tmp_path, monkeypatch, layout):
+    path = _write(tmp_path / "batch.jsonl", _lines())
+    rules = ValidationRules(max_chars=100, tokenizer=str(SMOLLM2) if (SMOLLM2 / "tokenizer.json").exists() else None)
+    monkeypatch.setattr(validation, "PARALLEL_MIN_BYTES", 0)
+    one, one_files = _outputs(tmp_path, path, "one", rules, layout=layout, workers=1)
+    many, many_files = _outputs(tmp_path, path, "many", rules, layout=layout, workers=2)
+    assert many == {**one, "source": many["source"]}
+    assert one["quarantined"] > 50 and one["chunks"] > 20
+    for a, b in zip(one_files, many_files):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def _digit_texts() -> list[str]:
+    rng = random.Random(5)
+    alphabet = (list("0123456789 .,#$-/:ab Zé\n\t") + ["١٢٣", "３", "²", " 0", "007", "1e10", "12:30", "v2.1", "#42"])
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(4000)]
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="the SmolLM2 model store is not set up here")
+def test_digit_runs_counted_without_the_tokenizer_are_exact():
+    counter = TokenCounter(SMOLLM2)
+    assert counter._digits is not None  # SmolLM2 has no token of two digits
+    texts = _digit_texts()
+    assert counter.count(pa.array(texts)).tolist() == counter.encode_counts(texts).tolist()
+
+
+def test_a_tokenizer_that_merges_digits_is_asked(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    merges = [("1", "2"), ("12", "3"), ("Ġ", "1")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    counter = TokenCounter(tmp_path / "tokenizer.json")
+    assert counter.piecewise and counter._digits is None
+    texts = _digit_texts() + ["123123", " 1234", "#123", "a12 3"]
+    assert counter.count(pa.array(texts)).tolist() == counter.encode_counts(texts).tolist()
