@@ -354,8 +354,12 @@ def promote_from_report(client, report: dict, actor: str, config: GateConfig = G
         name: GateDecision(False, f"refused: {why}; readmit it to let the gate pick it again", {})
         for name, why in barred_names.items()}
     choice = choose_champion(candidates, champion_metrics, config)
-    verdicts = {name: {"promote": d.promote, "reason": d.reason} for name, d in decisions.items()}
     current = current_champion(client)
+    if choice is None and current is None and seat_baseline:
+        choice = _incumbent(report, config)
+        if choice is not None:  # its verdict as incumbent replaces "no win-rate against itself"
+            decisions[choice[0]] = choice[1]
+    verdicts = {name: {"promote": d.promote, "reason": d.reason} for name, d in decisions.items()}
     chosen_uri = _model_uri(models[choice[0]]["model"]) if choice else None
     outcome = {"verdicts": verdicts, "chosen": choice[0] if choice else None, "previous_champion": current,
                "champion": current}
@@ -364,11 +368,6 @@ def promote_from_report(client, report: dict, actor: str, config: GateConfig = G
     if (measured or {}).get("aligned_version") != (current or {}).get("version"):
         raise StaleEvaluation(f"the evaluation measured against champion {(measured or {}).get('aligned_version')} "
                               f"but the champion is now {(current or {}).get('version')}: re-run the evaluation")
-    if choice is None and current is None and seat_baseline:
-        choice = _incumbent(report, config)
-        if choice is not None:  # its verdict as incumbent replaces "no win-rate against itself"
-            decisions[choice[0]] = choice[1]
-            outcome["verdicts"][choice[0]] = {"promote": True, "reason": choice[1].reason}
     for name, decision in decisions.items():
         _tag_candidate(client, models[name]["model"], decision)
     if choice is None:
@@ -379,7 +378,7 @@ def promote_from_report(client, report: dict, actor: str, config: GateConfig = G
     version = _aligned_version(client, models[name]["model"], models[name]["metrics"], decision, evidence)
     promote(client, ALIGNED_MODEL, version, decision, actor)
     moved = "seated the baseline" if name == report.get("baseline") else "promoted"
-    return outcome | {"chosen": name, "action": f"{moved} {name} as {ALIGNED_MODEL} version {version}",
+    return outcome | {"action": f"{moved} {name} as {ALIGNED_MODEL} version {version}",
                       "champion": current_champion(client)}
 
 
