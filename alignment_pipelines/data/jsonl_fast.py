@@ -52,9 +52,6 @@ PAIRWISE = (
 )
 _BLANK = r"^[ \t\n\r\x0b\x0c]*$"
 _PLAIN_LAYOUTS = ("pairwise", "conversational", "hh-rlhf")
-_SCHEMA_CONV = pa.schema([("prompt", columnar.PROMPT_TYPE), ("chosen", columnar.PROMPT_TYPE),
-                          ("rejected", columnar.PROMPT_TYPE)])
-_SCHEMA_PAIR = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())])
 
 
 @dataclass
@@ -69,29 +66,84 @@ class _Lines:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def texts(self, rows: list[int]) -> list[str]:
+        """The lines of these rows, as the quarantine shows them."""
+        at = np.searchsorted(self.rows, rows)
+        return [truncate_raw(line.rstrip("\n").rstrip("\r")) for line in self.text.take(pa.array(at)).to_pylist()]
 
-def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number before the block, bytes of whole lines each ending in a newline)."""
+
+@dataclass(frozen=True)
+class LineRange:
+    """The bytes of a chunk's lines in an uncompressed file: what a worker process reads for itself."""
+
+    path: str
+    line_base: int  # the line number before the range
+    start: int
+    stop: int
+
+    def read(self) -> tuple[_Lines, LineSpans]:
+        """The range's non-blank lines, and where every line of it lies in the file."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.start)
+            data = handle.read(self.stop - self.start)
+        data = data if data.endswith(b"\n") else data + b"\n"
+        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1
+        return _lines(self.line_base, data, ends), LineSpans(self.path, self.line_base, self.start, ends)
+
+
+@dataclass
+class LineSpans:
+    """Where the lines of a range lie in its file (line `line_base + 1 + i` ends at `start + ends[i]`):
+    the raw lines of a chunk assessed by a worker, read again only for the rows that are quarantined."""
+
+    path: str
+    line_base: int
+    start: int
+    ends: np.ndarray
+
+    def texts(self, rows: list[int]) -> list[str]:
+        out = []
+        with open(self.path, "rb") as handle:
+            for i in (np.asarray(rows, dtype=np.int64) - self.line_base - 1).tolist():
+                begin = self.start + (int(self.ends[i - 1]) if i else 0)
+                handle.seek(begin)
+                line = handle.read(self.start + int(self.ends[i]) - begin).decode("utf-8", errors="replace")
+                out.append(truncate_raw(line.rstrip("\n").rstrip("\r")))
+        return out
+
+
+def _blocks(path: Path) -> Iterator[tuple[int, int, memoryview]]:
+    """(line number before the block, its byte position in the file, bytes of whole lines each ending in
+    a newline; the last line gets one if the file lacks it). Each block is read into memory of its own,
+    once: the lines cut from it point into it."""
     handle = importers._open_binary(path)
     try:
         carry = b""
-        line_base = 0
-        for data in importers._guard(path, iter(lambda: handle.read(BLOCK_BYTES), b"")):
-            data = carry + data
-            cut = data.rfind(b"\n") + 1
-            carry = data[cut:]
+        line_base = position = 0
+        while True:
+            data = bytearray(len(carry) + BLOCK_BYTES)
+            data[: len(carry)] = carry
+            view = memoryview(data)[len(carry):]
+            read = next(importers._guard(path, (handle.readinto(view) for _ in range(1))))
+            if not read:
+                break
+            size = len(carry) + read
+            cut = data.rfind(b"\n", 0, size) + 1
+            carry = bytes(data[cut:size])
             if cut:
-                yield line_base, data[:cut]
+                yield line_base, position, memoryview(data)[:cut]
                 line_base += data.count(b"\n", 0, cut)
+                position += cut
         if carry:
-            yield line_base, carry + b"\n"
+            yield line_base, position, memoryview(carry + b"\n")
     finally:
         handle.close()
 
 
-def _lines(line_base: int, block: bytes) -> _Lines:
+def _lines(line_base: int, block: bytes, ends: np.ndarray | None = None) -> _Lines:
+    """The non-blank lines of a block of whole lines (`ends`: where each line ends, if known)."""
     buf = np.frombuffer(block, dtype=np.uint8)
-    ends = np.flatnonzero(buf == 10) + 1
+    ends = np.flatnonzero(buf == 10) + 1 if ends is None else ends
     offsets = np.concatenate([[0], ends]).astype(np.int32)
     n = len(ends)
     binary = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(block)])
@@ -126,7 +178,7 @@ def _row_chunks(path: Path, chunk_rows: int) -> Iterator[_Lines]:
     """Non-blank lines in chunks of at most `chunk_rows`."""
     pending: list[_Lines] = []
     size = 0
-    for line_base, block in _blocks(path):
+    for line_base, _, block in _blocks(path):
         lines = _lines(line_base, block)
         pending.append(lines)
         size += len(lines)
@@ -137,6 +189,34 @@ def _row_chunks(path: Path, chunk_rows: int) -> Iterator[_Lines]:
             pending, size = ([rest], len(rest)) if len(rest) else ([], 0)
     if size:
         yield _concat(pending)
+
+
+_BLANK_BYTES = np.frombuffer(b" \t\n\r\x0b\x0c", dtype=np.uint8)
+
+
+def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
+    """The chunks of `_row_chunks` (the same non-blank lines) as byte ranges of an uncompressed file, found
+    without decoding a line: only lines that start with whitespace are looked at whole."""
+    source = str(path)
+    start = base = 0  # the open range's first byte and the line number before it
+    need = chunk_rows  # the non-blank lines it still needs
+    for line_base, position, block in _blocks(path):
+        buf = np.frombuffer(block, dtype=np.uint8)
+        ends = np.flatnonzero(buf == 10) + 1
+        begins = np.concatenate([[0], ends[:-1]])
+        counted = np.ones(len(ends), dtype=np.int64)
+        for i in np.flatnonzero(np.isin(buf[begins], _BLANK_BYTES)).tolist():
+            counted[i] = bool(bytes(block[begins[i]:ends[i]]).strip())
+        total = np.cumsum(counted)  # non-blank lines of this block up to each line
+        used = 0
+        while total[-1] - used >= need:
+            last = int(np.searchsorted(total, used + need))  # the line that completes the range
+            stop = position + int(ends[last])
+            yield LineRange(source, base, start, stop)
+            start, base, used, need = stop, line_base + last + 1, used + need, chunk_rows
+        need -= int(total[-1]) - used
+    if need < chunk_rows:
+        yield LineRange(source, base, start, position + len(block))
 
 
 def _concat(parts: list[_Lines]) -> _Lines:
@@ -178,6 +258,7 @@ class _Prepared:
     plain_pair: np.ndarray
     other: list[importers.RawRow]  # the rest, parsed
     other_index: np.ndarray
+    range: LineRange | None = None  # where the lines were read, when a worker is to read them again
 
 
 def _prepare(lines: _Lines) -> _Prepared:
@@ -204,20 +285,87 @@ def _layout_counts(prep: _Prepared) -> Counter:
     return +counts
 
 
-def _parse_plain(text: pa.Array, index: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """Arrow's JSON reader over the lines at `index` (plain lines of one shape): each run of consecutive
-    lines is read straight from the block's buffer, without copying it."""
-    import pyarrow.json as pj
+@dataclass
+class _Strings:
+    """The JSON strings of some plain lines, keys and values in line order: the byte offsets of each body
+    in the text buffer (start, end), whether it holds an escape, and the position of each line's first."""
 
-    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
+    text: pa.Array
+    start: np.ndarray
+    end: np.ndarray
+    escaped: np.ndarray
+    first: np.ndarray
+
+
+def _string_spans(text: pa.Array, index: np.ndarray) -> _Strings:
+    """The JSON strings of the plain lines at `index` (see `_Strings`).
+
+    A plain line's grammar (checked by the shape's pattern) has no quote outside a string and no backslash
+    outside one, so its quotes are the strings' delimiters, except a quote escaped by an odd run of
+    backslashes."""
     offsets = np.frombuffer(text.buffers()[1], dtype=np.int32)[text.offset: text.offset + len(text) + 1]
-    data = text.buffers()[2]
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1
-    tables = []
-    for run in np.split(index, breaks):
-        start, stop = int(offsets[run[0]]), int(offsets[run[-1] + 1])
-        tables.append(pj.read_json(pa.BufferReader(data.slice(start, stop - start)), parse_options=options))
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    data = np.frombuffer(text.buffers()[2], dtype=np.uint8)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    region = data[lo:hi]
+    quotes = np.flatnonzero(region == 0x22) + lo
+    backslash = np.flatnonzero(region == 0x5C) + lo
+    if len(backslash) and len(quotes):
+        after = quotes[data[quotes - 1] == 0x5C]  # quotes right after a backslash: escaped if its run is odd
+        run_start = np.ones(len(backslash), dtype=bool)
+        run_start[1:] = backslash[1:] != backslash[:-1] + 1
+        first_of_run = backslash[np.maximum.accumulate(np.where(run_start, np.arange(len(backslash)), 0))]
+        last = np.searchsorted(backslash, after - 1)
+        escaped = after[(after - first_of_run[last]) % 2 == 1]
+        quotes = quotes[~np.isin(quotes, escaped, assume_unique=True)]
+    line_first = np.searchsorted(quotes, offsets[index])
+    line_end = np.searchsorted(quotes, offsets[index + 1])
+    if len(index) < len(text):  # the plain lines' quotes only
+        inside = np.bincount(line_first, minlength=len(quotes) + 1) - np.bincount(line_end, minlength=len(quotes) + 1)
+        quotes = quotes[np.cumsum(inside[:-1]) > 0]
+    start, end = quotes[0::2] + 1, quotes[1::2]
+    escaped = np.searchsorted(backslash, start) < np.searchsorted(backslash, end)
+    strings = (line_end - line_first) // 2
+    return _Strings(text, start, end, escaped, np.concatenate([[0], np.cumsum(strings)])[:-1])
+
+
+def _strings_at(strings: _Strings, which: np.ndarray) -> pa.Array:
+    """The values of the strings `which` (indices): their bodies copied out of the buffer in one take,
+    JSON escapes decoded where a body has one."""
+    bounds = np.empty(2 * len(strings.start), dtype=np.int32)
+    bounds[0::2], bounds[1::2] = strings.start, strings.end
+    pieces = pa.Array.from_buffers(pa.string(), len(bounds) - 1, [None, pa.py_buffer(bounds), strings.text.buffers()[2]])
+    values = pieces.take(pa.array(2 * which))  # piece 2i is string i, piece 2i + 1 the gap after it
+    escaped = strings.escaped[which]
+    if escaped.any():
+        bodies = values.filter(pa.array(escaped)).to_pylist()
+        decoded = json.loads("[" + ",".join('"' + b + '"' for b in bodies) + "]")
+        values = pc.replace_with_mask(values, pa.array(escaped), pa.array(decoded, type=pa.string()))
+    return values
+
+
+def _plain_columns(text: pa.Array, index: np.ndarray, conversational: bool) -> dict[str, pa.Array]:
+    """prompt (messages), chosen and rejected of the plain lines at `index` (all of one shape), read from
+    the strings' positions: a conversational line is "prompt", m x ("role", role, "content", content), then
+    "chosen" and "rejected" with five strings each; a flat one is "prompt", p, "chosen", c, "rejected", r."""
+    strings = _string_spans(text, index)
+    first = strings.first
+    if not conversational:
+        n = len(index)
+        prompt = pa.ListArray.from_arrays(
+            pa.array(np.arange(n + 1, dtype=np.int32)),
+            pa.StructArray.from_arrays([pa.array(["user"] * n, type=pa.string()), _strings_at(strings, first + 1)],
+                                       fields=list(columnar.MESSAGE_TYPE)))
+        return {"prompt": prompt, "chosen": _strings_at(strings, first + 3), "rejected": _strings_at(strings, first + 5)}
+    messages = (np.diff(np.concatenate([first, [len(strings.start)]])) - 11) // 4
+    line_of = np.repeat(np.arange(len(index)), messages)
+    turn = np.arange(len(line_of)) - np.repeat(np.cumsum(messages) - messages, messages)
+    role_at = first[line_of] + 2 + 4 * turn
+    structs = pa.StructArray.from_arrays([_strings_at(strings, role_at), _strings_at(strings, role_at + 2)],
+                                         fields=list(columnar.MESSAGE_TYPE))
+    prompt_offsets = np.concatenate([[0], np.cumsum(messages)]).astype(np.int32)
+    after = first + 1 + 4 * messages
+    return {"prompt": pa.ListArray.from_arrays(pa.array(prompt_offsets), structs),
+            "chosen": _strings_at(strings, after + 4), "rejected": _strings_at(strings, after + 9)}
 
 
 def _subset(arr: pa.Array, index: np.ndarray) -> pa.Array:
@@ -228,45 +376,27 @@ def _subset(arr: pa.Array, index: np.ndarray) -> pa.Array:
 def _plain_records(prep: _Prepared) -> pa.Table:
     parts = []
     lines = prep.lines
-    if len(prep.plain_conv):
-        t = _parse_plain(lines.text, prep.plain_conv, _SCHEMA_CONV)
-        parts.append(pa.table({
-            "row": pa.array(lines.rows[prep.plain_conv], type=pa.int64()),
-            "prompt": columnar.as_array(t.column("prompt")),
-            "chosen": pc.list_element(columnar.as_array(t.column("chosen")), 0).field("content"),
-            "rejected": pc.list_element(columnar.as_array(t.column("rejected")), 0).field("content"),
-        }))
-    if len(prep.plain_pair):
-        t = _parse_plain(lines.text, prep.plain_pair, _SCHEMA_PAIR)
-        n = t.num_rows
-        prompt = pa.ListArray.from_arrays(
-            pa.array(np.arange(n + 1, dtype=np.int32)),
-            pa.StructArray.from_arrays([pa.array(["user"] * n, type=pa.string()),
-                                        columnar.as_array(t.column("prompt"))], names=["role", "content"]))
-        parts.append(pa.table({
-            "row": pa.array(lines.rows[prep.plain_pair], type=pa.int64()),
-            "prompt": prompt.cast(columnar.PROMPT_TYPE),
-            "chosen": columnar.as_array(t.column("chosen")),
-            "rejected": columnar.as_array(t.column("rejected")),
-        }))
+    for index, conversational in ((prep.plain_conv, True), (prep.plain_pair, False)):
+        if len(index):
+            columns = _plain_columns(lines.text, index, conversational)
+            parts.append(pa.table({"row": pa.array(lines.rows[index], type=pa.int64()), **columns}))
     return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
 
 @dataclass
 class RawLines:
     """The quarantine's `raw` of a chunk's rows: the importer's text where it converted the row, else the
-    line itself (plain lines). `lines` is left out when a chunk travels between processes."""
+    line itself (plain lines): from the chunk's lines, or read again from the file after a worker."""
 
     converted: dict[int, str]
-    lines: _Lines | None
+    lines: _Lines | LineSpans | None
 
     def __call__(self, rows: list[int]) -> list[str]:
         out = [self.converted.get(row) for row in rows]
         missing = [i for i, text in enumerate(out) if text is None]
         if missing and self.lines is not None:
-            at = np.searchsorted(self.lines.rows, [rows[i] for i in missing])
-            for i, line in zip(missing, self.lines.text.take(pa.array(at)).to_pylist()):
-                out[i] = truncate_raw(line.rstrip("\n").rstrip("\r"))
+            for i, text in zip(missing, self.lines.texts([rows[i] for i in missing])):
+                out[i] = text
         return [text or "" for text in out]
 
 
@@ -294,11 +424,12 @@ def _convert(source: str, prep: _Prepared, layout: str) -> Chunk:
 
 
 def iter_jsonl_chunks(path: str | Path, layout: str | None = None, chunk_rows: int = 50_000,
-                      assess: Callable[[str, _Lines, str], Any] | None = None) -> Iterator[Any]:
+                      assess: Callable[[str, LineRange, str], Any] | None = None) -> Iterator[Any]:
     """`importers.iter_feedback_chunks` for a JSON Lines file, as routing chunks (see the module doc):
-    the same rows, records, rejects, layout choice and errors. With `assess`, the chunks after the layout
-    is known are handed to it as lines (`assess(source, lines, layout)`, e.g. a submission to a process
-    pool) and what it returns is yielded in their place."""
+    the same rows, records, rejects, layout choice and errors. With `assess` (for an uncompressed file),
+    each chunk is handed to it as a byte range once the layout is known (`assess(source, range, layout)`,
+    e.g. a submission to a process pool: `convert_range` reads it there) and what it returns is yielded in
+    its place; the chunks that decide the layout are read here, and there again."""
     path = Path(path)
     importers._check_layout(layout)
     if chunk_rows < 1:
@@ -306,15 +437,23 @@ def iter_jsonl_chunks(path: str | Path, layout: str | None = None, chunk_rows: i
     source = str(path)
     chosen = layout
 
-    def prepared() -> Iterator[_Prepared | _Lines]:
-        for lines in _row_chunks(path, chunk_rows):
-            yield lines if assess is not None and chosen is not None else _prepare(lines)
+    def prepared() -> Iterator[_Prepared | LineRange]:  # `chosen` is set below before the next chunk is drawn
+        if assess is None:
+            yield from (_prepare(lines) for lines in _row_chunks(path, chunk_rows))
+            return
+        for line_range in _range_chunks(path, chunk_rows):
+            if chosen is not None:
+                yield line_range
+            else:
+                prep = _prepare(line_range.read()[0])
+                prep.range = line_range
+                yield prep
 
     yielded = False
     for item, chosen in importers.with_layout(path, prepared(), layout, _layout_counts,
                                               lambda prep: importers.field_names(prep.other)):
-        if assess is not None and chosen is not None:  # the chunks that decided the layout are read again there
-            yield assess(source, item if isinstance(item, _Lines) else item.lines, chosen)
+        if assess is not None and chosen is not None:
+            yield assess(source, item if isinstance(item, LineRange) else item.range, chosen)
         else:
             chunk = _convert(source, item, chosen or "pairwise")
             chunk.layout = chosen or "none"
@@ -327,16 +466,11 @@ def iter_jsonl_chunks(path: str | Path, layout: str | None = None, chunk_rows: i
                     label_ok=label_ok, original=imported.records)
 
 
-def compact(lines: _Lines) -> _Lines:
-    """The lines with buffers of their own (a slice of a block would carry the whole block to a worker)."""
-    text = lines.text
-    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32)[text.offset: text.offset + len(text) + 1]
-    data = text.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
-    text = pa.Array.from_buffers(pa.string(), len(text), [None, pa.py_buffer(offsets - offsets[0]),
-                                                          pa.py_buffer(data.to_pybytes())])
-    return _Lines(lines.rows, text, lines.bad_utf8)
-
-
-def convert_lines(source: str, lines: _Lines, layout: str) -> Chunk:
-    """One chunk of lines of a file whose layout is known, as a routing chunk."""
-    return _convert(source, _prepare(lines), layout)
+def convert_range(source: str, line_range: LineRange, layout: str) -> Chunk:
+    """One chunk of a file whose layout is known, read from its byte range, as a routing chunk (in a
+    worker: its raw lines are left in the file, to be read again for the rows that are quarantined)."""
+    lines, spans = line_range.read()
+    chunk = _convert(source, _prepare(lines), layout)
+    if chunk.raw.lines is not None:
+        chunk.raw.lines = spans
+    return chunk

@@ -97,6 +97,15 @@ def _subset(data, index: np.ndarray):
     return data if len(index) == n else data.take(pa.array(index))
 
 
+def _rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    """The rows where `mask` holds, as slices of the table (no copy: nearly every row is usually kept)."""
+    if mask.all():
+        return table
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+    runs = [table.slice(int(a), int(b - a)) for a, b in zip(edges[0::2], edges[1::2])]
+    return pa.concat_tables(runs) if runs else table.slice(0, 0)
+
+
 def _cheaper_whole(index: np.ndarray, n: int) -> bool:
     """Compute over every row and keep `index`, rather than copying those rows out first."""
     return len(index) >= 0.8 * n
@@ -278,7 +287,7 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, assessment: Assessme
         })
 
     accepted_mask = reason_of < 0
-    accepted = table.filter(pa.array(accepted_mask)) if n else table
+    accepted = _rows_where(table, accepted_mask)
     quarantine = list(chunk.rejected)
     bad = np.flatnonzero(~accepted_mask)
     if len(bad):

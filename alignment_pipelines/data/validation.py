@@ -492,25 +492,26 @@ class KeySet:
         return sum(len(k) for k, _ in self._runs)
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(found mask, first row of each found key)."""
+        """(found mask, first row of each found key). The keys are searched in sorted order, which keeps
+        the binary searches in cache."""
         found = np.zeros(len(keys), dtype=bool)
         first = np.zeros(len(keys), dtype=np.int64)
+        if not len(keys) or not self._runs:
+            return found, first
+        order = np.argsort(keys)
+        needles = keys[order]
         for run_keys, run_rows in self._runs:
-            if not len(keys):
-                break
-            pos = np.minimum(np.searchsorted(run_keys, keys), len(run_keys) - 1)
-            hit = (run_keys[pos] == keys) & ~found
-            first[hit] = run_rows[pos[hit]]
-            found |= hit
+            pos = np.minimum(np.searchsorted(run_keys, needles), len(run_keys) - 1)
+            hit = (run_keys[pos] == needles) & ~found[order]
+            found[order[hit]] = True
+            first[order[hit]] = run_rows[pos[hit]]
         return found, first
 
     def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Add keys not in the set yet (the first row of each kept)."""
+        """Add keys that are not in the set yet (the first row of each kept, where one repeats)."""
         if not len(keys):
             return
         keys, rows = keys.astype(np.uint64), rows.astype(np.int64)
-        known, _ = self.lookup(keys)
-        keys, rows = keys[~known], rows[~known]
         order = np.argsort(keys, kind="stable")
         keys, rows = keys[order], rows[order]
         first = np.ones(len(keys), dtype=bool)
@@ -540,16 +541,17 @@ def _chunk_from_import(imported: ImportResult, rules: ValidationRules) -> Chunk:
                  label_ok=label_ok, pii_rows=pii_rows, pii=pii_summary, original=records)
 
 
-# a JSONL file at least this large is assessed by worker processes, one chunk each, in parallel
+# an uncompressed JSONL file at least this large is assessed by worker processes, one chunk each, in parallel
 PARALLEL_MIN_BYTES = 64 << 20
 
 
 def _iter_chunks(path: str | Path, layout: str | None, chunk_rows: int, rules: ValidationRules,
                  workers: int | None = None):
     """(routing chunk, its `Assessment` or None) for each chunk of a feedback file. JSON Lines at Arrow
-    speed (`jsonl_fast`): a large file (`PARALLEL_MIN_BYTES`) is assessed by `workers` processes (default:
-    one per CPU), a smaller one on this process with the next chunk read on a second thread; other formats
-    (and PII screening, which rewrites records) through the row-by-row importers."""
+    speed (`jsonl_fast`): a large uncompressed file (`PARALLEL_MIN_BYTES`) is assessed by `workers`
+    processes (default: one per CPU), each reading its chunks' bytes itself; a smaller or compressed one on
+    this process with the next chunk read on a second thread; other formats (and PII screening, which
+    rewrites records) through the row-by-row importers."""
     from alignment_pipelines.data import importers
     from alignment_pipelines.data.jsonl_fast import iter_jsonl_chunks
 
@@ -558,7 +560,9 @@ def _iter_chunks(path: str | Path, layout: str | None, chunk_rows: int, rules: V
         workers = (os.cpu_count() or 1) if workers is None else workers
         if multiprocessing.current_process().daemon:  # a daemonic process may not start workers
             workers = 1
-        if workers > 1 and p.stat().st_size >= PARALLEL_MIN_BYTES:
+        with open(p, "rb") as handle:
+            compressed = handle.read(2) == importers.GZIP_MAGIC  # its chunks are not byte ranges of the file
+        if workers > 1 and not compressed and p.stat().st_size >= PARALLEL_MIN_BYTES:
             yield from _assessed_in_workers(p, layout, chunk_rows, rules, workers)
         else:
             yield from ((chunk, None) for chunk in _prefetch(iter_jsonl_chunks(p, layout=layout, chunk_rows=chunk_rows)))
@@ -567,46 +571,59 @@ def _iter_chunks(path: str | Path, layout: str | None, chunk_rows: int, rules: V
         yield _chunk_from_import(imported, rules), None
 
 
-def _one_thread_each() -> None:
-    """A worker's initializer: the workers already use every core, so Arrow and the tokenizer use one thread each
-    (their thread pools would otherwise spin against the other workers)."""
+def _one_thread_each(tokenizer: str | None) -> None:
+    """A worker's initializer: the workers already use every core, so Arrow and the tokenizer use one thread
+    each (their thread pools would otherwise spin against the other workers); the tokenizer is loaded now,
+    while the first chunk is read."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     pa.set_cpu_count(1)
+    from alignment_pipelines.data import jsonl_fast, routing  # noqa: F401  imported before the first chunk
+
+    if tokenizer:
+        load_token_counter(tokenizer)
 
 
-def _assess_lines(source: str, lines, layout: str, rules: ValidationRules):
-    """In a worker process: one chunk of lines converted and assessed (`routing.assess_chunk`)."""
-    from alignment_pipelines.data.jsonl_fast import convert_lines
+def _assess_range(source: str, line_range, layout: str, rules: ValidationRules, handover: str):
+    """In a worker process: one chunk read from its byte range, converted and assessed (`routing.assess_chunk`).
+    Its records go back as an Arrow file in `handover`, which the caller maps into memory (no copy), the
+    rest pickled."""
+    from alignment_pipelines.data.jsonl_fast import convert_range
     from alignment_pipelines.data.routing import assess_chunk
 
-    chunk = convert_lines(source, lines, layout)
+    chunk = convert_range(source, line_range, layout)
     assessment = assess_chunk(chunk, rules)
-    plain = chunk.raw.lines is not None
-    chunk.raw.lines = None  # the caller has them: not sent back
-    return chunk, assessment, plain
+    records = str(Path(handover) / f"{line_range.start}.arrow")
+    with pa.ipc.new_file(records, chunk.table.schema) as writer:
+        writer.write_table(chunk.table)
+    chunk.table = None
+    return chunk, assessment, records
 
 
 def _assessed_in_workers(path: Path, layout: str | None, chunk_rows: int, rules: ValidationRules, workers: int):
-    """`_iter_chunks` with each chunk converted and assessed by a pool of processes (the first ones, read here
-    to decide the layout, are read again there), `workers` + 1 in flight, and given back in file order: the
-    duplicates, which depend on every earlier row, are settled by the caller, one chunk after the other."""
+    """`_iter_chunks` with each chunk read, converted and assessed by a pool of processes, `workers` + 1 in
+    flight, and given back in file order: the duplicates, which depend on every earlier row, are settled by
+    the caller, one chunk after the other."""
+    import tempfile
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    from alignment_pipelines.data.jsonl_fast import compact, iter_jsonl_chunks
+    from alignment_pipelines.data.jsonl_fast import iter_jsonl_chunks
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_each)
+    tokenizer = str(rules.tokenizer) if rules.tokenizer else None
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_each,
+                               initargs=(tokenizer,))
+    for _ in range(workers):  # start them now: they import and load the tokenizer while the layout is decided
+        pool.submit(os.getpid)
+    handover = tempfile.TemporaryDirectory(prefix="feedback-chunks-")
 
-    def submit(source: str, lines, chosen: str):
-        return lines, pool.submit(_assess_lines, source, compact(lines), chosen, rules)
+    def submit(source: str, line_range, chosen: str):
+        return pool.submit(_assess_range, source, line_range, chosen, rules, handover.name)
 
-    def settled(item):
-        if isinstance(item, Chunk):
-            return item, None
-        lines, future = item
-        chunk, assessment, plain = future.result()
-        chunk.raw.lines = lines if plain else None
+    def received(future):
+        chunk, assessment, records = future.result()
+        chunk.table = pa.ipc.open_file(pa.memory_map(records)).read_all()
+        os.unlink(records)  # the mapping stays until the table is dropped
         return chunk, assessment
 
     window: deque = deque()
@@ -614,11 +631,12 @@ def _assessed_in_workers(path: Path, layout: str | None, chunk_rows: int, rules:
         for item in iter_jsonl_chunks(path, layout=layout, chunk_rows=chunk_rows, assess=submit):
             window.append(item)
             if len(window) > workers:
-                yield settled(window.popleft())
+                yield received(window.popleft())
         while window:
-            yield settled(window.popleft())
+            yield received(window.popleft())
     finally:
         pool.shutdown(cancel_futures=True)
+        handover.cleanup()
 
 
 def _prefetch(chunks):
