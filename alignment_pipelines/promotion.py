@@ -87,16 +87,16 @@ def decide(candidate: dict, champion: dict | None, config: GateConfig = GateConf
     checks += _absolute_checks(candidate, config, skipped)
     failed = [c for c in checks if not c["passed"]]
     reason = "; ".join(c["detail"] for c in (failed or checks))
-    evidence = {
-        "baseline": baseline,
-        "checks": checks,
-        "skipped": skipped,
-        "candidate": _json_safe_metrics(candidate),
-        "champion": _json_safe_metrics(champion) if champion is not None else None,
-        "config": asdict(config),
-    }
     return GateDecision(promote=not failed, reason=("refused: " if failed else "passed: ") + reason,
-                        evidence=evidence)
+                        evidence=_evidence(baseline, checks, skipped, candidate, champion, config))
+
+
+def _evidence(baseline: str, checks: list[dict], skipped: list[str], candidate: dict, champion: dict | None,
+              config: GateConfig, **extra: Any) -> dict:
+    """What a verdict rests on, in the one shape every promotion records (JSON-safe)."""
+    return {"baseline": baseline, **extra, "checks": checks, "skipped": skipped,
+            "candidate": _json_safe_metrics(candidate),
+            "champion": _json_safe_metrics(champion) if champion is not None else None, "config": asdict(config)}
 
 
 def decide_all(candidates: dict[str, dict], champion: dict | None,
@@ -394,9 +394,8 @@ def _incumbent(report: dict, config: GateConfig) -> tuple[str, GateDecision] | N
         return None
     reason = (f"incumbent: no candidate beat the baseline {name}, so it serves until a challenger beats it; "
               + "; ".join(c["detail"] for c in checks))
-    return name, GateDecision(promote=True, reason=reason, evidence={
-        "baseline": name, "role": "incumbent", "checks": checks, "skipped": skipped,
-        "candidate": _json_safe_metrics(metrics), "champion": None, "config": asdict(config)})
+    return name, GateDecision(promote=True, reason=reason,
+                              evidence=_evidence(name, checks, skipped, metrics, None, config, role="incumbent"))
 
 
 def rolled_back_sources(client) -> dict[str, str]:
