@@ -93,7 +93,7 @@ def json_escape(arr: pa.Array) -> pa.Array:
     """The body of `json.dumps(value, ensure_ascii=False)` for text without other control characters
     than tab, newline and carriage return (what a row that passed the rules holds)."""
     arr = as_array(arr)
-    special = pc.fill_null(pc.match_substring_regex(arr, '[\\\\"\n\r\t]'), False).to_numpy(zero_copy_only=False)
+    special = _rows_with_json_specials(arr)
     if not special.any():
         return arr
     index = np.flatnonzero(special)
@@ -101,6 +101,18 @@ def json_escape(arr: pa.Array) -> pa.Array:
     for old, new in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
         sub = pc.replace_substring(sub, old, new)
     return pc.replace_with_mask(arr, pa.array(special), sub)
+
+
+def _rows_with_json_specials(arr: pa.Array) -> np.ndarray:
+    """Which values hold a quote, a backslash or a control character (read from the bytes: RE2 is slower)."""
+    special = np.zeros(len(arr), dtype=bool)
+    if not len(arr) or arr.buffers()[2] is None:
+        return special
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
+    at = np.flatnonzero((data < 0x20) | (data == 0x22) | (data == 0x5C))
+    special[np.searchsorted(offsets, at + offsets[0], side="right") - 1] = True
+    return special
 
 
 def _sha256_hex(payloads: pa.Array) -> list[str]:

@@ -112,18 +112,21 @@ class LineSpans:
         return out
 
 
-def _blocks(path: Path) -> Iterator[tuple[int, int, memoryview]]:
+def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, int, memoryview]]:
     """(line number before the block, its byte position in the file, bytes of whole lines each ending in
     a newline; the last line gets one if the file lacks it). Each block is read into memory of its own,
-    once: the lines cut from it point into it."""
+    once (the lines cut from it point into it), or with `reuse` into the same memory every time (for a
+    caller done with a block before it asks for the next: no fresh pages to fault in)."""
     handle = importers._open_binary(path)
     try:
         carry = b""
         line_base = position = 0
+        data = bytearray()
         while True:
-            data = bytearray(len(carry) + BLOCK_BYTES)
+            if not reuse or len(data) < len(carry) + BLOCK_BYTES:
+                data = bytearray(len(carry) + BLOCK_BYTES)
             data[: len(carry)] = carry
-            view = memoryview(data)[len(carry):]
+            view = memoryview(data)[len(carry): len(carry) + BLOCK_BYTES]
             read = next(importers._guard(path, (handle.readinto(view) for _ in range(1))))
             if not read:
                 break
@@ -200,7 +203,7 @@ def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
     source = str(path)
     start = base = 0  # the open range's first byte and the line number before it
     need = chunk_rows  # the non-blank lines it still needs
-    for line_base, position, block in _blocks(path):
+    for line_base, position, block in _blocks(path, reuse=True):
         buf = np.frombuffer(block, dtype=np.uint8)
         ends = np.flatnonzero(buf == 10) + 1
         begins = np.concatenate([[0], ends[:-1]])
@@ -414,7 +417,9 @@ def _convert(source: str, prep: _Prepared, layout: str) -> Chunk:
     table, label_ok = records_to_arrow(imported.records.reset_index(drop=True), kind)
     if plain:
         table = pa.concat_tables([_plain_records(prep).cast(table.schema), table])
-        table = table.take(pc.sort_indices(table.column("row")))
+        rows = table.column("row").to_numpy()
+        if np.any(rows[1:] < rows[:-1]):  # the importer's rows or the other shape's lines came after
+            table = table.take(pc.sort_indices(table.column("row")))
     if label_ok is not None and plain:  # pragma: no cover - plain lines are pairwise only
         raise AssertionError("plain lines in a binary file")
     return Chunk(source=source, kind=kind, layout=layout, rows=len(lines), table=table,

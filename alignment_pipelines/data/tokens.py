@@ -10,13 +10,17 @@ tokenizes each space-separated piece of a text (" world," with its leading space
 count of a text is the sum of the counts of its pieces. The pieces are cut with numpy on the Arrow
 buffer (no copy), counted once per distinct piece with the real tokenizer and remembered, so that a
 batch costs one dictionary encode of its pieces plus the new pieces' tokenization. A text where that
-cut is not safe (a space next to other whitespace, at either end) is tokenized whole, as is every
-text when the tokenizer is not one of those families. Either way the count is the tokenizer's own.
+cut is not safe (a space next to other whitespace, at either end: UNSAFE_SPACE, found on the bytes, the
+regex asked only where a space stands beside a non-ASCII byte) is tokenized whole, as is every text when
+the tokenizer is not one of those families. Either way the count is the tokenizer's own.
 
-Numbers, the usual never-seen pieces (ids, dates, amounts), need no tokenizer call with a byte-level BPE
-that never merges two digits (checked on its vocabulary when loaded): its GPT-2 pattern makes a run of
-ASCII digits a pre-token of its own, so the run is cut from the ASCII around it and counts one token a
-digit (the first one with the space before it, if the vocabulary has that pair).
+Numbers, the usual never-seen pieces (ids, dates, amounts), become pieces seen before with a byte-level BPE
+that never merges two digits (no token of its vocabulary holds two, no added token any, each digit alone is
+one token: checked when it is loaded). Under its GPT-2 pattern an ASCII digit whose neighbours are ASCII has
+no neighbour in its pre-token but digits and the space before it, and no merge joins two digits: the digit is
+one token whatever its value, or, after a space, the tokens of " " + it. Such a digit is counted as a "0"
+(after a space only when " 0" ... " 9" all count the same), on a copy of the bytes: "#50123" and "#77001"
+are the one piece "#00000", tokenized once.
 """
 
 from __future__ import annotations
@@ -29,16 +33,16 @@ from typing import Any
 import numpy as np
 
 # every character Python's str.isspace() accepts (what the `\s` of the rules and str.strip mean)
-PY_WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+                 "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")  # written out: computing it costs 0.1 s a process
 _WS_CLASS = "".join(("\\" + c) if c in "\\]^-[" else c for c in PY_WHITESPACE)
 # a space with other whitespace beside it, or at either end: the piece cut is not safe there
 UNSAFE_SPACE = f"^ | $| [{_WS_CLASS}]|[{_WS_CLASS}] "
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _MAX_CACHE = 300_000  # pieces remembered (~40 MB); past it the cache starts over
+_MAX_RECENT = 30_000  # pieces looked up in one pass (each call builds their hash table: ~1 ms)
 _DIGITS = "0123456789"
-_OTHER, _ASCII = 0, 1  # byte kinds: _ASCII is ASCII other than digits and whitespace
-_BYTE_KIND = np.array([_ASCII if b < 0x80 and chr(b) not in _DIGITS and not chr(b).isspace() else _OTHER
-                       for b in range(256)], dtype=np.uint8)
+_ASCII_SPACE = np.array([b < 0x80 and chr(b).isspace() for b in range(256)])  # by byte value
 
 
 def _splittable(config: dict) -> bool:
@@ -69,7 +73,7 @@ def _splittable(config: dict) -> bool:
 
 def _digit_counts(tok, config: dict) -> np.ndarray | None:
     """Tokens of " 0" … " 9" when the tokenizer never merges two digits (no token holds two, no added token
-    any): then a run of n digits is n tokens, and n - 1 + tokens(" " + first digit) after a space."""
+    any) and each digit alone is one token: then an ASCII digit between ASCII counts the same as a "0"."""
     if (config.get("pre_tokenizer") or {}).get("type") not in ("ByteLevel", "Sequence"):
         return None  # of the pre-tokenizers `_splittable` admits, only the GPT-2 pattern cuts digits apart
     if any(sum(c in _DIGITS for c in token) > 1 for token in tok.get_vocab()):
@@ -85,11 +89,14 @@ class TokenCounter:
     """Exact token counts of Arrow/Python texts with a local tokenizer; see the module doc."""
 
     def __init__(self, path: str | Path):
+        import pyarrow as pa
+
         p = Path(path)
         file = p if p.is_file() else p / "tokenizer.json"
         self.path = str(path)
         self._lock = threading.Lock()
         self._cache: dict[str, int] = {}
+        self._recent = (pa.array([], type=pa.string()), pa.array([], type=pa.int32()))  # see `_counts_of`
         self._digits: np.ndarray | None = None
         if file.is_file():
             from tokenizers import Tokenizer
@@ -139,64 +146,62 @@ class TokenCounter:
             arr = arr.combine_chunks()
         if arr.type != pa.string():
             arr = arr.cast(pa.string())
-        n = len(arr)
-        out = np.zeros(n, dtype=np.int64)
-        if n == 0:
-            return out
+        if len(arr) == 0:
+            return np.zeros(0, dtype=np.int64)
         arr = pc.fill_null(arr, "")
         if not self.piecewise:
-            out[:] = self.encode_counts(arr.to_pylist())
-            return out
-        unsafe = pc.match_substring_regex(arr, UNSAFE_SPACE).to_numpy(zero_copy_only=False)
-        lengths = pc.binary_length(arr).to_numpy(zero_copy_only=False)
-        if unsafe.any():
-            idx = np.flatnonzero(unsafe)
-            out[idx] = self.encode_counts(arr.take(pa.array(idx)).to_pylist())
-        safe = np.flatnonzero(~unsafe & (lengths > 0))
+            return self.encode_counts(arr.to_pylist())
+        raw, _, offsets = _bytes_of(arr)
+        unsafe = _unsafe_texts(arr, raw, offsets)
+        if not len(unsafe):
+            return self._piecewise_counts(arr)
+        out = np.zeros(len(arr), dtype=np.int64)
+        out[unsafe] = self.encode_counts(arr.take(pa.array(unsafe)).to_pylist())
+        safe = np.setdiff1d(np.arange(len(arr)), unsafe, assume_unique=True)
         if len(safe):
-            out[safe] = self._piecewise_counts(arr.take(pa.array(safe)) if len(safe) < n else arr)
+            out[safe] = self._piecewise_counts(arr.take(pa.array(safe)))
         return out
 
     def _piecewise_counts(self, arr) -> np.ndarray:
-        """Counts of non-empty texts with no unsafe space: sum over their pieces (see the module doc)."""
+        """Sum over its space-led pieces of each text with no unsafe space (see the module doc)."""
+        import pyarrow as pa
+
+        raw, data, offsets = _bytes_of(arr)
+        if self._digits is not None:
+            raw = _canonical_digits(raw, after_space=bool((self._digits == self._digits[0]).all()))
+            data = pa.py_buffer(raw)
+        boundary = np.zeros(len(raw) + 1, dtype=bool)
+        np.equal(raw, 0x20, out=boundary[:-1])
+        boundary[offsets] = True
+        # piece starts, then the end twice: a last, empty piece (0 tokens) that an empty last text may start at
+        cuts = np.append(np.flatnonzero(boundary), len(raw)).astype(np.int32)
+        pieces = pa.Array.from_buffers(pa.string(), len(cuts) - 1, [None, pa.py_buffer(cuts), data])
+        per_piece = self._counts_of(pieces)
+        first = np.searchsorted(cuts, offsets[:-1])  # each text's first piece (an empty text: the next text's)
+        sums = np.add.reduceat(per_piece, first, dtype=np.int64)
+        return np.where(offsets[1:] > offsets[:-1], sums, 0)
+
+    def _counts_of(self, pieces) -> np.ndarray:
+        """int32 count of each piece (an Arrow string array). The pieces of recent calls are looked up in one
+        pass (`index_in`, cheaper than a dictionary encode); the others are dictionary-encoded and counted by
+        `_piece_counts`, and join the recent ones (which start over past _MAX_RECENT)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
-        data = arr.buffers()[2]
-        start, end = int(offsets[0]), int(offsets[-1])
-        raw = np.frombuffer(data, dtype=np.uint8, count=end)
-        boundary = np.zeros(end + 1, dtype=bool)
-        boundary[start:end] = raw[start:end] == 0x20
-        boundary[offsets] = True
-        digits = np.zeros(0, dtype=np.int64)
-        if self._digits is not None:  # a run of ASCII digits is a pre-token of its own beside ASCII non-space
-            digits = np.flatnonzero((raw[start:end] - np.uint8(0x30)) < 10) + start
-            before = raw[np.maximum(digits - 1, 0)]
-            after = raw[np.minimum(digits + 1, end - 1)]
-            boundary[digits[_BYTE_KIND[before] == _ASCII]] = True
-            boundary[digits[(_BYTE_KIND[after] == _ASCII) & (digits + 1 < end)] + 1] = True
-        cuts = np.flatnonzero(boundary).astype(np.int32)  # piece starts, then the end
-        pieces = pa.Array.from_buffers(pa.string(), len(cuts) - 1, [None, pa.py_buffer(cuts), data])
-        encoded = pc.dictionary_encode(pieces)
-        indices = encoded.indices.to_numpy(zero_copy_only=False)
-        number = np.zeros(len(pieces), dtype=bool)
-        per_piece = np.zeros(len(pieces), dtype=np.int64)
-        if len(digits):  # pieces of digits alone (after a space or not): counted without the tokenizer
-            lead = cuts[:-1]
-            n_digits = np.bincount(np.searchsorted(cuts, digits, side="right") - 1, minlength=len(lead))
-            spaced = raw[np.minimum(lead, end - 1)] == 0x20
-            number = (n_digits > 0) & (n_digits == np.diff(cuts) - spaced)
-            first = raw[lead[number] + spaced[number]] - 0x30
-            per_piece[number] = n_digits[number] + np.where(spaced[number], self._digits[first] - 1, 0)
-        numeric = np.zeros(len(encoded.dictionary), dtype=bool)
-        numeric[indices[number]] = True
-        words = np.flatnonzero(~numeric)
-        counts = np.zeros(len(numeric), dtype=np.int64)
-        if len(words):
-            counts[words] = self._piece_counts(_subset(encoded.dictionary, words).to_pylist())
-        per_piece += counts[indices]
-        return np.add.reduceat(per_piece, np.searchsorted(cuts, offsets[:-1]))  # texts are non-empty
+        recent, recent_counts = self._recent
+        found = pc.take(recent_counts, pc.index_in(pieces, value_set=recent))
+        if not found.null_count:
+            return found.to_numpy()
+        per_piece = found.fill_null(0).to_numpy(zero_copy_only=False, writable=True)
+        missing = np.flatnonzero(found.is_null().to_numpy(zero_copy_only=False))
+        encoded = pc.dictionary_encode(_subset(pieces, missing))
+        counts = pa.array(self._piece_counts(encoded.dictionary.to_pylist()), type=pa.int32())
+        per_piece[missing] = pc.take(counts, encoded.indices).to_numpy()
+        if len(recent) + len(counts) > _MAX_RECENT:
+            self._recent = (encoded.dictionary, counts)
+        else:
+            self._recent = (pa.concat_arrays([recent, encoded.dictionary]), pa.concat_arrays([recent_counts, counts]))
+        return per_piece
 
     def _piece_counts(self, pieces: list[str]) -> np.ndarray:
         """Counts of distinct pieces: remembered ones from the cache, new ones by the tokenizer (each piece
@@ -214,11 +219,59 @@ class TokenCounter:
             return np.array(found, dtype=np.int64)
 
 
+def _bytes_of(arr) -> tuple[np.ndarray, Any, np.ndarray]:
+    """The bytes of an Arrow string array's texts (numpy and Arrow buffer, no copy) and their offsets into them."""
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    start = int(offsets[0])
+    data = arr.buffers()[2].slice(start, int(offsets[-1]) - start)
+    return np.frombuffer(data, dtype=np.uint8), data, offsets - start
+
+
 def _subset(arr, index: np.ndarray):
     """arr[index] (sorted indices); no copy when they are all the values."""
     import pyarrow as pa
 
     return arr if len(index) == len(arr) else arr.take(pa.array(index))
+
+
+def _unsafe_texts(arr, raw: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Indices of the texts UNSAFE_SPACE matches, found on the bytes: a space first or last, or beside ASCII
+    whitespace; only the texts with a space beside a non-ASCII byte (which may be whitespace) ask the regex."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(raw) == 0:
+        return np.zeros(0, dtype=np.int64)
+    filled = offsets[1:] > offsets[:-1]
+    unsafe = filled & ((raw[np.minimum(offsets[:-1], len(raw) - 1)] == 0x20) | (raw[offsets[1:] - 1] == 0x20))
+    odd = raw.view(np.int8) < 0x21  # ASCII whitespace and controls, and non-ASCII bytes (negative)
+    pairs = np.flatnonzero(odd[:-1] & odd[1:])
+    left, right = raw[pairs], raw[pairs + 1]
+    spaced = (left == 0x20) | (right == 0x20)
+    pairs, other = pairs[spaced], np.where(left == 0x20, right, left)[spaced]
+    text = np.searchsorted(offsets, pairs, side="right") - 1
+    inside = pairs + 1 < offsets[text + 1]
+    unsafe[text[inside & _ASCII_SPACE[other]]] = True
+    maybe = np.unique(text[inside & (other >= 0x80)])
+    maybe = maybe[~unsafe[maybe]]
+    if len(maybe):
+        unsafe[maybe] = pc.match_substring_regex(arr.take(pa.array(maybe)), UNSAFE_SPACE).to_numpy(zero_copy_only=False)
+    return np.flatnonzero(unsafe)
+
+
+def _canonical_digits(raw: np.ndarray, after_space: bool) -> np.ndarray:
+    """The bytes with every ASCII digit between two ASCII characters made a "0" (after a space only if
+    `after_space`: " 0" … " 9" count the same): the same counts with a tokenizer that never merges digits (see
+    the module doc), and numbers become pieces seen before. `raw` itself when no digit changes."""
+    digits = np.flatnonzero((raw - np.uint8(0x30)) < 10)
+    before = raw[np.maximum(digits - 1, 0)]  # at a text's start or end the neighbour is another text's or
+    after = raw[np.minimum(digits + 1, len(raw) - 1)]  # the digit itself: either way the rule holds
+    same = digits[(before < 0x80) & (after < 0x80) & (after_space | (before != 0x20))]
+    if not len(same):
+        return raw
+    canonical = raw.copy()
+    canonical[same] = 0x30
+    return canonical
 
 
 _COUNTERS: dict[str, TokenCounter] = {}
