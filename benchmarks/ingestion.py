@@ -177,6 +177,7 @@ def main() -> None:
             t0 = time.perf_counter()
             planted = generate_large(path, rows)
             gen_s = time.perf_counter() - t0
+            os.sync()  # the file's write-back would otherwise run beside the measured validation
             mib = path.stat().st_size / 2**20
             print(f"[{rows:,} rows] generated {mib:.0f} MiB in {gen_s:.0f}s, planted {planted}", flush=True)
             before = load()
@@ -203,15 +204,15 @@ def main() -> None:
         "",
         "`python benchmarks/ingestion.py " + " ".join(f"--rows {r}" for r in sizes)
         + f" --chunk-rows {args.chunk_rows}`: JSONL batch of conversational pairs (3-turn prompts) with ~1% bad rows,",
-        "ingested + validated by `validate_file_to_parquet`: plain lines parsed by Arrow's JSON reader, the rest row by",
-        "row; the suite's rules as Arrow kernels; duplicates within the batch; token-length statistics with the",
+        "ingested + validated by `validate_file_to_parquet`: plain lines' strings read from their quote positions, the",
+        "rest row by row; the suite's rules as Arrow kernels; duplicates within the batch; token-length statistics with the",
         f"tokenizer `{Path(args.tokenizer).name if args.tokenizer else 'none'}` (exact counts); accepted rows, quarantine",
         "and the batch's key file written as Parquet. Fresh process per size; seconds exclude the one-off warm-up",
         "(imports, GX context, tokenizer load: `warm-up s`). `gate s` is the blocking check's Great Expectations suite",
         "on the accepted rows (`run_expectation_suite_on_file`), run after it in the same process (batches up to",
         f"{args.gate_max_rows:,} rows). `CPU s` is the process's user + system time (all its threads): on a machine",
         "shared with other work, `rows per CPU-second` is the figure that does not depend on what else runs.",
-        "A file of 64 MiB or more is assessed by one worker process per CPU (`validation.PARALLEL_MIN_BYTES`):",
+        "A file of 64 MiB or more is read and assessed by one worker process per CPU (`validation.PARALLEL_MIN_BYTES`):",
         "`CPU s` includes the workers', and `peak RSS MiB` is the main process's + the largest worker's.",
         f"Machine: {cpus} CPU cores, shared with other work (load average before -> after each run in the table),",
         f"Python {platform.python_version()}, {platform.machine()}.",
