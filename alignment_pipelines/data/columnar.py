@@ -30,6 +30,17 @@ def as_array(column: Any) -> pa.Array:
     return column
 
 
+def subset(data: Any, index: np.ndarray) -> Any:
+    """data[index] for sorted row indices (an Arrow array or table); no copy when they are all the rows."""
+    n = data.num_rows if isinstance(data, pa.Table) else len(data)
+    return data if len(index) == n else data.take(pa.array(index))
+
+
+def string_offsets(arr: pa.Array) -> np.ndarray:
+    """Where each value of a string array starts in its data buffer, then where the last ends (no copy)."""
+    return np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+
+
 def strip(arr: pa.Array) -> pa.Array:
     """`str.strip()` of each value: every character `str.isspace()` accepts, at both ends."""
     return pc.utf8_trim(arr, PY_WHITESPACE)
@@ -108,7 +119,7 @@ def _rows_with_json_specials(arr: pa.Array) -> np.ndarray:
     special = np.zeros(len(arr), dtype=bool)
     if not len(arr) or arr.buffers()[2] is None:
         return special
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    offsets = string_offsets(arr)
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
     at = np.flatnonzero((data < 0x20) | (data == 0x22) | (data == 0x5C))
     special[np.searchsorted(offsets, at + offsets[0], side="right") - 1] = True

@@ -50,7 +50,8 @@ PAIRWISE = (
     rf'^{_WS}\{{{_WS}"prompt"{_WS}:{_WS}{_STR}{_WS},{_WS}"chosen"{_WS}:{_WS}{_STR}{_WS},'
     rf'{_WS}"rejected"{_WS}:{_WS}{_STR}{_WS}\}}[ \t\r\n]*$'
 )
-_BLANK = r"^[ \t\n\r\x0b\x0c]*$"
+_BLANK_CHARS = " \t\n\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank
+_BLANK = f"^[{_BLANK_CHARS}]*$"
 _PLAIN_LAYOUTS = ("pairwise", "conversational", "hh-rlhf")
 
 
@@ -69,7 +70,12 @@ class _Lines:
     def texts(self, rows: list[int]) -> list[str]:
         """The lines of these rows, as the quarantine shows them."""
         at = np.searchsorted(self.rows, rows)
-        return [truncate_raw(line.rstrip("\n").rstrip("\r")) for line in self.text.take(pa.array(at)).to_pylist()]
+        return [_shown(line) for line in self.text.take(pa.array(at)).to_pylist()]
+
+
+def _shown(line: str) -> str:
+    """A plain line as the quarantine shows it: without its line ending, truncated."""
+    return truncate_raw(line.rstrip("\n").rstrip("\r"))
 
 
 @dataclass(frozen=True)
@@ -107,8 +113,7 @@ class LineSpans:
             for i in (np.asarray(rows, dtype=np.int64) - self.line_base - 1).tolist():
                 begin = self.start + (int(self.ends[i - 1]) if i else 0)
                 handle.seek(begin)
-                line = handle.read(self.start + int(self.ends[i]) - begin).decode("utf-8", errors="replace")
-                out.append(truncate_raw(line.rstrip("\n").rstrip("\r")))
+                out.append(_shown(handle.read(self.start + int(self.ends[i]) - begin).decode("utf-8", errors="replace")))
         return out
 
 
@@ -194,7 +199,7 @@ def _row_chunks(path: Path, chunk_rows: int) -> Iterator[_Lines]:
         yield _concat(pending)
 
 
-_BLANK_BYTES = np.frombuffer(b" \t\n\r\x0b\x0c", dtype=np.uint8)
+_BLANK_BYTES = np.frombuffer(_BLANK_CHARS.encode(), dtype=np.uint8)
 
 
 def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
@@ -273,7 +278,7 @@ def _prepare(lines: _Lines) -> _Prepared:
     conv &= plain_ok
     pair &= plain_ok & ~conv
     other_index = np.flatnonzero(~(conv | pair))
-    texts = _subset(lines.text, other_index).to_pylist() if len(other_index) else []
+    texts = columnar.subset(lines.text, other_index).to_pylist() if len(other_index) else []
     other = []
     for i, text in zip(other_index.tolist(), texts):
         row = int(lines.rows[i])
@@ -306,7 +311,7 @@ def _string_spans(text: pa.Array, index: np.ndarray) -> _Strings:
     A plain line's grammar (checked by the shape's pattern) has no quote outside a string and no backslash
     outside one, so its quotes are the strings' delimiters, except a quote escaped by an odd run of
     backslashes."""
-    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32)[text.offset: text.offset + len(text) + 1]
+    offsets = columnar.string_offsets(text)
     data = np.frombuffer(text.buffers()[2], dtype=np.uint8)
     lo, hi = int(offsets[0]), int(offsets[-1])
     region = data[lo:hi]
@@ -369,11 +374,6 @@ def _plain_columns(text: pa.Array, index: np.ndarray, conversational: bool) -> d
     after = first + 1 + 4 * messages
     return {"prompt": pa.ListArray.from_arrays(pa.array(prompt_offsets), structs),
             "chosen": _strings_at(strings, after + 4), "rejected": _strings_at(strings, after + 9)}
-
-
-def _subset(arr: pa.Array, index: np.ndarray) -> pa.Array:
-    """arr[index] (sorted indices); no copy when they are all the rows."""
-    return arr if len(index) == len(arr) else arr.take(pa.array(index))
 
 
 def _plain_records(prep: _Prepared) -> pa.Table:

@@ -91,12 +91,6 @@ class Routed:
     token_columns: dict[str, np.ndarray] = field(default_factory=dict)  # of the accepted rows
 
 
-def _subset(data, index: np.ndarray):
-    """data[index] for sorted row indices (an Arrow array or table); no copy when they are all rows."""
-    n = data.num_rows if isinstance(data, pa.Table) else len(data)
-    return data if len(index) == n else data.take(pa.array(index))
-
-
 def _rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
     """The rows where `mask` holds, as slices of the table (no copy: nearly every row is usually kept)."""
     if mask.all():
@@ -190,9 +184,9 @@ def assess_chunk(chunk: Chunk, rules) -> Assessment:
                 for col in COMPLETION_FIELDS[kind]:
                     completion_tokens[:] = np.maximum(completion_tokens, counter(derived[col]))
             elif len(live):
-                prompt_tokens[live] = counter(_subset(derived["prompt_text"], live))
+                prompt_tokens[live] = counter(columnar.subset(derived["prompt_text"], live))
                 for col in COMPLETION_FIELDS[kind]:
-                    completion_tokens[live] = np.maximum(completion_tokens[live], counter(_subset(derived[col], live)))
+                    completion_tokens[live] = np.maximum(completion_tokens[live], counter(columnar.subset(derived[col], live)))
             token_columns = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
             if rules._token_rule:
                 fail(prompt_tokens > rules.max_prompt_tokens, ReasonCode.TOO_LONG,
@@ -209,13 +203,13 @@ def assess_chunk(chunk: Chunk, rules) -> Assessment:
         passing = np.flatnonzero(reason_of < 0)
         if len(passing):
             whole = _cheaper_whole(passing, n)
-            sub = table if whole else _subset(table, passing)
+            sub = table if whole else columnar.subset(table, passing)
             pk_hex = columnar.prompt_keys(sub.column("prompt"))
             if kind == "pairwise":
-                texts = {c: normalized[c] if whole else _subset(normalized[c], passing) for c in ("chosen", "rejected")}
+                texts = {c: normalized[c] if whole else columnar.subset(normalized[c], passing) for c in ("chosen", "rejected")}
                 k64 = columnar.record_key64(kind, pk_hex, texts)
             elif kind == "binary":
-                completion = derived["completion"] if whole else _subset(derived["completion"], passing)
+                completion = derived["completion"] if whole else columnar.subset(derived["completion"], passing)
                 texts = {"completion": columnar.normalize(completion)}
                 labels = pc.fill_null(columnar.as_array(sub.column("label")), False).to_numpy(zero_copy_only=False)
                 k64 = columnar.record_key64(kind, pk_hex, texts, labels)
@@ -224,7 +218,7 @@ def assess_chunk(chunk: Chunk, rules) -> Assessment:
             pk = pa.array(pk_hex, type=pa.string())
             if whole:  # keys of every row were computed: keep the passing rows'
                 k64 = k64[passing]
-                pk = _subset(pk, passing)
+                pk = columnar.subset(pk, passing)
     return Assessment(reason_of, reasons, token_columns, passing, k64, pk)
 
 
@@ -283,7 +277,7 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, assessment: Assessme
         keys_table = pa.table({
             "row": pa.array(prows[kept], type=pa.int64()),
             "key": pa.array(k64[kept].view(np.int64), type=pa.int64()),
-            "prompt_key": _subset(a.prompt_keys, kept),
+            "prompt_key": columnar.subset(a.prompt_keys, kept),
         })
 
     accepted_mask = reason_of < 0

@@ -188,13 +188,15 @@ class TokenCounter:
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        from alignment_pipelines.data import columnar  # here: columnar imports this module
+
         recent, recent_counts = self._recent
         found = pc.take(recent_counts, pc.index_in(pieces, value_set=recent))
         if not found.null_count:
             return found.to_numpy()
         per_piece = found.fill_null(0).to_numpy(zero_copy_only=False, writable=True)
         missing = np.flatnonzero(found.is_null().to_numpy(zero_copy_only=False))
-        encoded = pc.dictionary_encode(_subset(pieces, missing))
+        encoded = pc.dictionary_encode(columnar.subset(pieces, missing))
         counts = pa.array(self._piece_counts(encoded.dictionary.to_pylist()), type=pa.int32())
         per_piece[missing] = pc.take(counts, encoded.indices).to_numpy()
         if len(recent) + len(counts) > _MAX_RECENT:
@@ -221,17 +223,12 @@ class TokenCounter:
 
 def _bytes_of(arr) -> tuple[np.ndarray, Any, np.ndarray]:
     """The bytes of an Arrow string array's texts (numpy and Arrow buffer, no copy) and their offsets into them."""
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    from alignment_pipelines.data import columnar  # here: columnar imports this module
+
+    offsets = columnar.string_offsets(arr)
     start = int(offsets[0])
     data = arr.buffers()[2].slice(start, int(offsets[-1]) - start)
     return np.frombuffer(data, dtype=np.uint8), data, offsets - start
-
-
-def _subset(arr, index: np.ndarray):
-    """arr[index] (sorted indices); no copy when they are all the values."""
-    import pyarrow as pa
-
-    return arr if len(index) == len(arr) else arr.take(pa.array(index))
 
 
 def _unsafe_texts(arr, raw: np.ndarray, offsets: np.ndarray) -> np.ndarray:
