@@ -205,6 +205,21 @@ def test_known_keys_and_key_index_agree(tmp_path):
     assert validate_file(second, known_keys=known).counts_by_reason() == s2["by_reason"]
 
 
+def test_control_characters_found_on_the_bytes_equal_the_rule():
+    import pyarrow.compute as pc
+
+    from alignment_pipelines.data.validation import CONTROL_CHARS
+
+    rng = random.Random(3)
+    edges = [chr(c) for c in (*range(0, 0x21), 0x7E, 0x7F, 0x80, 0x9F, 0xA0, 0xC2, 0xEF, 0xFFFC, 0xFFFD, 0xFFFE)]
+    alphabet = edges + list("ab é日") + ["\u00c2\u0080", "\uefbf", "\U0001F600"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(5000)]
+    arr = pa.array(texts)
+    for values in (arr, arr.slice(11), pa.array(["", ""]), pa.array([], pa.string())):
+        expected = pc.match_substring_regex(values, CONTROL_CHARS).to_numpy(zero_copy_only=False)
+        assert columnar.control_char_rows(values).tolist() == expected.tolist()
+
+
 def test_piecewise_token_counts_equal_whole_text_counts(tmp_path):
     from alignment_pipelines.models.tiny import build_tiny_tokenizer
 

@@ -1,6 +1,6 @@
 """Feedback at scale, part two: the worker processes and the token counts of numbers.
 
-- a JSONL file assessed by worker processes gives byte for byte the outputs of the one-process path (and so
+- a JSONL file assessed by worker processes (and by this one, which takes chunks back) gives byte for byte the outputs of the one-process path (and so
   of the row-by-row reference, which `test_data_at_scale` compares that path with), the byte ranges the
   workers read holding exactly the lines of the one-process chunks;
 - runs of digits are counted without the tokenizer only where it never merges two digits, and the counts
@@ -46,9 +46,23 @@ def test_workers_give_the_outputs_of_one_process(tmp_path, monkeypatch, smollm2_
     rules = ValidationRules(max_chars=100, tokenizer=str(smollm2_tokenizer))
     monkeypatch.setattr(validation, "PARALLEL_MIN_BYTES", 0)
     one, one_files = _outputs(tmp_path, path, "one", rules, layout=layout, workers=1)
-    many, many_files = _outputs(tmp_path, path, "many", rules, layout=layout, workers=2)
-    assert many == {**one, "source": many["source"]}
     assert one["quarantined"] > 40 and one["chunks"] > 20
+    for workers in (2, 3):  # one worker process and this one; two and this one
+        many, many_files = _outputs(tmp_path, path, f"many{workers}", rules, layout=layout, workers=workers)
+        assert many == {**one, "source": many["source"]}
+        for a, b in zip(one_files, many_files):
+            pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n", "not json\n{broken\n", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'])
+def test_workers_route_a_file_without_a_layout(tmp_path, monkeypatch, text):
+    """A large file of nothing but blank or broken lines has no layout: its chunks are converted here."""
+    path = tmp_path / "batch.jsonl"
+    path.write_text(text)
+    monkeypatch.setattr(validation, "PARALLEL_MIN_BYTES", 0)
+    one, one_files = _outputs(tmp_path, path, "one", ValidationRules(), workers=1)
+    many, many_files = _outputs(tmp_path, path, "many", ValidationRules(), workers=2)
+    assert many == {**one, "source": many["source"]}
     for a, b in zip(one_files, many_files):
         pd.testing.assert_frame_equal(a, b)
 

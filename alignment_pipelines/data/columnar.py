@@ -116,14 +116,39 @@ def json_escape(arr: pa.Array) -> pa.Array:
 
 def _rows_with_json_specials(arr: pa.Array) -> np.ndarray:
     """Which values hold a quote, a backslash or a control character (read from the bytes: RE2 is slower)."""
-    special = np.zeros(len(arr), dtype=bool)
+    data, offsets = _value_bytes(arr)
+    return _rows_at(np.flatnonzero((data < 0x20) | (data == 0x22) | (data == 0x5C)), offsets, len(arr))
+
+
+def control_char_rows(arr: Any) -> np.ndarray:
+    """Which values `validation.CONTROL_CHARS` matches, found on the UTF-8 bytes (RE2 is slower): a C0 control
+    other than tab, newline and carriage return, DEL, a C1 control (C2 80-9F) or U+FFFD (EF BF BD)."""
+    arr = as_array(arr)
+    data, offsets = _value_bytes(arr)
+    at = np.flatnonzero((data < 0x20) | (data == 0x7F) | (data == 0xC2) | (data == 0xEF))
+    first = data[at]
+    second = data[np.minimum(at + 1, len(data) - 1)]
+    third = data[np.minimum(at + 2, len(data) - 1)]
+    hit = (((first < 0x20) & (first != 0x09) & (first != 0x0A) & (first != 0x0D)) | (first == 0x7F)
+           | ((first == 0xC2) & (second >= 0x80) & (second <= 0x9F))
+           | ((first == 0xEF) & (second == 0xBF) & (third == 0xBD)))
+    return _rows_at(at[hit], offsets, len(arr))
+
+
+def _value_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of a string array's values (no copy) and where each value starts in them, then the end."""
     if not len(arr) or arr.buffers()[2] is None:
-        return special
+        return np.zeros(0, dtype=np.uint8), np.zeros(len(arr) + 1, dtype=np.int32)
     offsets = string_offsets(arr)
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
-    at = np.flatnonzero((data < 0x20) | (data == 0x22) | (data == 0x5C))
-    special[np.searchsorted(offsets, at + offsets[0], side="right") - 1] = True
-    return special
+    return data, offsets - offsets[0]
+
+
+def _rows_at(positions: np.ndarray, offsets: np.ndarray, n: int) -> np.ndarray:
+    """A mask of the values that hold these byte positions."""
+    rows = np.zeros(n, dtype=bool)
+    rows[np.searchsorted(offsets, positions, side="right") - 1] = True
+    return rows
 
 
 def _sha256_hex(payloads: pa.Array) -> list[str]:

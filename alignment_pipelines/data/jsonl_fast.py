@@ -93,7 +93,7 @@ class LineRange:
             handle.seek(self.start)
             data = handle.read(self.stop - self.start)
         data = data if data.endswith(b"\n") else data + b"\n"
-        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1
+        ends = _line_ends(data)
         return _lines(self.line_base, data, ends), LineSpans(self.path, self.line_base, self.start, ends)
 
 
@@ -117,15 +117,15 @@ class LineSpans:
         return out
 
 
-def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, int, memoryview]]:
-    """(line number before the block, its byte position in the file, bytes of whole lines each ending in
-    a newline; the last line gets one if the file lacks it). Each block is read into memory of its own,
+def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview]]:
+    """(byte position in the file, bytes of whole lines each ending in a newline; the last line gets one if
+    the file lacks it): the caller counts the lines, as it finds them anyway. Each block is read into memory of its own,
     once (the lines cut from it point into it), or with `reuse` into the same memory every time (for a
     caller done with a block before it asks for the next: no fresh pages to fault in)."""
     handle = importers._open_binary(path)
     try:
         carry = b""
-        line_base = position = 0
+        position = 0
         data = bytearray()
         while True:
             if not reuse or len(data) < len(carry) + BLOCK_BYTES:
@@ -139,19 +139,21 @@ def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, int, memoryv
             cut = data.rfind(b"\n", 0, size) + 1
             carry = bytes(data[cut:size])
             if cut:
-                yield line_base, position, memoryview(data)[:cut]
-                line_base += data.count(b"\n", 0, cut)
+                yield position, memoryview(data)[:cut]
                 position += cut
         if carry:
-            yield line_base, position, memoryview(carry + b"\n")
+            yield position, memoryview(carry + b"\n")
     finally:
         handle.close()
 
 
-def _lines(line_base: int, block: bytes, ends: np.ndarray | None = None) -> _Lines:
-    """The non-blank lines of a block of whole lines (`ends`: where each line ends, if known)."""
-    buf = np.frombuffer(block, dtype=np.uint8)
-    ends = np.flatnonzero(buf == 10) + 1 if ends is None else ends
+def _line_ends(block: bytes) -> np.ndarray:
+    """Where each line of a block of whole lines ends (just after its newline)."""
+    return np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + 1
+
+
+def _lines(line_base: int, block: bytes, ends: np.ndarray) -> _Lines:
+    """The non-blank lines of a block of whole lines, which end at `ends`."""
     offsets = np.concatenate([[0], ends]).astype(np.int32)
     n = len(ends)
     binary = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(block)])
@@ -185,9 +187,11 @@ def _lines(line_base: int, block: bytes, ends: np.ndarray | None = None) -> _Lin
 def _row_chunks(path: Path, chunk_rows: int) -> Iterator[_Lines]:
     """Non-blank lines in chunks of at most `chunk_rows`."""
     pending: list[_Lines] = []
-    size = 0
-    for line_base, _, block in _blocks(path):
-        lines = _lines(line_base, block)
+    size = line_base = 0
+    for _, block in _blocks(path):
+        ends = _line_ends(block)
+        lines = _lines(line_base, block, ends)
+        line_base += len(ends)
         pending.append(lines)
         size += len(lines)
         while size >= chunk_rows:
@@ -208,9 +212,10 @@ def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
     source = str(path)
     start = base = 0  # the open range's first byte and the line number before it
     need = chunk_rows  # the non-blank lines it still needs
-    for line_base, position, block in _blocks(path, reuse=True):
+    line_base = 0  # the line number before the block
+    for position, block in _blocks(path, reuse=True):
         buf = np.frombuffer(block, dtype=np.uint8)
-        ends = np.flatnonzero(buf == 10) + 1
+        ends = _line_ends(block)
         begins = np.concatenate([[0], ends[:-1]])
         counted = np.ones(len(ends), dtype=np.int64)
         for i in np.flatnonzero(np.isin(buf[begins], _BLANK_BYTES)).tolist():
@@ -223,6 +228,7 @@ def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
             yield LineRange(source, base, start, stop)
             start, base, used, need = stop, line_base + last + 1, used + need, chunk_rows
         need -= int(total[-1]) - used
+        line_base += len(ends)
     if need < chunk_rows:
         yield LineRange(source, base, start, position + len(block))
 

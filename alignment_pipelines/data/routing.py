@@ -158,7 +158,7 @@ def assess_chunk(chunk: Chunk, rules) -> Assessment:
             ok = pc.match_substring_regex(derived[col], v.NON_BLANK).to_numpy(zero_copy_only=False)
             fail(~ok, ReasonCode.EMPTY_FIELD, v._DETAIL[ReasonCode.EMPTY_FIELD].format(column=name(col)))
         for col in texts:
-            bad = pc.match_substring_regex(derived[col], v.CONTROL_CHARS).to_numpy(zero_copy_only=False)
+            bad = columnar.control_char_rows(derived[col])
             fail(bad, ReasonCode.INVALID_TEXT, v._DETAIL[ReasonCode.INVALID_TEXT].format(column=name(col)))
         for col in texts:
             long = pc.greater(pc.utf8_length(derived[col]), rules.max_chars).to_numpy(zero_copy_only=False)

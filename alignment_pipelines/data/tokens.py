@@ -174,7 +174,9 @@ class TokenCounter:
         np.equal(raw, 0x20, out=boundary[:-1])
         boundary[offsets] = True
         # piece starts, then the end twice: a last, empty piece (0 tokens) that an empty last text may start at
-        cuts = np.append(np.flatnonzero(boundary), len(raw)).astype(np.int32)
+        starts = np.flatnonzero(boundary)
+        cuts = np.empty(len(starts) + 1, dtype=np.int32)
+        cuts[:-1], cuts[-1] = starts, len(raw)
         pieces = pa.Array.from_buffers(pa.string(), len(cuts) - 1, [None, pa.py_buffer(cuts), data])
         per_piece = self._counts_of(pieces)
         first = np.searchsorted(cuts, offsets[:-1])  # each text's first piece (an empty text: the next text's)

@@ -600,41 +600,76 @@ def _assess_range(source: str, line_range, layout: str, rules: ValidationRules, 
     return chunk, assessment, records
 
 
+@dataclass
+class _Handed:
+    """A chunk of a file assessed in parallel: the arguments of `jsonl_fast.convert_range`, its future in the
+    pool, and (chunk, assessment) once this process has taken it back and assessed it itself."""
+
+    args: tuple
+    future: Any
+    here: tuple | None = None
+
+
 def _assessed_in_workers(path: Path, layout: str | None, chunk_rows: int, rules: ValidationRules, workers: int):
-    """`_iter_chunks` with each chunk read, converted and assessed by a pool of processes, `workers` + 1 in
-    flight, and given back in file order: the duplicates, which depend on every earlier row, are settled by
-    the caller, one chunk after the other."""
+    """`_iter_chunks` with each chunk read, converted and assessed by `workers` processes, given back in file
+    order: the duplicates, which depend on every earlier row, are settled by the caller, one chunk after the
+    other.
+
+    `workers` - 1 processes take the chunks in turn, each handed one at a time by a thread of its own, so
+    the chunks still waiting can be cancelled; whenever the chunk to settle next is not ready, this process
+    takes back the first one waiting and assesses it itself. Neither side waits on the other, the last
+    chunks are shared out, and one process fewer is started."""
     import tempfile
     from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    from alignment_pipelines.data.jsonl_fast import iter_jsonl_chunks
+    from alignment_pipelines.data.jsonl_fast import convert_range, iter_jsonl_chunks
+    from alignment_pipelines.data.routing import assess_chunk
 
     tokenizer = str(rules.tokenizer) if rules.tokenizer else None
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread_each,
-                               initargs=(tokenizer,))
-    for _ in range(workers):  # start them now: they import and load the tokenizer while the layout is decided
+    pool = ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_one_thread_each, initargs=(tokenizer,))
+    for _ in range(workers - 1):  # start them now: they import and load the tokenizer while the layout is decided
         pool.submit(os.getpid)
+    handing = ThreadPoolExecutor(workers - 1, thread_name_prefix="feedback-chunks")
     handover = tempfile.TemporaryDirectory(prefix="feedback-chunks-")
+    window: deque[_Handed] = deque()
 
-    def submit(source: str, line_range, chosen: str):
-        return pool.submit(_assess_range, source, line_range, chosen, rules, handover.name)
+    def in_pool(args: tuple):
+        return pool.submit(_assess_range, *args, rules, handover.name).result()
 
-    def received(future):
-        chunk, assessment, records = future.result()
+    def hand(*args) -> _Handed:
+        return _Handed(args, handing.submit(in_pool, args))
+
+    def take_back(head: _Handed) -> bool:
+        """Assess here the first chunk not yet started, from `head` on (False when there is none)."""
+        for item in (head, *window):
+            if item.here is None and item.future.cancel():
+                chunk = convert_range(*item.args)
+                item.here = (chunk, assess_chunk(chunk, rules))
+                return True
+        return False
+
+    def received(item: _Handed):
+        while item.here is None and not item.future.done() and take_back(item):
+            pass
+        if item.here is not None:
+            return item.here
+        chunk, assessment, records = item.future.result()
         chunk.table = pa.ipc.open_file(pa.memory_map(records)).read_all()
         os.unlink(records)  # the mapping stays until the table is dropped
         return chunk, assessment
 
-    window: deque = deque()
     try:
-        for item in iter_jsonl_chunks(path, layout=layout, chunk_rows=chunk_rows, assess=submit):
-            window.append(item)
-            if len(window) > workers:
+        for item in iter_jsonl_chunks(path, layout=layout, chunk_rows=chunk_rows, assess=hand):
+            # a chunk converted here (no layout could be chosen: nothing but blank or broken lines) is routed as is
+            window.append(item if isinstance(item, _Handed) else _Handed((), None, (item, None)))
+            if len(window) > workers + 2:  # the chunks in the pool, and two or more to take back
                 yield received(window.popleft())
         while window:
             yield received(window.popleft())
     finally:
+        handing.shutdown(cancel_futures=True)
         pool.shutdown(cancel_futures=True)
         handover.cleanup()
 
