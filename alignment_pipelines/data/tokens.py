@@ -4,15 +4,17 @@
 `path` (a tokenizer folder or a tokenizer.json), without special tokens: the same numbers as
 ``len(tokenizer.encode(text, add_special_tokens=False).ids)``.
 
-How it is fast. A tokenizer whose pre-tokenizer never lets a token run across a space that stands
-between two non-space characters (GPT-2-style byte-level BPE, whitespace and BERT pre-tokenizers)
-tokenizes each space-separated piece of a text (" world," with its leading space) independently: the
-count of a text is the sum of the counts of its pieces. The pieces are cut with numpy on the Arrow
-buffer (no copy), counted once per distinct piece with the real tokenizer and remembered, so that a
-batch costs one dictionary encode of its pieces plus the new pieces' tokenization. A text where that
-cut is not safe (a space next to other whitespace, at either end: UNSAFE_SPACE, found on the bytes, the
-regex asked only where a space stands beside a non-ASCII byte) is tokenized whole, as is every text when
-the tokenizer is not one of those families. Either way the count is the tokenizer's own.
+How it is fast. A text is cut before its spaces into pieces (" world," with its leading space), and its
+count is the sum of its pieces' counts. The pieces are cut with numpy on the Arrow buffer (no copy),
+counted once per distinct piece with the real tokenizer and remembered, so that a batch costs one lookup
+of its pieces plus the new pieces' tokenization. The cut is safe for the tokenizers most models use
+(GPT-2-style byte-level BPE, whitespace and BERT pre-tokenizers: `_splittable`) before every space that
+does not stand inside a whitespace run, i.e. with whitespace on both sides (a text's end counts as
+whitespace): no pre-token runs from a non-space character into a following space, and a run of
+whitespace before a non-space character leaves its last space to that character ("\n\n How": "\n\n",
+" How") whether the run is cut there or not. A space inside a run ("a   b") is not cut at: the GPT-2
+pattern keeps the run together. Any other tokenizer counts whole texts. Either way the count is the
+tokenizer's own.
 
 Numbers, the usual never-seen pieces (ids, dates, amounts), become pieces seen before with a byte-level BPE
 that never merges two digits (no token of its vocabulary holds two, no added token any, each digit alone is
@@ -36,13 +38,12 @@ import numpy as np
 PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
                  "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")  # written out: computing it costs 0.1 s a process
 _WS_CLASS = "".join(("\\" + c) if c in "\\]^-[" else c for c in PY_WHITESPACE)
-# a space with other whitespace beside it, or at either end: the piece cut is not safe there
-UNSAFE_SPACE = f"^ | $| [{_WS_CLASS}]|[{_WS_CLASS}] "
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _MAX_CACHE = 300_000  # pieces remembered (~40 MB); past it the cache starts over
 _MAX_RECENT = 30_000  # pieces looked up in one pass (each call builds their hash table: ~1 ms)
 _DIGITS = "0123456789"
 _ASCII_SPACE = np.array([b < 0x80 and chr(b).isspace() for b in range(256)])  # by byte value
+_NON_ASCII_SPACES = [np.frombuffer(c.encode(), dtype=np.uint8) for c in PY_WHITESPACE if ord(c) >= 0x80]
 
 
 def _splittable(config: dict) -> bool:
@@ -98,6 +99,7 @@ class TokenCounter:
         self._cache: dict[str, int] = {}
         self._recent = (pa.array([], type=pa.string()), pa.array([], type=pa.int32()))  # see `_counts_of`
         self._digits: np.ndarray | None = None
+        self._ends_run = _ASCII_SPACE  # by byte value: what ends a run of whitespace for `_inside_runs`
         if file.is_file():
             from tokenizers import Tokenizer
 
@@ -110,6 +112,7 @@ class TokenCounter:
                 config = json.loads(file.read_text(encoding="utf-8"))
                 self.piecewise = _splittable(config)
                 self._digits = _digit_counts(tok, config) if self.piecewise else None
+                self._ends_run = _ends_run(config)
             except (OSError, ValueError):  # pragma: no cover - unreadable config: tokenize whole texts
                 self.piecewise = False
         elif p.is_dir():
@@ -151,19 +154,10 @@ class TokenCounter:
         arr = pc.fill_null(arr, "")
         if not self.piecewise:
             return self.encode_counts(arr.to_pylist())
-        raw, _, offsets = _bytes_of(arr)
-        unsafe = _unsafe_texts(arr, raw, offsets)
-        if not len(unsafe):
-            return self._piecewise_counts(arr)
-        out = np.zeros(len(arr), dtype=np.int64)
-        out[unsafe] = self.encode_counts(arr.take(pa.array(unsafe)).to_pylist())
-        safe = np.setdiff1d(np.arange(len(arr)), unsafe, assume_unique=True)
-        if len(safe):
-            out[safe] = self._piecewise_counts(arr.take(pa.array(safe)))
-        return out
+        return self._piecewise_counts(arr)
 
     def _piecewise_counts(self, arr) -> np.ndarray:
-        """Sum over its space-led pieces of each text with no unsafe space (see the module doc)."""
+        """Sum over its pieces of each text (see the module doc)."""
         import pyarrow as pa
 
         raw, data, offsets = _bytes_of(arr)
@@ -172,6 +166,7 @@ class TokenCounter:
             data = pa.py_buffer(raw)
         boundary = np.zeros(len(raw) + 1, dtype=bool)
         np.equal(raw, 0x20, out=boundary[:-1])
+        boundary[_spaces_inside_runs(raw, offsets, self._ends_run)] = False
         boundary[offsets] = True
         # piece starts, then the end twice: a last, empty piece (0 tokens) that an empty last text may start at
         starts = np.flatnonzero(boundary)
@@ -233,29 +228,53 @@ def _bytes_of(arr) -> tuple[np.ndarray, Any, np.ndarray]:
     return np.frombuffer(data, dtype=np.uint8), data, offsets - start
 
 
-def _unsafe_texts(arr, raw: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Indices of the texts UNSAFE_SPACE matches, found on the bytes: a space first or last, or beside ASCII
-    whitespace; only the texts with a space beside a non-ASCII byte (which may be whitespace) ask the regex."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def _ends_run(config: dict) -> np.ndarray:
+    """By byte value: ASCII whitespace, and the first byte of each added token. The tokenizer cuts the text
+    at its added tokens before it pre-tokenizes, so a whitespace run before one ends there as at a text's
+    end ("a  <|im_end|>": "a", "  ", "<|im_end|>")."""
+    table = _ASCII_SPACE.copy()
+    for token in config.get("added_tokens") or []:
+        content = str(token.get("content", "")).encode()
+        if content:
+            table[content[0]] = True
+    return table
 
-    if len(raw) == 0:
-        return np.zeros(0, dtype=np.int64)
-    filled = offsets[1:] > offsets[:-1]
-    unsafe = filled & ((raw[np.minimum(offsets[:-1], len(raw) - 1)] == 0x20) | (raw[offsets[1:] - 1] == 0x20))
-    odd = raw.view(np.int8) < 0x21  # ASCII whitespace and controls, and non-ASCII bytes (negative)
+
+def _spaces_inside_runs(raw: np.ndarray, offsets: np.ndarray, ends_run: np.ndarray) -> np.ndarray:
+    """Where the spaces with whitespace on both sides are (byte positions): a text's end, or a byte `ends_run`
+    marks (a possible added token), counts as whitespace after. Only spaces after whitespace, a control or
+    a non-ASCII byte are looked at; a non-ASCII neighbour is whitespace when its bytes are one of the Unicode
+    spaces. An added token's first byte that starts no token can only make a space look inside a run, so
+    that it is not cut at: never wrong."""
+    odd = raw.view(np.int8) < 0x21  # whitespace, controls and non-ASCII bytes
     pairs = np.flatnonzero(odd[:-1] & odd[1:])
-    left, right = raw[pairs], raw[pairs + 1]
-    spaced = (left == 0x20) | (right == 0x20)
-    pairs, other = pairs[spaced], np.where(left == 0x20, right, left)[spaced]
-    text = np.searchsorted(offsets, pairs, side="right") - 1
-    inside = pairs + 1 < offsets[text + 1]
-    unsafe[text[inside & _ASCII_SPACE[other]]] = True
-    maybe = np.unique(text[inside & (other >= 0x80)])
-    maybe = maybe[~unsafe[maybe]]
-    if len(maybe):
-        unsafe[maybe] = pc.match_substring_regex(arr.take(pa.array(maybe)), UNSAFE_SPACE).to_numpy(zero_copy_only=False)
-    return np.flatnonzero(unsafe)
+    spaces = pairs[raw[pairs + 1] == 0x20] + 1
+    if not len(spaces):
+        return spaces
+    text_start = np.zeros(len(raw) + 1, dtype=bool)
+    text_start[offsets] = True
+    before, after = raw[spaces - 1], raw[np.minimum(spaces + 1, len(raw) - 1)]
+    ends = text_start[spaces + 1]
+    ws_before = _ASCII_SPACE[before] & ~text_start[spaces]
+    ws_after = ends_run[after] | ends
+    wide = np.flatnonzero((before >= 0x80) & ~text_start[spaces])  # the character before ends at the space
+    ws_before[wide[_unicode_spaces_at(raw, offsets, spaces[wide], before=True)]] = True
+    wide = np.flatnonzero((after >= 0x80) & ~ends & ws_before)  # the character after starts after the space
+    ws_after[wide[_unicode_spaces_at(raw, offsets, spaces[wide], before=False)]] = True
+    return spaces[ws_before & ws_after]
+
+
+def _unicode_spaces_at(raw: np.ndarray, offsets: np.ndarray, spaces: np.ndarray, before: bool) -> np.ndarray:
+    """Whether the character just before (or after) each of these spaces, in its text, is a non-ASCII space."""
+    text = np.searchsorted(offsets, spaces, side="right")  # the space's text is offsets[text - 1]:offsets[text]
+    hit = np.zeros(len(spaces), dtype=bool)
+    for seq in _NON_ASCII_SPACES:
+        first = spaces - len(seq) if before else spaces + 1
+        found = (first >= offsets[text - 1]) & (first + len(seq) <= offsets[text])
+        for k, byte in enumerate(seq):
+            found &= raw[np.clip(first + k, 0, len(raw) - 1)] == byte
+        hit |= found
+    return hit
 
 
 def _canonical_digits(raw: np.ndarray, after_space: bool) -> np.ndarray:
