@@ -1,10 +1,11 @@
 """Ingestion + validation throughput and peak memory on a large generated feedback batch.
 
-    python benchmarks/ingestion.py --rows 1000000 --rows 5000000 [--chunk-rows 50000] \
+    python benchmarks/ingestion.py --rows 1000000 --rows 5000000 [--chunk-rows 50000] [--text hh] \
         [--tokenizer .data/models/smollm2-135m-instruct] [--output benchmarks/results/ingestion.md]
 
-For each size a JSONL batch (pairwise, HH-RLHF-like multi-turn prompts, ~1% bad rows: broken
-JSON, identical pairs, empty answers, duplicates) is generated in a temp dir, then a fresh Python
+For each size a JSONL batch (conversational pairs, ~1% bad rows: broken JSON, identical pairs, empty
+answers, duplicates) is generated in a temp dir, its text random words in HH-like 3-turn prompts or, with
+`--text hh`, the real Anthropic HH pairs of ../shared/data taken in turn; then a fresh Python
 process runs `validate_file_to_parquet` on it (so peak RSS is that run's alone), with token-length
 statistics by the base model's tokenizer and the batch's key file written, and reports seconds,
 rows/s and peak RSS (resource.getrusage). The blocking check's GX suite on the accepted rows
@@ -15,6 +16,7 @@ before and after each run. The table is printed and, with --output, written as m
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 WORDS = (
@@ -36,23 +39,54 @@ def sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
 
-def generate(path: Path, rows: int, seed: int = 0, bad_fraction: float = 0.01) -> dict[str, int]:
-    """Write `rows` JSONL lines; returns how many bad rows of each kind were planted."""
+def generated_record(i: int, rng: random.Random) -> dict:
+    """A conversational pair of random words, with a 3-turn prompt whose first turn starts "#<i> "."""
+    prompt = [
+        {"role": "user", "content": f"#{i} " + sentence(rng, rng.randint(5, 30))},
+        {"role": "assistant", "content": sentence(rng, rng.randint(5, 40))},
+        {"role": "user", "content": sentence(rng, rng.randint(3, 20))},
+    ]
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": sentence(rng, rng.randint(10, 60))}],
+        "rejected": [{"role": "assistant", "content": sentence(rng, rng.randint(10, 60))}],
+    }
+
+
+def hh_records() -> Callable[[int, random.Random], dict]:
+    """Real Anthropic HH transcripts from ../shared/data as conversational pairs, taken in turn, each
+    first turn starting "#<i> " so that every row is new."""
+    from alignment_pipelines.data.importers import RowError, _split_hh
+
+    pairs = []
+    with gzip.open(HH_FILE, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            obj = json.loads(line)
+            try:
+                (prompt, chosen), (other, rejected) = _split_hh(obj["chosen"], "chosen"), _split_hh(obj["rejected"], "rejected")
+            except RowError:
+                continue
+            if prompt == other and prompt[0]["role"] == "user":
+                pairs.append((prompt, chosen, rejected))
+
+    def record(i: int, rng: random.Random) -> dict:
+        prompt, chosen, rejected = pairs[i % len(pairs)]
+        prompt = [{**prompt[0], "content": f"#{i} " + prompt[0]["content"]}, *prompt[1:]]
+        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    return record
+
+
+def generate(path: Path, rows: int, seed: int = 0, bad_fraction: float = 0.01,
+             record: Callable[[int, random.Random], dict] = generated_record) -> dict[str, int]:
+    """Write `rows` JSONL lines of `record`s; returns how many bad rows of each kind were planted."""
     rng = random.Random(seed)
     planted = {"invalid_json": 0, "identical_pair": 0, "empty_field": 0, "duplicate": 0}
     last = None
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(rows):
-            prompt = [
-                {"role": "user", "content": f"#{i} " + sentence(rng, rng.randint(5, 30))},
-                {"role": "assistant", "content": sentence(rng, rng.randint(5, 40))},
-                {"role": "user", "content": sentence(rng, rng.randint(3, 20))},
-            ]
-            rec = {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": sentence(rng, rng.randint(10, 60))}],
-                "rejected": [{"role": "assistant", "content": sentence(rng, rng.randint(10, 60))}],
-            }
+            rec = record(i, rng)
             line = json.dumps(rec)
             if rng.random() < bad_fraction:
                 kind = rng.choice(list(planted))
@@ -80,16 +114,18 @@ def load() -> str:
 
 
 BASE_ROWS = 250_000
+HH_FILE = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base.jsonl.gz"
 
 
-def generate_large(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
+def generate_large(path: Path, rows: int, seed: int = 0,
+                   record: Callable[[int, random.Random], dict] = generated_record) -> dict[str, int]:
     """`generate` for big sizes in a fraction of the time: a base block of at most BASE_ROWS lines is
     generated once and written again with fresh prompt ids ("#<copy>.<i>"), so every copy has new rows
     (and its own planted bad rows) while the lines keep the same shapes and lengths."""
     if rows <= BASE_ROWS:
-        return generate(path, rows, seed=seed)
+        return generate(path, rows, seed=seed, record=record)
     base = path.with_name(path.name + ".base")
-    planted = generate(base, BASE_ROWS, seed=seed)
+    planted = generate(base, BASE_ROWS, seed=seed, record=record)
     lines = base.read_text(encoding="utf-8").splitlines()
     base.unlink()
     copies = -(-rows // BASE_ROWS)
@@ -161,6 +197,8 @@ def main() -> None:
                     help="time the blocking check's GX suite only for batches up to this size")
     ap.add_argument("--tokenizer", default=".data/models/smollm2-135m-instruct",
                     help="token-length statistics with this tokenizer ('' for none)")
+    ap.add_argument("--text", choices=["generated", "hh"], default="generated",
+                    help="the rows' text: random words, or real Anthropic HH transcripts from ../shared/data")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -175,7 +213,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir="/tmp") as tmp:
             path = Path(tmp) / "batch.jsonl"
             t0 = time.perf_counter()
-            planted = generate_large(path, rows)
+            planted = generate_large(path, rows, record=hh_records() if args.text == "hh" else generated_record)
             gen_s = time.perf_counter() - t0
             os.sync()  # the file's write-back would otherwise run beside the measured validation
             mib = path.stat().st_size / 2**20
@@ -203,7 +241,10 @@ def main() -> None:
         "# Ingestion benchmark",
         "",
         "`python benchmarks/ingestion.py " + " ".join(f"--rows {r}" for r in sizes)
-        + f" --chunk-rows {args.chunk_rows}`: JSONL batch of conversational pairs (3-turn prompts) with ~1% bad rows,",
+        + f" --chunk-rows {args.chunk_rows}" + (" --text hh" if args.text == "hh" else "") + "`: "
+        + ("JSONL batch of conversational pairs (3-turn prompts of random words)" if args.text == "generated" else
+           "JSONL batch of the real Anthropic HH pairs in ../shared/data (1-7 turns, taken in turn, each first turn "
+           "made unique)") + " with ~1% bad rows,",
         "ingested + validated by `validate_file_to_parquet`: plain lines' strings read from their quote positions, the",
         "rest row by row; the suite's rules as Arrow kernels; duplicates within the batch; token-length statistics with the",
         f"tokenizer `{Path(args.tokenizer).name if args.tokenizer else 'none'}` (exact counts); accepted rows, quarantine",

@@ -220,6 +220,22 @@ def test_control_characters_found_on_the_bytes_equal_the_rule():
         assert columnar.control_char_rows(values).tolist() == expected.tolist()
 
 
+def test_nfc_found_on_the_bytes_equals_pythons():
+    """Every BMP character alone, after a letter, after a Hangul initial and before a combining mark, and random
+    mixes: `columnar.normalize` (NFC asked only of values with a character that may change) equals Python's."""
+    import unicodedata
+
+    chars = [chr(c) for c in range(0x80, 0x10000) if not 0xD800 <= c < 0xE000]
+    texts = chars + ["e" + c for c in chars] + ["\u1100" + c for c in chars] + [c + "\u0301" for c in chars[::7]]
+    rng = random.Random(4)
+    alphabet = ["a", " ", "e", "\u0301", "\u0327", "\u1100", "\u1161", "\u11a8", "\u2019", "\u2126", "\u00c5", "A",
+                "\u030a", "\U0001d15e", "\U0001f600", "\u0958", "\uac00", "\u0344"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(20000)]
+    expected = [unicodedata.normalize("NFC", t).strip() for t in texts]
+    assert columnar.normalize(pa.array(texts)).to_pylist() == expected
+    assert columnar.normalize(pa.array(texts).slice(5)).to_pylist() == expected[5:]
+
+
 def test_piecewise_token_counts_equal_whole_text_counts(tmp_path):
     from alignment_pipelines.models.tiny import build_tiny_tokenizer
 

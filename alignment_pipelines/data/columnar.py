@@ -9,6 +9,7 @@ chunk at once: Arrow kernels for the common case (ASCII text), Python only for t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import unicodedata
 from typing import Any
@@ -51,14 +52,49 @@ def normalize(arr: pa.Array) -> pa.Array:
     arr = as_array(arr)
     if len(arr) == 0:
         return arr
-    non_ascii = np.flatnonzero(~pc.string_is_ascii(arr).to_numpy(zero_copy_only=False))
-    if len(non_ascii):
-        values = arr.take(pa.array(non_ascii)).to_pylist()
+    unsure = _maybe_not_nfc(arr)
+    if unsure.any():
+        values = arr.filter(pa.array(unsure)).to_pylist()
         fixed = pa.array([unicodedata.normalize("NFC", v) for v in values], type=pa.string())
-        mask = np.zeros(len(arr), dtype=bool)
-        mask[non_ascii] = True
-        arr = pc.replace_with_mask(arr, pa.array(mask), fixed)
+        arr = pc.replace_with_mask(arr, pa.array(unsure), fixed)
     return strip(arr)
+
+
+def _maybe_not_nfc(arr: pa.Array) -> np.ndarray:
+    """Which values NFC might change, found on the UTF-8 bytes: those with a character outside the BMP or one
+    of `_nfc_unsure()`. The rest (ASCII, and most other text) is NFC already."""
+    data, offsets = _value_bytes(arr)
+    lead = np.flatnonzero(data >= 0xC0)  # the first byte of each non-ASCII character
+    if not len(lead):
+        return np.zeros(len(arr), dtype=bool)
+    last = len(data) - 1
+    b0 = data[lead].astype(np.int32)
+    b1 = data[np.minimum(lead + 1, last)].astype(np.int32) & 0x3F
+    b2 = data[np.minimum(lead + 2, last)].astype(np.int32) & 0x3F
+    code = np.where(b0 < 0xE0, ((b0 & 0x1F) << 6) | b1, ((b0 & 0x0F) << 12) | (b1 << 6) | b2)
+    unsure = (b0 >= 0xF0) | _nfc_unsure()[code & 0xFFFF]
+    return _rows_at(lead[unsure], offsets, len(arr))
+
+
+@functools.cache
+def _nfc_unsure() -> np.ndarray:
+    """By BMP code point: the characters whose presence may make a text not NFC (NFC_Quick_Check not Yes, or
+    a non-zero combining class, over-approximated): one NFC changes alone, one that composes with the
+    character before it (the second of a canonical pair; Hangul vowels and final consonants), a combining
+    mark, a surrogate. A text with none of them is NFC."""
+    unsure = np.zeros(0x10000, dtype=bool)
+    unsure[0xD800:0xE000] = True
+    unsure[0x1161:0x1176] = unsure[0x11A8:0x11C3] = True
+    for code in range(0x80, 0x10000):
+        c = chr(code)
+        if 0xD800 <= code < 0xE000:
+            continue
+        if unicodedata.combining(c) or unicodedata.normalize("NFC", c) != c:
+            unsure[code] = True
+        parts = unicodedata.decomposition(c).split()
+        if len(parts) == 2 and not parts[0].startswith("<") and int(parts[1], 16) < 0x10000:
+            unsure[int(parts[1], 16)] = True
+    return unsure
 
 
 def prompt_parts(prompt: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray]:
