@@ -220,6 +220,22 @@ def test_control_characters_found_on_the_bytes_equal_the_rule():
         assert columnar.control_char_rows(values).tolist() == expected.tolist()
 
 
+def test_json_escapes_decoded_on_the_bytes_equal_json_loads():
+    """Every escape JSON has (quotes, backslash runs, solidus, controls, \\u of 1-, 2- and 3-byte characters and
+    surrogate pairs, which fall back to json.loads), as Python writes them with and without ensure_ascii."""
+    from alignment_pipelines.data.jsonl_fast import _unescaped
+
+    rng = random.Random(5)
+    alphabet = ["a", " ", '"', "\\", "/", "\b", "\f", "\n", "\r", "\t", "\x01", "\x7f", "\u0080", "\u07ff", "\u0800",
+                "é", "’", "日", "\ufffd", "\uffff", "😀", "u", "\\u"]
+    values = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
+    for ensure_ascii in (True, False):
+        bodies = [json.dumps(v, ensure_ascii=ensure_ascii)[1:-1] for v in values]
+        bodies = [b.replace("/", "\\/") if i % 3 == 0 else b for i, b in enumerate(bodies)]
+        assert _unescaped(pa.array(bodies)).to_pylist() == values
+        assert _unescaped(pa.array(bodies).slice(7)).to_pylist() == values[7:]
+
+
 def test_nfc_found_on_the_bytes_equals_pythons():
     """Every BMP character alone, after a letter, after a Hangul initial and before a combining mark, and random
     mixes: `columnar.normalize` (NFC asked only of values with a character that may change) equals Python's."""

@@ -325,9 +325,7 @@ def _string_spans(text: pa.Array, index: np.ndarray) -> _Strings:
     backslash = np.flatnonzero(region == 0x5C) + lo
     if len(backslash) and len(quotes):
         after = quotes[data[quotes - 1] == 0x5C]  # quotes right after a backslash: escaped if its run is odd
-        run_start = np.ones(len(backslash), dtype=bool)
-        run_start[1:] = backslash[1:] != backslash[:-1] + 1
-        first_of_run = backslash[np.maximum.accumulate(np.where(run_start, np.arange(len(backslash)), 0))]
+        first_of_run = _first_of_runs(backslash)
         last = np.searchsorted(backslash, after - 1)
         escaped = after[(after - first_of_run[last]) % 2 == 1]
         quotes = quotes[~np.isin(quotes, escaped, assume_unique=True)]
@@ -342,6 +340,13 @@ def _string_spans(text: pa.Array, index: np.ndarray) -> _Strings:
     return _Strings(text, start, end, escaped, np.concatenate([[0], np.cumsum(strings)])[:-1])
 
 
+def _first_of_runs(positions: np.ndarray) -> np.ndarray:
+    """For sorted byte positions, the first position of the run of consecutive ones each belongs to."""
+    run_start = np.ones(len(positions), dtype=bool)
+    run_start[1:] = positions[1:] != positions[:-1] + 1
+    return positions[np.maximum.accumulate(np.where(run_start, np.arange(len(positions)), 0))]
+
+
 def _strings_at(strings: _Strings, which: np.ndarray) -> pa.Array:
     """The values of the strings `which` (indices): their bodies copied out of the buffer in one take,
     JSON escapes decoded where a body has one."""
@@ -351,10 +356,57 @@ def _strings_at(strings: _Strings, which: np.ndarray) -> pa.Array:
     values = pieces.take(pa.array(2 * which))  # piece 2i is string i, piece 2i + 1 the gap after it
     escaped = strings.escaped[which]
     if escaped.any():
-        bodies = values.filter(pa.array(escaped)).to_pylist()
-        decoded = json.loads("[" + ",".join('"' + b + '"' for b in bodies) + "]")
-        values = pc.replace_with_mask(values, pa.array(escaped), pa.array(decoded, type=pa.string()))
+        mask = pa.array(escaped)
+        values = pc.replace_with_mask(values, mask, _unescaped(values.filter(mask)))
     return values
+
+
+_SIMPLE_ESCAPES = np.zeros(256, dtype=np.uint8)  # by the byte after a backslash: what the pair stands for
+for _char, _meaning in zip(b'"\\/bfnrt', b'"\\/\b\f\n\r\t'):
+    _SIMPLE_ESCAPES[_char] = _meaning
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _char in enumerate(b"0123456789abcdef"):
+    _HEX[_char] = _HEX[bytes([_char]).upper()[0]] = _i
+
+
+def _unescaped(bodies: pa.Array) -> pa.Array:
+    """JSON string bodies decoded, on the bytes: the two-byte escapes and `\\uXXXX` outside the surrogates
+    (what the shape's pattern lets a plain line hold); a body with any other escape goes through json.loads."""
+    offsets = columnar.string_offsets(bodies)
+    base = int(offsets[0])
+    data = np.frombuffer(bodies.buffers()[2], dtype=np.uint8)[base: int(offsets[-1])]
+    offsets = offsets - base
+    slashes = np.flatnonzero(data == 0x5C)
+    starts = slashes[(slashes - _first_of_runs(slashes)) % 2 == 0]  # a backslash that starts an escape: even in its run
+    kind = data[np.minimum(starts + 1, len(data) - 1)]
+    unicode = starts[kind == 0x75]
+    digits = _HEX[data[np.minimum(unicode[:, None] + np.arange(2, 6), len(data) - 1)]].astype(np.int32)
+    code = (digits[:, 0] << 12) | (digits[:, 1] << 8) | (digits[:, 2] << 4) | digits[:, 3]
+    odd = (digits == 255).any(axis=1) | ((code >= 0xD800) & (code < 0xE000))
+    simple = starts[kind != 0x75]
+    odd_simple = _SIMPLE_ESCAPES[data[np.minimum(simple + 1, len(data) - 1)]] == 0
+    out = data.copy()
+    keep = np.ones(len(data), dtype=bool)
+    out[simple] = _SIMPLE_ESCAPES[data[np.minimum(simple + 1, len(data) - 1)]]
+    keep[simple + 1] = False
+    size = 1 + (code >= 0x80) + (code >= 0x800)
+    for n, lead, shift in ((1, 0x00, 0), (2, 0xC0, 6), (3, 0xE0, 12)):  # code as UTF-8 over the escape's first bytes
+        at, c = unicode[size == n], code[size == n]
+        out[at] = lead | (c >> shift)
+        for k in range(1, n):
+            out[at + k] = 0x80 | ((c >> (shift - 6 * k)) & 0x3F)
+        for k in range(n, 6):
+            keep[at + k] = False
+    dropped = np.searchsorted(np.flatnonzero(~keep), offsets)  # bytes dropped before each body's end
+    decoded = pa.Array.from_buffers(pa.string(), len(bodies), [None, pa.py_buffer((offsets - dropped).astype(np.int32)),
+                                                               pa.py_buffer(out[keep])])
+    bad = np.zeros(len(bodies), dtype=bool)
+    bad[np.searchsorted(offsets, np.concatenate([unicode[odd], simple[odd_simple]]), side="right") - 1] = True
+    if bad.any():
+        texts = bodies.filter(pa.array(bad)).to_pylist()
+        fixed = json.loads("[" + ",".join('"' + b + '"' for b in texts) + "]")
+        decoded = pc.replace_with_mask(decoded, pa.array(bad), pa.array(fixed, type=pa.string()))
+    return decoded
 
 
 def _plain_columns(text: pa.Array, index: np.ndarray, conversational: bool) -> dict[str, pa.Array]:
