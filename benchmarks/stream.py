@@ -71,7 +71,7 @@ def plot(records: list[dict], path: Path, rows: int) -> None:
     bottom.set_title("The same, beside the old way of finding earlier batches' keys")
     bottom.set_xlabel(f"batch ({rows:,} rows each)")
     top.legend(loc="upper left", fontsize=8)
-    bottom.legend(loc="upper left", fontsize=8)
+    bottom.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
