@@ -3,8 +3,8 @@ content keys of many records at once.
 
 Every function here gives exactly what its one-record counterpart in `schemas`/`splits` gives
 (`render_prompt`, `last_user_turn`, `normalize_text`, `prompt_key`, `record_key`), for all records of a
-chunk at once: Arrow kernels for the common case (ASCII text), Python only for the rows that need it
-(NFC of non-ASCII text), hashlib for the digests.
+chunk at once: Arrow kernels and numpy over the UTF-8 bytes for the common case, Python only for the rows
+that need it (NFC of text with a character NFC may change), hashlib for the digests.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ is then either
   raw line (no duplicate or extra keys, string values only, roles valid, the prompt ending with a user
   turn, one assistant answer) - `{"prompt": "…", "chosen": "…", "rejected": "…"}` or the conversational
   `{"prompt": [{"role", "content"}…], "chosen": [{"role": "assistant", …}], "rejected": […]}`. Plain
-  lines are parsed by Arrow's JSON reader, all at once, into the records the importer would give;
+  lines are not parsed again: their strings are found from the quotes' positions, copied out by Arrow
+  and their escapes decoded on the bytes (`_string_spans`, `_strings_at`, `_unescaped`), into the
+  records the importer would give;
 - **anything else** (another shape, broken JSON, invalid UTF-8, a lone surrogate escape, the first
   line, which may carry a BOM): parsed and converted row by row by `importers`, as before.
 Plain lines only occur in pairwise files whose layout is pairwise, conversational or hh-rlhf, where

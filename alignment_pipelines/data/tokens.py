@@ -9,12 +9,12 @@ count is the sum of its pieces' counts. The pieces are cut with numpy on the Arr
 counted once per distinct piece with the real tokenizer and remembered, so that a batch costs one lookup
 of its pieces plus the new pieces' tokenization. The cut is safe for the tokenizers most models use
 (GPT-2-style byte-level BPE, whitespace and BERT pre-tokenizers: `_splittable`) before every space that
-does not stand inside a whitespace run, i.e. with whitespace on both sides (a text's end counts as
-whitespace): no pre-token runs from a non-space character into a following space, and a run of
-whitespace before a non-space character leaves its last space to that character ("\n\n How": "\n\n",
-" How") whether the run is cut there or not. A space inside a run ("a   b") is not cut at: the GPT-2
-pattern keeps the run together. Any other tokenizer counts whole texts. Either way the count is the
-tokenizer's own.
+does not stand inside a whitespace run, i.e. with whitespace on both sides (after it, a text's end and an
+added token such as "<|im_end|>", where the tokenizer cuts the text first, count as whitespace): no
+pre-token runs from a non-space character into a following space, and a run of whitespace before a
+non-space character leaves its last space to that character ("\n\n How": "\n\n", " How") whether the run
+is cut there or not. A space inside a run ("a   b") is not cut at: the GPT-2 pattern keeps the run
+together. Any other tokenizer counts whole texts. Either way the count is the tokenizer's own.
 
 Numbers, the usual never-seen pieces (ids, dates, amounts), become pieces seen before with a byte-level BPE
 that never merges two digits (no token of its vocabulary holds two, no added token any, each digit alone is
@@ -99,7 +99,7 @@ class TokenCounter:
         self._cache: dict[str, int] = {}
         self._recent = (pa.array([], type=pa.string()), pa.array([], type=pa.int32()))  # see `_counts_of`
         self._digits: np.ndarray | None = None
-        self._ends_run = _ASCII_SPACE  # by byte value: what ends a run of whitespace for `_inside_runs`
+        self._ends_run = _ASCII_SPACE  # by byte value: what ends a run of whitespace (`_spaces_inside_runs`)
         if file.is_file():
             from tokenizers import Tokenizer
 
