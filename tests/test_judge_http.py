@@ -4,38 +4,30 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from alignment_pipelines.judges import JudgeError, OpenAICompatibleJudge, agreement_stats
+from tests.chat_completions import ChatCompletionsHandler, ChatCompletionsServer
 
 TEA = [{"role": "user", "content": "How do I make green tea?"}]
 SLOW_REPLY_S = 1.0  # how long a "timeout" fault stalls; the judges below time out well before
 CLIENT_TIMEOUT_S = 0.3
 
 
-class ScriptedServer(ThreadingHTTPServer):
+class ScriptedServer(ChatCompletionsServer):
     """Speaks OpenAI chat completions. The judge is asked about answers; the server says "A" when
     Answer A contains GOOD, else "B". ``faults[marker]`` lists faults for the next requests whose
     prompt contains ``marker``: "timeout", "500", "401", "malformed", "not_json" or "disconnect"."""
 
-    daemon_threads = True
-
     def __init__(self):
-        super().__init__(("127.0.0.1", 0), ScriptedHandler)
+        super().__init__()
         self.faults: dict[str, list[str]] = {}
         self.logprobs = False
         self.delay_s = 0.0
         self.received: list[dict] = []
-        self.lock = threading.Lock()
         self.in_flight = self.peak_in_flight = 0
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
     def next_fault(self, text: str) -> str | None:
         with self.lock:
@@ -44,68 +36,45 @@ class ScriptedServer(ThreadingHTTPServer):
                     return faults.pop(0)
         return None
 
-
-class ScriptedHandler(BaseHTTPRequestHandler):
-    server: ScriptedServer
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def do_POST(self):
-        server = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def answer(self, handler: ChatCompletionsHandler, body: dict) -> None:
         text = body["messages"][0]["content"]
-        with server.lock:
-            server.received.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                    "time": time.monotonic()})
-            server.in_flight += 1
-            server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+        with self.lock:
+            self.received.append({"path": handler.path, "headers": dict(handler.headers), "body": body,
+                                  "time": time.monotonic()})
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            time.sleep(server.delay_s)
-            self.reply(server.next_fault(text), text)
+            time.sleep(self.delay_s)
+            self.reply(handler, self.next_fault(text), text)
         finally:
-            with server.lock:
-                server.in_flight -= 1
+            with self.lock:
+                self.in_flight -= 1
 
-    def reply(self, fault: str | None, text: str):
+    def reply(self, handler: ChatCompletionsHandler, fault: str | None, text: str) -> None:
         if fault == "disconnect":
-            self.close_connection = True
+            handler.close_connection = True
             return
         if fault == "timeout":
             time.sleep(SLOW_REPLY_S)
         if fault in ("500", "401"):
-            return self.send(int(fault), b'{"error": {"message": "scripted failure"}}')
+            return handler.send(int(fault), b'{"error": {"message": "scripted failure"}}')
         if fault == "not_json":
-            return self.send(200, b"<html>gateway hiccup</html>")
+            return handler.send(200, b"<html>gateway hiccup</html>")
         content = "I cannot decide." if fault == "malformed" else None
         answer_a = text.split("[Answer A]")[1].split("[Answer B]")[0]
         letter = "A" if "GOOD" in answer_a else "B"
         choice = {"index": 0, "message": {"role": "assistant", "content": content or letter}, "finish_reason": "stop"}
-        if self.server.logprobs and content is None:
+        if self.logprobs and content is None:
             other = "B" if letter == "A" else "A"
             choice["logprobs"] = {"content": [{"token": letter, "logprob": math.log(0.8), "top_logprobs": [
                 {"token": letter, "logprob": math.log(0.8)}, {"token": other, "logprob": math.log(0.15)}]}]}
-        self.send(200, json.dumps({"object": "chat.completion", "choices": [choice]}).encode())
-
-    def send(self, status: int, payload: bytes):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        try:
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-            pass
+        handler.send(200, json.dumps({"object": "chat.completion", "choices": [choice]}).encode())
 
 
 @pytest.fixture
 def server():
-    srv = ScriptedServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with ScriptedServer() as srv:
+        yield srv
 
 
 def make_judge(server, **overrides) -> OpenAICompatibleJudge:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,6 +11,7 @@ from alignment_pipelines.ai_feedback import AIFeedbackStore, preference_pairs, s
 from alignment_pipelines.judges import JudgeError, ShorterJudge, Verdict
 from alignment_pipelines.methods import ConfigError, config_from_dict, run_training
 from alignment_pipelines.methods.online_dpo import OnlineDPOMethodConfig, OnlineDPOTrainer, pair_weights
+from tests.chat_completions import ChatCompletionsHandler, ChatCompletionsServer
 
 QUESTIONS = ["How do I boil an egg?", "What is a prime number?", "Name a colour.", "Why is the sky blue?",
              "How far is the moon?", "What do cats eat?", "Say hello.", "What is rain?"]
@@ -214,65 +214,36 @@ def test_default_annotator_is_the_base_model_under_the_sft_adapter(tmp_path, tin
 # ---------------------------------------------------------------- an OpenAI-compatible annotator over HTTP
 
 
-class ShorterAnswerServer(ThreadingHTTPServer):
+class ShorterAnswerServer(ChatCompletionsServer):
     """Chat completions on 127.0.0.1 that answer "A" when Answer A is shorter, else "B";
     ``faults`` scripts the next replies: "500", "malformed" or "timeout"."""
 
-    daemon_threads = True
-
     def __init__(self):
-        super().__init__(("127.0.0.1", 0), ShorterAnswerHandler)
+        super().__init__()
         self.faults: list[str] = []
         self.always: str | None = None
         self.bodies: list[dict] = []
-        self.lock = threading.Lock()
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class ShorterAnswerHandler(BaseHTTPRequestHandler):
-    server: ShorterAnswerServer
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.bodies.append(body)
-            fault = self.server.always or (self.server.faults.pop(0) if self.server.faults else None)
+    def answer(self, handler: ChatCompletionsHandler, body: dict) -> None:
+        with self.lock:
+            self.bodies.append(body)
+            fault = self.always or (self.faults.pop(0) if self.faults else None)
         if fault == "timeout":
             threading.Event().wait(1.0)
         if fault == "500":
-            return self.send(500, b'{"error": "scripted"}')
+            return handler.send(500, b'{"error": "scripted"}')
         text = body["messages"][0]["content"]
         answer_a, answer_b = text.split("[Answer A]\n")[1].split("\n\n[Answer B]\n")
         answer_b = answer_b.split("\n\nJudged by this criterion")[0]
         letter = "I cannot say" if fault == "malformed" else "A" if len(answer_a) < len(answer_b) else "B"
-        self.send(200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": letter}}]})
-                  .encode())
-
-    def send(self, status: int, payload: bytes):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        try:
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        handler.send(200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": letter}}]})
+                     .encode())
 
 
 @pytest.fixture
 def annotator_server():
-    server = ShorterAnswerServer()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with ShorterAnswerServer() as server:
+        yield server
 
 
 def http_config(tmp_path, tiny_model_dir, prompts_path, server, **overrides) -> dict:
