@@ -63,7 +63,7 @@ def normalize(arr: pa.Array) -> pa.Array:
 def _maybe_not_nfc(arr: pa.Array) -> np.ndarray:
     """Which values NFC might change, found on the UTF-8 bytes: those with a character outside the BMP or one
     of `_nfc_unsure()`. The rest (ASCII, and most other text) is NFC already."""
-    data, offsets = _value_bytes(arr)
+    data, offsets = value_bytes(arr)
     lead = np.flatnonzero(data >= 0xC0)  # the first byte of each non-ASCII character
     if not len(lead):
         return np.zeros(len(arr), dtype=bool)
@@ -152,7 +152,7 @@ def json_escape(arr: pa.Array) -> pa.Array:
 
 def _rows_with_json_specials(arr: pa.Array) -> np.ndarray:
     """Which values hold a quote, a backslash or a control character (read from the bytes: RE2 is slower)."""
-    data, offsets = _value_bytes(arr)
+    data, offsets = value_bytes(arr)
     return _rows_at(np.flatnonzero((data < 0x20) | (data == 0x22) | (data == 0x5C)), offsets, len(arr))
 
 
@@ -160,7 +160,7 @@ def control_char_rows(arr: Any) -> np.ndarray:
     """Which values `validation.CONTROL_CHARS` matches, found on the UTF-8 bytes (RE2 is slower): a C0 control
     other than tab, newline and carriage return, DEL, a C1 control (C2 80-9F) or U+FFFD (EF BF BD)."""
     arr = as_array(arr)
-    data, offsets = _value_bytes(arr)
+    data, offsets = value_bytes(arr)
     at = np.flatnonzero((data < 0x20) | (data == 0x7F) | (data == 0xC2) | (data == 0xEF))
     first = data[at]
     second = data[np.minimum(at + 1, len(data) - 1)]
@@ -171,7 +171,7 @@ def control_char_rows(arr: Any) -> np.ndarray:
     return _rows_at(at[hit], offsets, len(arr))
 
 
-def _value_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def value_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The bytes of a string array's values (no copy) and where each value starts in them, then the end."""
     if not len(arr) or arr.buffers()[2] is None:
         return np.zeros(0, dtype=np.uint8), np.zeros(len(arr) + 1, dtype=np.int32)

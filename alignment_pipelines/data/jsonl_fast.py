@@ -121,9 +121,9 @@ class LineSpans:
 
 def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview]]:
     """(byte position in the file, bytes of whole lines each ending in a newline; the last line gets one if
-    the file lacks it): the caller counts the lines, as it finds them anyway. Each block is read into memory of its own,
-    once (the lines cut from it point into it), or with `reuse` into the same memory every time (for a
-    caller done with a block before it asks for the next: no fresh pages to fault in)."""
+    the file lacks it): the caller counts the lines, as it finds them anyway. Each block is read into memory
+    of its own, once (the lines cut from it point into it), or with `reuse` into the same memory every time
+    (for a caller done with a block before it asks for the next: no fresh pages to fault in)."""
     handle = importers._open_binary(path)
     try:
         carry = b""
@@ -363,21 +363,17 @@ def _strings_at(strings: _Strings, which: np.ndarray) -> pa.Array:
     return values
 
 
-_SIMPLE_ESCAPES = np.zeros(256, dtype=np.uint8)  # by the byte after a backslash: what the pair stands for
-for _char, _meaning in zip(b'"\\/bfnrt', b'"\\/\b\f\n\r\t'):
-    _SIMPLE_ESCAPES[_char] = _meaning
-_HEX = np.full(256, 255, dtype=np.uint8)
-for _i, _char in enumerate(b"0123456789abcdef"):
-    _HEX[_char] = _HEX[bytes([_char]).upper()[0]] = _i
+_SIMPLE_ESCAPES = np.zeros(256, dtype=np.uint8)  # by the byte after a backslash: what the pair stands for (0: none)
+_SIMPLE_ESCAPES[list(b'"\\/bfnrt')] = list(b'"\\/\b\f\n\r\t')
+_HEX = np.full(256, 255, dtype=np.uint8)  # by byte: its value as a hex digit (255: not one)
+_HEX[list(b"0123456789abcdef")] = np.arange(16)
+_HEX[list(b"ABCDEF")] = np.arange(10, 16)
 
 
 def _unescaped(bodies: pa.Array) -> pa.Array:
     """JSON string bodies decoded, on the bytes: the two-byte escapes and `\\uXXXX` outside the surrogates
     (what the shape's pattern lets a plain line hold); a body with any other escape goes through json.loads."""
-    offsets = columnar.string_offsets(bodies)
-    base = int(offsets[0])
-    data = np.frombuffer(bodies.buffers()[2], dtype=np.uint8)[base: int(offsets[-1])]
-    offsets = offsets - base
+    data, offsets = columnar.value_bytes(bodies)
     slashes = np.flatnonzero(data == 0x5C)
     starts = slashes[(slashes - _first_of_runs(slashes)) % 2 == 0]  # a backslash that starts an escape: even in its run
     kind = data[np.minimum(starts + 1, len(data) - 1)]
@@ -386,10 +382,11 @@ def _unescaped(bodies: pa.Array) -> pa.Array:
     code = (digits[:, 0] << 12) | (digits[:, 1] << 8) | (digits[:, 2] << 4) | digits[:, 3]
     odd = (digits == 255).any(axis=1) | ((code >= 0xD800) & (code < 0xE000))
     simple = starts[kind != 0x75]
-    odd_simple = _SIMPLE_ESCAPES[data[np.minimum(simple + 1, len(data) - 1)]] == 0
+    meaning = _SIMPLE_ESCAPES[kind[kind != 0x75]]
+    odd_simple = meaning == 0
     out = data.copy()
     keep = np.ones(len(data), dtype=bool)
-    out[simple] = _SIMPLE_ESCAPES[data[np.minimum(simple + 1, len(data) - 1)]]
+    out[simple] = meaning
     keep[simple + 1] = False
     size = 1 + (code >= 0x80) + (code >= 0x800)
     for n, lead, shift in ((1, 0x00, 0), (2, 0xC0, 6), (3, 0xE0, 12)):  # code as UTF-8 over the escape's first bytes

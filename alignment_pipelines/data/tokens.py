@@ -160,10 +160,11 @@ class TokenCounter:
         """Sum over its pieces of each text (see the module doc)."""
         import pyarrow as pa
 
-        raw, data, offsets = _bytes_of(arr)
+        from alignment_pipelines.data import columnar  # here: columnar imports this module
+
+        raw, offsets = columnar.value_bytes(arr)
         if self._digits is not None:
             raw = _canonical_digits(raw, after_space=bool((self._digits == self._digits[0]).all()))
-            data = pa.py_buffer(raw)
         boundary = np.zeros(len(raw) + 1, dtype=bool)
         np.equal(raw, 0x20, out=boundary[:-1])
         boundary[_spaces_inside_runs(raw, offsets, self._ends_run)] = False
@@ -172,7 +173,7 @@ class TokenCounter:
         starts = np.flatnonzero(boundary)
         cuts = np.empty(len(starts) + 1, dtype=np.int32)
         cuts[:-1], cuts[-1] = starts, len(raw)
-        pieces = pa.Array.from_buffers(pa.string(), len(cuts) - 1, [None, pa.py_buffer(cuts), data])
+        pieces = pa.Array.from_buffers(pa.string(), len(cuts) - 1, [None, pa.py_buffer(cuts), pa.py_buffer(raw)])
         per_piece = self._counts_of(pieces)
         first = np.searchsorted(cuts, offsets[:-1])  # each text's first piece (an empty text: the next text's)
         sums = np.add.reduceat(per_piece, first, dtype=np.int64)
@@ -216,16 +217,6 @@ class TokenCounter:
                 cache.update(zip(missing, new))
                 found = [cache[p] if c < 0 else c for p, c in zip(pieces, found)]
             return np.array(found, dtype=np.int64)
-
-
-def _bytes_of(arr) -> tuple[np.ndarray, Any, np.ndarray]:
-    """The bytes of an Arrow string array's texts (numpy and Arrow buffer, no copy) and their offsets into them."""
-    from alignment_pipelines.data import columnar  # here: columnar imports this module
-
-    offsets = columnar.string_offsets(arr)
-    start = int(offsets[0])
-    data = arr.buffers()[2].slice(start, int(offsets[-1]) - start)
-    return np.frombuffer(data, dtype=np.uint8), data, offsets - start
 
 
 def _ends_run(config: dict) -> np.ndarray:
