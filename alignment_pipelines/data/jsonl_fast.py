@@ -330,16 +330,21 @@ def _string_spans(text: pa.Array, index: np.ndarray) -> _Strings:
         first_of_run = _first_of_runs(backslash)
         last = np.searchsorted(backslash, after - 1)
         escaped = after[(after - first_of_run[last]) % 2 == 1]
-        quotes = quotes[~np.isin(quotes, escaped, assume_unique=True)]
+        quotes = np.delete(quotes, np.searchsorted(quotes, escaped))
     line_first = np.searchsorted(quotes, offsets[index])
     line_end = np.searchsorted(quotes, offsets[index + 1])
-    if len(index) < len(text):  # the plain lines' quotes only
-        inside = np.bincount(line_first, minlength=len(quotes) + 1) - np.bincount(line_end, minlength=len(quotes) + 1)
-        quotes = quotes[np.cumsum(inside[:-1]) > 0]
+    if len(index) < len(text):  # the plain lines' quotes only: those before, between and after them go
+        quotes = np.delete(quotes, _ranges(np.concatenate([[0], line_end]), np.concatenate([line_first, [len(quotes)]])))
     start, end = quotes[0::2] + 1, quotes[1::2]
     escaped = np.searchsorted(backslash, start) < np.searchsorted(backslash, end)
     strings = (line_end - line_first) // 2
     return _Strings(text, start, end, escaped, np.concatenate([[0], np.cumsum(strings)])[:-1])
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The integers of the ranges [starts[i], stops[i]), one range after the other (np.arange of each, joined)."""
+    lengths = stops - starts
+    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
 
 
 def _first_of_runs(positions: np.ndarray) -> np.ndarray:
