@@ -54,6 +54,7 @@ PAIRWISE = (
 )
 _BLANK_CHARS = " \t\n\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank
 _BLANK = f"^[{_BLANK_CHARS}]*$"
+_BLANK_BYTES = np.frombuffer(_BLANK_CHARS.encode(), dtype=np.uint8)
 _PLAIN_LAYOUTS = ("pairwise", "conversational", "hh-rlhf")
 
 
@@ -174,7 +175,10 @@ def _lines(line_base: int, block: bytes, ends: np.ndarray) -> _Lines:
         for i in np.flatnonzero(~valid).tolist():
             bad[int(rows[i])] = raw[i]
         text = pc.if_else(pa.array(valid), binary, pa.scalar(b"", pa.binary())).cast(pa.string())
-    blank = pc.match_substring_regex(text, _BLANK).to_numpy(zero_copy_only=False)
+    blank = np.zeros(n, dtype=bool)  # only a line that starts with whitespace may be blank
+    maybe = np.flatnonzero(np.isin(np.frombuffer(block, dtype=np.uint8)[offsets[:-1]], _BLANK_BYTES))
+    if len(maybe):
+        blank[maybe] = pc.match_substring_regex(columnar.subset(text, maybe), _BLANK).to_numpy(zero_copy_only=False)
     for row, b in list(bad.items()):  # an invalid line is blank only if its bytes are
         if b.strip():
             blank[row - line_base - 1] = False
@@ -203,9 +207,6 @@ def _row_chunks(path: Path, chunk_rows: int) -> Iterator[_Lines]:
             pending, size = ([rest], len(rest)) if len(rest) else ([], 0)
     if size:
         yield _concat(pending)
-
-
-_BLANK_BYTES = np.frombuffer(_BLANK_CHARS.encode(), dtype=np.uint8)
 
 
 def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
@@ -279,12 +280,15 @@ class _Prepared:
 
 def _prepare(lines: _Lines) -> _Prepared:
     conv = pc.match_substring_regex(lines.text, CONVERSATIONAL).to_numpy(zero_copy_only=False).copy()
-    pair = pc.match_substring_regex(lines.text, PAIRWISE).to_numpy(zero_copy_only=False).copy()
+    pair = np.zeros(len(lines), dtype=bool)
+    rest = np.flatnonzero(~conv)  # a line has one shape at most
+    if len(rest):
+        pair[rest] = pc.match_substring_regex(columnar.subset(lines.text, rest), PAIRWISE).to_numpy(zero_copy_only=False)
     plain_ok = lines.rows != 1
     if lines.bad_utf8:
         plain_ok &= ~np.isin(lines.rows, np.fromiter(lines.bad_utf8, dtype=np.int64))
     conv &= plain_ok
-    pair &= plain_ok & ~conv
+    pair &= plain_ok
     other_index = np.flatnonzero(~(conv | pair))
     texts = columnar.subset(lines.text, other_index).to_pylist() if len(other_index) else []
     other = []
