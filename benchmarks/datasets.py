@@ -26,11 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingestion import generate_large  # noqa: E402
-
-
-def load() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
+from ingestion import generate_large, load  # noqa: E402
 
 
 def child(root: str, dataset: str) -> None:

@@ -21,18 +21,13 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingestion import generate  # noqa: E402
-
-
-def load() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
+from ingestion import generate, load  # noqa: E402
 
 
 def make_batch(path: Path, rows: int, seed: int, previous: list[str] | None) -> list[str]:
