@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+HH_FILE = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base.jsonl.gz"
+
 WORDS = (
     "the a model answer question helpful honest harmless data train policy reward value user "
     "assistant good bad better worse because however please explain why how what when where"
@@ -116,7 +118,6 @@ def load() -> str:
 
 
 BASE_ROWS = 250_000
-HH_FILE = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base.jsonl.gz"
 
 
 def generate_large(path: Path, rows: int, seed: int = 0,

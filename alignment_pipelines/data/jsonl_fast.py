@@ -155,6 +155,11 @@ def _line_ends(block: bytes) -> np.ndarray:
     return np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + 1
 
 
+def _start_blank(block: bytes, begins: np.ndarray) -> np.ndarray:
+    """Which of the lines starting at `begins` start with whitespace: the only ones that may be blank."""
+    return np.flatnonzero(np.isin(np.frombuffer(block, dtype=np.uint8)[begins], _BLANK_BYTES))
+
+
 def _lines(line_base: int, block: bytes, ends: np.ndarray) -> _Lines:
     """The non-blank lines of a block of whole lines, which end at `ends`."""
     offsets = np.concatenate([[0], ends]).astype(np.int32)
@@ -175,8 +180,8 @@ def _lines(line_base: int, block: bytes, ends: np.ndarray) -> _Lines:
         for i in np.flatnonzero(~valid).tolist():
             bad[int(rows[i])] = raw[i]
         text = pc.if_else(pa.array(valid), binary, pa.scalar(b"", pa.binary())).cast(pa.string())
-    blank = np.zeros(n, dtype=bool)  # only a line that starts with whitespace may be blank
-    maybe = np.flatnonzero(np.isin(np.frombuffer(block, dtype=np.uint8)[offsets[:-1]], _BLANK_BYTES))
+    blank = np.zeros(n, dtype=bool)
+    maybe = _start_blank(block, offsets[:-1])
     if len(maybe):
         blank[maybe] = pc.match_substring_regex(columnar.subset(text, maybe), _BLANK).to_numpy(zero_copy_only=False)
     for row, b in list(bad.items()):  # an invalid line is blank only if its bytes are
@@ -217,11 +222,10 @@ def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
     need = chunk_rows  # the non-blank lines it still needs
     line_base = 0  # the line number before the block
     for position, block in _blocks(path, reuse=True):
-        buf = np.frombuffer(block, dtype=np.uint8)
         ends = _line_ends(block)
         begins = np.concatenate([[0], ends[:-1]])
         counted = np.ones(len(ends), dtype=np.int64)
-        for i in np.flatnonzero(np.isin(buf[begins], _BLANK_BYTES)).tolist():
+        for i in _start_blank(block, begins).tolist():
             counted[i] = bool(bytes(block[begins[i]:ends[i]]).strip())
         total = np.cumsum(counted)  # non-blank lines of this block up to each line
         used = 0
