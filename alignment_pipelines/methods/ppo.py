@@ -51,6 +51,13 @@ class OnlineMethodConfig(MethodConfig):
                             minimum=0)
     max_new_tokens: int = option(64, "longest sampled answer in tokens; prompts longer than max_length minus this "
                                  "are left out", minimum=1)
+    reward_weights: list[float] | None = option(
+        None, "weight of each reward_funcs entry in the summed score, in the same order; unset: every source "
+        "weighs 1")
+    missing_eos_penalty: float | None = option(
+        1.0, "subtracted from the score of answers that stop at max_new_tokens without EOS, so a truncated "
+        "answer never scores like a finished one (1.0: about one standard deviation of a reward model's "
+        "scores, and the whole range of a 0/1 rule); unset: no penalty", minimum=0)
     temperature: float = option(1.0, "sampling temperature; log-probs use the same one, so samples stay on-policy",
                                 minimum=0, exclusive_minimum=True)
     use_vllm: bool = option(False, "generate with vLLM (the gpu extra, on a GPU); off: transformers generate")
@@ -68,6 +75,10 @@ class OnlineMethodConfig(MethodConfig):
                 build_reward_funcs(rules)
         except ValueError as error:
             raise ConfigError("reward_funcs", self.reward_funcs, str(error)) from None
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError("reward_weights", self.reward_weights,
+                              f"needs one weight per reward source: reward_funcs has {len(self.reward_funcs)} "
+                              f"({self.reward_funcs})")
         if MODEL_REWARD in self.reward_funcs and not self.reward_model:
             raise ConfigError("reward_model", self.reward_model,
                               "is required while reward_funcs includes 'model' (or drop 'model' from reward_funcs)")
@@ -113,8 +124,6 @@ class PPOMethodConfig(OnlineMethodConfig):
     gamma: float = option(1.0, "discount over answer tokens (1: none)", minimum=0, maximum=1)
     lam: float = option(0.95, "GAE lambda: bias (0) against variance (1) of the advantages", minimum=0, maximum=1)
     whiten_rewards: bool = option(False, "scale per-token rewards to unit variance before GAE")
-    missing_eos_penalty: float | None = option(
-        None, "subtracted from the score of answers that never reach EOS; unset: no penalty", minimum=0)
 
     # a frozen reference in full training; the trainer takes every logit of the answer tokens at once
     memory_profile: ClassVar[MemoryProfile] = MemoryProfile(
@@ -179,7 +188,8 @@ def train(config: PPOMethodConfig, callbacks: list | None = None) -> TrainResult
         kl_coef=config.kl_coef, clip_range=config.clip_range, clip_range_value=config.clip_range_value,
         vf_coef=config.vf_coef, gamma=config.gamma, lam=config.lam, whiten_rewards=config.whiten_rewards,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-        missing_eos_penalty=config.missing_eos_penalty, gradient_checkpointing=config.gradient_checkpointing,
+        missing_eos_penalty=config.missing_eos_penalty, reward_weights=config.reward_weights,
+        gradient_checkpointing=config.gradient_checkpointing,
         lr_scheduler_type="constant", max_steps=config.max_steps,
         seed=config.seed, logging_steps=config.logging_steps, checkpoint_dir=config.checkpoint_dir,
         save_steps=config.save_steps if config.checkpoint_dir else 0, save_total_limit=1)
