@@ -16,9 +16,14 @@ from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_UR
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from alignment_pipelines.data.importers import FeedbackFileError
     from alignment_pipelines.data.validation import validate_file
 
-    result = validate_file(args.file)
+    try:
+        result = validate_file(args.file)
+    except (FeedbackFileError, ValueError) as exc:  # the file's own error (unreadable, over a cap), or a bad cap setting
+        print(f"alignment-pipelines validate: {exc}", file=sys.stderr)
+        return 2
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.file).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(args.file).name
@@ -29,11 +34,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    """Copy a file into the inbox atomically: written as `.part`, then renamed, so the sensor never
-    sees half a file."""
+    """Copy a file into the inbox atomically: written under a hidden `.part` name (hashed as it is written),
+    then linked to its name, which fails if the name is taken: the sensor never sees half a file, and a
+    file already in the inbox (perhaps a batch not yet copied) is never overwritten."""
     import shutil
+    import tempfile
 
-    from alignment_pipelines.data.inbox import batch_key
+    from alignment_pipelines.data.inbox import ContentHash, batch_key
 
     source = Path(args.file)
     if not source.is_file():
@@ -41,10 +48,26 @@ def _submit(args: argparse.Namespace) -> int:
     inbox = Path(args.inbox) if args.inbox else DataRoot(default_data_root()).inbox
     inbox.mkdir(parents=True, exist_ok=True)
     target = inbox / source.name
-    partial = target.with_name(target.name + ".part")
-    shutil.copy2(source, partial)
-    partial.replace(target)
-    print(json.dumps({"inbox_file": str(target), "batch_key": batch_key(target)}))
+    refusal = (f"alignment-pipelines submit: {target} already exists; a batch is immutable, "
+               "so submit new content under another name")
+    if os.path.lexists(target):
+        raise SystemExit(refusal)
+    digest = ContentHash()
+    with open(source, "rb") as reader, tempfile.NamedTemporaryFile(
+            dir=inbox, prefix=f".{source.name}.", suffix=".part", delete=False) as partial:
+        try:
+            for data in iter(lambda: reader.read(1 << 20), b""):
+                digest.update(data)
+                partial.write(data)
+            partial.flush()
+            os.fsync(partial.fileno())
+            shutil.copystat(source, partial.name)  # an old file keeps its age: settled at once
+            os.link(partial.name, target)
+        except FileExistsError:
+            raise SystemExit(refusal) from None
+        finally:
+            os.unlink(partial.name)
+    print(json.dumps({"inbox_file": str(target), "batch_key": batch_key(target, digest.hexdigest())}))
     return 0
 
 

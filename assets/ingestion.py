@@ -6,14 +6,13 @@ steps in its own run, and its verdict, recorded in the Dagster instance per batc
 """
 
 import json
-import shutil
 from dataclasses import asdict
 
 import dagster as dg
 # per-batch check verdicts come from the event log storage (partitioned asset checks are a preview feature)
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-from alignment_pipelines.data.inbox import content_hash_of, find_batch_file, scan_inbox
+from alignment_pipelines.data.inbox import content_hash_of, copy_batch_file, scan_inbox
 from alignment_pipelines.data.key_index import KEYS_FILE, KeyIndex, ensure_keys
 from alignment_pipelines.data.validation import (ValidationRules, defect_count, run_expectation_suite_on_file,
                                                  validate_file_to_parquet)
@@ -37,18 +36,16 @@ def raw_batch_file(batch_dir):
 
 @dg.asset(partitions_def=feedback_batches, group_name="ingestion", kinds={"jsonl"})
 def raw_feedback(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """An immutable copy of one inbox file; the partition key is file name + content hash."""
+    """An immutable copy of one inbox file; the partition key is file name + content hash. The copy is
+    hashed as it is written, under a temporary name, and renamed only when it matches the key; a retry
+    checks a copy already there again (`copy_batch_file`)."""
     layout = storage.layout
     key = context.partition_key
-    source = find_batch_file(layout.inbox, key)
     batch_dir = layout.batch_dir(key)
     batch_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(source.suffixes[-2:]) if source.name.endswith(".gz") else source.suffix
-    target = batch_dir / f"{RAW_FILE}{suffix}"
-    if not target.exists():
-        shutil.copyfile(source, target)
+    target, source = copy_batch_file(layout.inbox, key, batch_dir, RAW_FILE)
     return dg.MaterializeResult(metadata={
-        "source": dg.MetadataValue.path(str(source)),
+        "source": dg.MetadataValue.path(str(source)) if source else "(copied before, checked again)",
         "batch_file": dg.MetadataValue.path(str(target)),
         "bytes": target.stat().st_size,
     })
@@ -194,31 +191,56 @@ def _sample_markdown(samples: list[dict]) -> str:
     description="Registers each new, complete inbox file as a feedback batch and ingests it.",
 )
 def feedback_inbox_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
-    """Idempotent: content already ingested (under any file name) is never a second batch.
+    """Idempotent: content already ingested (under any file name) is never a second batch, unless that
+    batch lost its source (its run failed before the raw copy was made): then a file with that content
+    dropped again is ingested again.
 
     Files still being written (a `.part` suffix, or changed since the last tick) wait; the cursor
-    remembers sizes and hashes so unchanged files are not re-hashed every tick.
+    remembers sizes and hashes so unchanged files are not re-hashed every tick, and how far a large file's
+    hashing got (a tick hashes for a bounded time). Entries that are not regular files (links, FIFOs,
+    directories) or cannot be read are passed over: logged, and listed in the cursor as `skipped`.
     """
     previous = json.loads(context.cursor)["seen"] if context.cursor else {}
-    scan = scan_inbox(storage.layout.inbox, previous=previous)
-    known_hashes = {content_hash_of(k) for k in context.instance.get_dynamic_partitions(feedback_batches.name)}
-    new_keys, duplicates = [], []
+    layout = storage.layout
+    scan = scan_inbox(layout.inbox, previous=previous)
+    if scan.skipped:
+        context.log.warning(f"inbox entries passed over: {scan.skipped}")
+    registered = context.instance.get_dynamic_partitions(feedback_batches.name)
+    known_hashes = {content_hash_of(k): k for k in registered}
+    registered = set(registered)
+    new_keys, requests, duplicates = [], [], []
     for inbox_file in scan.ready:
-        digest = content_hash_of(inbox_file.key)
-        if digest in known_hashes:
+        key, digest = inbox_file.key, content_hash_of(inbox_file.key)
+        earlier = known_hashes.get(digest)
+        retry = earlier is not None and _lost_source_run(context.instance, layout, earlier)
+        if earlier is not None and not retry:
             duplicates.append(inbox_file.path.name)
             continue
-        known_hashes.add(digest)
-        new_keys.append(inbox_file.key)
-    cursor = json.dumps({"seen": scan.seen})
-    if not new_keys:
+        known_hashes[digest] = key
+        if key not in registered:
+            new_keys.append(key)
+        requests.append(dg.RunRequest(partition_key=key, run_key=f"{key}:after:{retry}" if retry else key))
+    cursor = json.dumps({"seen": scan.seen, "skipped": scan.skipped})
+    if not requests:
         return dg.SensorResult(cursor=cursor, skip_reason=(
             f"no new feedback: {len(scan.ready)} file(s) already ingested, "
-            f"{len(scan.still_writing)} still being written"))
+            f"{len(scan.still_writing)} still being written, {len(scan.hashing)} still being hashed, "
+            f"{len(scan.skipped)} passed over" + (f" ({'; '.join(scan.skipped)})" if scan.skipped else "")))
     if duplicates:
         context.log.info(f"skipped files whose content is already a batch: {duplicates}")
     return dg.SensorResult(
         cursor=cursor,
-        run_requests=[dg.RunRequest(partition_key=key, run_key=key) for key in new_keys],
-        dynamic_partitions_requests=[feedback_batches.build_add_request(new_keys)],
+        run_requests=requests,
+        dynamic_partitions_requests=[feedback_batches.build_add_request(new_keys)] if new_keys else [],
     )
+
+
+def _lost_source_run(instance: dg.DagsterInstance, layout, key: str) -> str | None:
+    """The id of the failed run of batch `key` that left no raw copy (its inbox file was gone or changed when
+    the run came), if that is the batch's last run: its content, dropped again, is to be ingested again."""
+    if any(layout.batch_dir(key).glob(f"{RAW_FILE}.*")):
+        return None
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": key}), limit=1)
+    if runs and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+        return runs[0].run_id
+    return None

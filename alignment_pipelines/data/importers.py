@@ -44,7 +44,10 @@ import csv
 import gzip
 import io
 import json
+import os
 import re
+import shutil
+import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -251,7 +254,10 @@ def _score(value: Any, where: str) -> float:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise RowError(ReasonCode.WRONG_TYPE, f"{where} must be a number, got {value!r:.40}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError as exc:  # an integer beyond the float range
+        raise RowError(ReasonCode.WRONG_TYPE, f"{where} is out of the float range") from exc
 
 
 def _convert_ultrafeedback(obj: dict) -> dict[str, Any]:
@@ -352,7 +358,51 @@ def _check_layout(layout: str | None) -> str | None:
 
 PARQUET_MAGIC = b"PAR1"
 SNIFF_BYTES = 64 * 1024
-CSV_FIELD_LIMIT = 1 << 30
+
+# Caps on what one file may cost (environment variable, default): a hostile file meets a clear error or a
+# quarantined row, never unbounded memory. Read per file, so a deployment may change them without a restart.
+INFLATED_CAP = ("ALIGNMENT_PIPELINES_MAX_INFLATED_BYTES", 16 << 30)  # bytes a gzipped file may inflate to
+LINE_CAP = ("ALIGNMENT_PIPELINES_MAX_LINE_BYTES", 8 << 20)  # one JSONL line or CSV line: one row
+DOCUMENT_CAP = ("ALIGNMENT_PIPELINES_MAX_DOCUMENT_BYTES", 128 << 20)  # a .json read whole, a Parquet row group
+
+
+def cap(setting: tuple[str, int]) -> int:
+    """A cap's value: its environment variable when set (a positive integer), else its default."""
+    name, default = setting
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+    return int(value)
+
+
+def over_cap(path: str | Path, what: str, setting: tuple[str, int]) -> FeedbackFileError:
+    """The batch error of a file that goes over a cap, naming the file, the cap and its variable."""
+    return FeedbackFileError(path, f"{what} exceeds {cap(setting):,} bytes (cap {setting[0]})")
+
+
+class _CappedStream(io.RawIOBase):
+    """A decompressed stream that stops with a clear error once it has given more than the inflated cap."""
+
+    def __init__(self, path: Path, compressed: IO[bytes]):
+        self.path, self.compressed, self.limit, self.given = path, compressed, cap(INFLATED_CAP), 0
+        self.inner = gzip.GzipFile(fileobj=compressed, mode="rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        read = self.inner.readinto(buffer)
+        self.given += read or 0
+        if self.given > self.limit:
+            raise over_cap(self.path, "inflated size", INFLATED_CAP)
+        return read
+
+    def close(self) -> None:
+        self.inner.close()
+        self.compressed.close()
+        super().close()
 _JSON_CELLS = ("prompt", "chosen", "rejected", "completion", "messages", "completions", "responses", "scores")
 
 
@@ -379,9 +429,8 @@ def _open_binary(path: Path) -> IO[bytes]:
         handle.seek(0)
     except OSError as exc:
         raise FeedbackFileError(path, f"cannot read file: {exc}") from exc
-    if magic == GZIP_MAGIC:
-        handle.close()
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if magic == GZIP_MAGIC:  # inflated under the cap, in 1 MiB reads
+        return io.BufferedReader(_CappedStream(path, handle), 1 << 20)
     if path.name.endswith(".gz"):
         handle.close()
         raise FeedbackFileError(path, "file name ends in .gz but the content is not gzip")
@@ -393,8 +442,13 @@ def _guard(path: Path, iterator: Iterable[Any]) -> Iterator[Any]:
     try:
         yield from iterator
     except (OSError, EOFError, zlib.error) as exc:
-        kind = "corrupt gzip data" if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)) else "cannot read file"
-        raise FeedbackFileError(path, f"{kind}: {exc}") from exc
+        raise _stream_error(path, exc) from exc
+
+
+def _stream_error(path: Path, exc: Exception) -> FeedbackFileError:
+    """An error of the underlying stream (corrupt gzip, I/O) as the file's error."""
+    kind = "corrupt gzip data" if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)) else "cannot read file"
+    return FeedbackFileError(path, f"{kind}: {exc}")
 
 
 def _read(path: Path, handle: IO[bytes], size: int = -1) -> bytes:
@@ -449,26 +503,77 @@ def _decode_line(raw_bytes: bytes, lineno: int) -> tuple[str | None, _Bad | None
     return text, None, text
 
 
+@dataclass(frozen=True)
+class LongLine:
+    """A line over the line cap, passed over without being held: its head (for the quarantine) and length."""
+
+    head: bytes
+    length: int
+
+    def row(self, lineno: int) -> RawRow:
+        """The line as a quarantined row."""
+        detail = f"line is {self.length:,} bytes, over the cap of {cap(LINE_CAP):,} ({LINE_CAP[0]})"
+        return lineno, _Bad(ReasonCode.TOO_LONG, detail), truncate_raw(self.head.decode("utf-8", errors="replace"))
+
+
+def _capped_lines(path: Path, handle: IO[bytes]) -> Iterator[bytes | LongLine]:
+    """The lines of a binary stream, each read under the line cap: a longer one is read past in 1 MiB pieces
+    and given as a LongLine, so no line is ever held whole beyond the cap."""
+    limit = cap(LINE_CAP)
+    read = handle.readline
+    while True:
+        line = _read_some(path, read, limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        length, piece = len(line), line
+        while piece and not piece.endswith(b"\n"):
+            piece = _read_some(path, read, 1 << 20)
+            length += len(piece)
+        yield LongLine(line[:4 * 2000], length)
+
+
+def _read_some(path: Path, read: Callable[[int], Any], size: int) -> Any:
+    """`read(size)` (a line or some bytes), with the stream's errors as the file's."""
+    try:
+        return read(size)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _stream_error(path, exc) from exc
+
+
+def parse_json(text: str, lineno: int, what: str = "invalid JSON") -> RawRow:
+    """One JSON text as a row: its value, or INVALID_JSON with the reason (broken JSON, nesting too deep,
+    an integer too long for Python to convert: whatever `json.loads` raises)."""
+    try:
+        return lineno, json.loads(text), truncate_raw(text)
+    except (ValueError, RecursionError) as exc:
+        return lineno, _Bad(ReasonCode.INVALID_JSON, f"{what}: {exc}"), truncate_raw(text)
+
+
 def _iter_jsonl(path: Path) -> Iterator[RawRow]:
     with _open_binary(path) as handle:
-        for lineno, raw_bytes in enumerate(_guard(path, handle), start=1):
+        for lineno, raw_bytes in enumerate(_capped_lines(path, handle), start=1):
+            if isinstance(raw_bytes, LongLine):
+                yield raw_bytes.row(lineno)
+                continue
             if not raw_bytes.strip():
                 continue
             text, bad, shown = _decode_line(raw_bytes.rstrip(b"\n"), lineno)
             if bad is not None:
                 yield lineno, bad, shown
                 continue
-            try:
-                obj = json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                yield lineno, _Bad(ReasonCode.INVALID_JSON, f"invalid JSON: {exc}"), truncate_raw(text)
-                continue
-            yield lineno, obj, truncate_raw(text)
+            yield parse_json(text, lineno)
 
 
 def _read_text(path: Path) -> str:
+    """A JSON document, read whole: under the document cap."""
+    limit = cap(DOCUMENT_CAP)
     with _open_binary(path) as handle:
-        data = _read(path, handle)
+        data = _read(path, handle, limit + 1)
+    if len(data) > limit:
+        raise over_cap(path, "a JSON document read whole (send JSON Lines instead)", DOCUMENT_CAP)
     # invalid UTF-8 survives as lone surrogates, which the suite's text rule quarantines per row
     return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
@@ -489,7 +594,7 @@ def _iter_json_elements(text: str, pos: int) -> Iterator[RawRow]:
         index += 1
         try:
             obj, end = decoder.raw_decode(text, pos)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:
             yield index, _Bad(ReasonCode.INVALID_JSON, f"invalid JSON array element (rest of the file not parsed): {exc}"), truncate_raw(text[pos:])
             return
         yield index, obj, None
@@ -515,7 +620,7 @@ def _iter_json(path: Path, fmt: str) -> Iterator[RawRow]:
         return
     try:  # a .json file starting with "{": one document, else JSON Lines after all
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         yield from _iter_jsonl(path)
         return
     if isinstance(doc, dict) and detect_layout(doc) is None:
@@ -533,7 +638,7 @@ def _csv_cell(key: str, value: str) -> Any:
     if key in _JSON_CELLS and stripped[:1] in ("[", "{"):
         try:
             return json.loads(stripped)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             return value
     return value
 
@@ -541,12 +646,24 @@ def _csv_cell(key: str, value: str) -> Any:
 _SURROGATE = re.compile(r"[\udc80-\udcff]")
 
 
+def _csv_lines(path: Path, text: IO[str], limit: int) -> Iterator[str]:
+    """The lines of a CSV text, each read under the line cap (a longer one is a batch error: a quoted field
+    may span lines, so the reader could not tell where the next row starts)."""
+    lineno = 0
+    while line := _read_some(path, text.readline, limit + 1):
+        lineno += 1
+        if len(line) > limit and not line.endswith(("\n", "\r")):
+            raise over_cap(path, f"line {lineno}", LINE_CAP)
+        yield line
+
+
 def _iter_csv(path: Path) -> Iterator[RawRow]:
-    csv.field_size_limit(CSV_FIELD_LIMIT)
+    limit = cap(LINE_CAP)
+    csv.field_size_limit(limit)
     delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
     with _open_binary(path) as handle:
         text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        reader = csv.reader(_guard(path, text), delimiter=delimiter)
+        reader = csv.reader(_csv_lines(path, text, limit), delimiter=delimiter)
         try:
             header = next(reader, None)
             if header is None:
@@ -577,10 +694,19 @@ def _iter_parquet(path: Path, chunk_rows: int) -> Iterator[RawRow]:
     handle = _open_binary(path)
     try:
         source: Any = handle
-        if isinstance(handle, gzip.GzipFile):  # Parquet needs seeking: decompress into memory
-            source = io.BytesIO(_read(path, handle))
+        if not handle.seekable():  # gzipped: Parquet needs seeking, so it is inflated to a temporary file
+            source = tempfile.TemporaryFile(prefix="feedback-parquet-")
+            try:
+                shutil.copyfileobj(handle, source, 1 << 20)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise _stream_error(path, exc) from exc
+            source.seek(0)
         try:
             pf = pq.ParquetFile(source)
+            limit = cap(DOCUMENT_CAP)
+            for group in range(pf.metadata.num_row_groups):  # a row group is read whole
+                if pf.metadata.row_group(group).total_byte_size > limit:
+                    raise over_cap(path, f"Parquet row group {group} (uncompressed)", DOCUMENT_CAP)
             index = 0
             for batch in pf.iter_batches(batch_size=max(1, min(chunk_rows, 1 << 20))):
                 for obj in batch.to_pylist():
@@ -590,6 +716,8 @@ def _iter_parquet(path: Path, chunk_rows: int) -> Iterator[RawRow]:
             raise FeedbackFileError(path, f"cannot read Parquet: {exc}") from exc
     finally:
         handle.close()
+        if source is not handle:
+            source.close()
 
 
 def _iter_rows(path: Path, chunk_rows: int) -> Iterator[RawRow]:
@@ -607,10 +735,17 @@ def _iter_rows(path: Path, chunk_rows: int) -> Iterator[RawRow]:
 
 
 def _raw_text(obj: Any) -> str:
+    """A parsed row shown as JSON (truncated); a value JSON cannot show (an integer too long to convert,
+    nesting too deep) is named instead."""
     try:
         return truncate_raw(json.dumps(obj, ensure_ascii=False, default=str))
-    except (TypeError, ValueError, RecursionError):  # pragma: no cover - exotic objects
-        return truncate_raw(repr(obj))
+    except (TypeError, ValueError, RecursionError) as exc:
+        return truncate_raw(f"<{type(obj).__name__} not shown: {exc}>")
+
+
+def _message(exc: Exception) -> str:
+    """An exception's message, cut short (it may quote the row)."""
+    return str(exc)[:200]
 
 
 def _keys_of(obj: dict) -> str:
@@ -641,6 +776,10 @@ def _convert_chunk(source: str, chunk: list[RawRow], layout: str) -> ImportResul
             rec = convert(obj)
         except RowError as err:
             rejected.append({"row": row, "reason": err.reason, "detail": err.detail, "raw": shown if shown is not None else _raw_text(obj)})
+            continue
+        except Exception as exc:  # noqa: BLE001 - whatever one row raises is that row's reason, never the batch's
+            rejected.append({"row": row, "reason": ReasonCode.WRONG_TYPE, "raw": shown if shown is not None else _raw_text(obj),
+                             "detail": f"cannot convert the row ({type(exc).__name__}: {_message(exc)})"})
             continue
         rec["row"] = row
         records.append(rec)

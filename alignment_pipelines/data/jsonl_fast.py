@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class _Lines:
     rows: np.ndarray
     text: pa.Array
     bad_utf8: dict[int, bytes]
+    too_long: dict[int, importers.LongLine] = field(default_factory=dict)  # lines over the cap: "" in `text`
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,9 +90,13 @@ class LineRange:
     line_base: int  # the line number before the range
     start: int
     stop: int
+    long_line: importers.LongLine | None = None  # the range is this one line, over the cap: never read
 
     def read(self) -> tuple[_Lines, LineSpans]:
         """The range's non-blank lines, and where every line of it lies in the file."""
+        if self.long_line is not None:
+            ends = np.array([self.stop - self.start], dtype=np.int64)
+            return _long_line(self.line_base, self.long_line), LineSpans(self.path, self.line_base, self.start, ends)
         with open(self.path, "rb") as handle:
             handle.seek(self.start)
             data = handle.read(self.stop - self.start)
@@ -120,12 +125,14 @@ class LineSpans:
         return out
 
 
-def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview]]:
+def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview | importers.LongLine]]:
     """(byte position in the file, bytes of whole lines each ending in a newline; the last line gets one if
     the file lacks it): the caller counts the lines, as it finds them anyway. Each block is read into memory
     of its own, once (the lines cut from it point into it), or with `reuse` into the same memory every time
-    (for a caller done with a block before it asks for the next: no fresh pages to fault in)."""
+    (for a caller done with a block before it asks for the next: no fresh pages to fault in). A line longer
+    than the line cap comes alone, as a LongLine: read past, never held (nor copied again block after block)."""
     handle = importers._open_binary(path)
+    limit = importers.cap(importers.LINE_CAP)
     try:
         carry = b""
         position = 0
@@ -135,7 +142,7 @@ def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview]]
                 data = bytearray(len(carry) + BLOCK_BYTES)
             data[: len(carry)] = carry
             view = memoryview(data)[len(carry): len(carry) + BLOCK_BYTES]
-            read = next(importers._guard(path, (handle.readinto(view) for _ in range(1))))
+            read = importers._read_some(path, handle.readinto, view)
             if not read:
                 break
             size = len(carry) + read
@@ -144,10 +151,32 @@ def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview]]
             if cut:
                 yield position, memoryview(data)[:cut]
                 position += cut
+            if len(carry) > limit:
+                long_line, carry = _past_line(path, handle, carry)
+                yield position, long_line
+                position += long_line.length
         if carry:
             yield position, memoryview(carry + b"\n")
     finally:
         handle.close()
+
+
+def _past_line(path: Path, handle, head: bytes) -> tuple[importers.LongLine, bytes]:
+    """Read past the rest of a line that starts with `head` (no newline in it): the line, and the bytes
+    after its newline in the last piece read."""
+    length = len(head)
+    while piece := importers._read_some(path, handle.read, 1 << 20):
+        newline = piece.find(b"\n")
+        if newline >= 0:
+            return importers.LongLine(head[:8000], length + newline + 1), piece[newline + 1:]
+        length += len(piece)
+    return importers.LongLine(head[:8000], length), b""
+
+
+def _long_line(line_base: int, long_line: importers.LongLine) -> _Lines:
+    """The one line after `line_base`, over the cap: a row of its own, quarantined as too long."""
+    row = line_base + 1
+    return _Lines(np.array([row], dtype=np.int64), pa.array([""], pa.string()), {}, {row: long_line})
 
 
 def _line_ends(block: bytes) -> np.ndarray:
@@ -200,9 +229,13 @@ def _row_chunks(path: Path, chunk_rows: int) -> Iterator[_Lines]:
     pending: list[_Lines] = []
     size = line_base = 0
     for _, block in _blocks(path):
-        ends = _line_ends(block)
-        lines = _lines(line_base, block, ends)
-        line_base += len(ends)
+        if isinstance(block, importers.LongLine):
+            lines = _long_line(line_base, block)
+            line_base += 1
+        else:
+            ends = _line_ends(block)
+            lines = _lines(line_base, block, ends)
+            line_base += len(ends)
         pending.append(lines)
         size += len(lines)
         while size >= chunk_rows:
@@ -221,7 +254,17 @@ def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
     start = base = 0  # the open range's first byte and the line number before it
     need = chunk_rows  # the non-blank lines it still needs
     line_base = 0  # the line number before the block
+    end = 0  # the byte after the last line read
     for position, block in _blocks(path, reuse=True):
+        if isinstance(block, importers.LongLine):  # a range of its own, read by no one: the open range ends before it
+            if need < chunk_rows:
+                yield LineRange(source, base, start, position)
+            yield LineRange(source, line_base, position, position + block.length, block)
+            line_base += 1
+            start = end = position + block.length
+            base, need = line_base, chunk_rows
+            continue
+        end = position + len(block)
         ends = _line_ends(block)
         begins = np.concatenate([[0], ends[:-1]])
         counted = np.ones(len(ends), dtype=np.int64)
@@ -237,22 +280,27 @@ def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
         need -= int(total[-1]) - used
         line_base += len(ends)
     if need < chunk_rows:
-        yield LineRange(source, base, start, position + len(block))
+        yield LineRange(source, base, start, end)
 
 
 def _concat(parts: list[_Lines]) -> _Lines:
     if len(parts) == 1:
         return parts[0]
     bad: dict[int, bytes] = {}
+    too_long: dict[int, importers.LongLine] = {}
     for p in parts:
         bad.update(p.bad_utf8)
-    return _Lines(np.concatenate([p.rows for p in parts]), pa.concat_arrays([p.text for p in parts]), bad)
+        too_long.update(p.too_long)
+    return _Lines(np.concatenate([p.rows for p in parts]), pa.concat_arrays([p.text for p in parts]), bad, too_long)
 
 
 def _slice(lines: _Lines, start: int, stop: int) -> _Lines:
     rows = lines.rows[start:stop]
-    bad = {r: b for r, b in lines.bad_utf8.items() if len(rows) and rows[0] <= r <= rows[-1]}
-    return _Lines(rows, lines.text.slice(start, stop - start), bad)
+
+    def within(by_row: dict) -> dict:
+        return {r: b for r, b in by_row.items() if len(rows) and rows[0] <= r <= rows[-1]}
+
+    return _Lines(rows, lines.text.slice(start, stop - start), within(lines.bad_utf8), within(lines.too_long))
 
 
 def _raw_row(row: int, text: str | None, raw_bytes: bytes | None) -> importers.RawRow:
@@ -265,11 +313,7 @@ def _raw_row(row: int, text: str | None, raw_bytes: bytes | None) -> importers.R
         text = text.rstrip("\n").rstrip("\r")
         if row == 1:
             text = text.removeprefix("\ufeff")
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        return row, importers._Bad(importers.ReasonCode.INVALID_JSON, f"invalid JSON: {exc}"), truncate_raw(text)
-    return row, obj, truncate_raw(text)
+    return importers.parse_json(text, row)
 
 
 @dataclass
@@ -289,8 +333,9 @@ def _prepare(lines: _Lines) -> _Prepared:
     if len(rest):
         pair[rest] = pc.match_substring_regex(columnar.subset(lines.text, rest), PAIRWISE).to_numpy(zero_copy_only=False)
     plain_ok = lines.rows != 1
-    if lines.bad_utf8:
-        plain_ok &= ~np.isin(lines.rows, np.fromiter(lines.bad_utf8, dtype=np.int64))
+    for odd in (lines.bad_utf8, lines.too_long):
+        if odd:
+            plain_ok &= ~np.isin(lines.rows, np.fromiter(odd, dtype=np.int64))
     conv &= plain_ok
     pair &= plain_ok
     other_index = np.flatnonzero(~(conv | pair))
@@ -298,7 +343,8 @@ def _prepare(lines: _Lines) -> _Prepared:
     other = []
     for i, text in zip(other_index.tolist(), texts):
         row = int(lines.rows[i])
-        other.append(_raw_row(row, text, lines.bad_utf8.get(row)))
+        long_line = lines.too_long.get(row)
+        other.append(long_line.row(row) if long_line else _raw_row(row, text, lines.bad_utf8.get(row)))
     return _Prepared(lines, np.flatnonzero(conv), np.flatnonzero(pair), other, other_index)
 
 
