@@ -2,8 +2,10 @@
 mean reward of the other k-1, the KL to the reference subtracted from the reward.
 
 No critic: three models in full training (policy, reference, reward model), two with LoRA (PERL), where the
-reference is the policy with its adapter disabled. The reward model keeps its own tokenizer
-(``reward_processing_classes``); rule rewards come from ``rewards.py``.
+reference is the policy with its adapter disabled. Every reward source is a function from ``rewards.py``, the reward
+model too: TRL would score it on the chat template's rendering, which closes the assistant turn even when the answer
+was cut off at ``max_new_tokens``; ours leaves a cut-off answer open, and ``missing_eos_penalty`` (which TRL's RLOO
+lacks) is one more reward function. ``reward_weights`` weigh the sources as configured.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from alignment_pipelines.methods.config import ConfigError, MemoryProfile, option
-from alignment_pipelines.methods.ppo import MODEL_REWARD, OnlineMethodConfig, fitting_prompts, load_reward_model
+from alignment_pipelines.methods.ppo import OnlineMethodConfig, fitting_prompts, load_reward_model
 from alignment_pipelines.methods.training import Datasets, Models, TRLMethod, load_frozen, load_start_model
 
 
@@ -25,6 +27,10 @@ class RLOOMethodConfig(OnlineMethodConfig):
         "colocate", "with use_vllm: 'colocate' shares the training GPU, 'server' asks a `trl vllm-serve` on another "
         "GPU")
     vllm_server_base_url: str | None = option(None, "with vllm_mode 'server': its URL, e.g. http://10.0.0.2:8000")
+    mask_truncated_completions: bool = option(
+        False, "leave answers cut off at max_new_tokens (no EOS) out of the loss (DAPO): their rewards still set "
+        "the other answers' baselines, but they are neither pushed up nor down, so missing_eos_penalty then acts "
+        "only through the baselines")
 
     # a frozen reference in full training, and the reward model
     memory_profile: ClassVar[MemoryProfile] = MemoryProfile(reference=True, frozen_models=("reward_model",))
@@ -39,19 +45,25 @@ class RLOOMethodConfig(OnlineMethodConfig):
 
 
 def trainer_class():
-    """TRL's ``RLOOTrainer``, taking the full-training reference the platform loaded.
+    """TRL's ``RLOOTrainer``, taking the full-training reference the platform loaded, and the reward model that a
+    reward function scores with, which it moves to its device.
 
-    TRL would load it from the policy's config path, which for a start model merged from an adapter chain (the SFT
-    adapter on the base) names the root base model, not the start model.
+    TRL would load the reference from the policy's config path, which for a start model merged from an adapter chain
+    (the SFT adapter on the base) names the root base model, not the start model.
     """
     from trl import RLOOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
     class RLOOTrainerWithReference(RLOOTrainer):
-        def __init__(self, *args, ref_model=None, **kwargs):
+        def __init__(self, *args, ref_model=None, reward_model=None, **kwargs):
             if ref_model is None:  # LoRA (the disabled adapter is the reference) or no KL term
                 super().__init__(*args, **kwargs)
-                return
+            else:
+                self._init_with_reference(ref_model, *args, **kwargs)
+            if reward_model is not None:  # scored by a reward function, which TRL does not place: put it beside us
+                reward_model.to(self.accelerator.device)
+
+        def _init_with_reference(self, ref_model, *args, **kwargs):
             trl_args = kwargs["args"]
             beta, trl_args.beta = trl_args.beta, 0.0  # with beta 0 TRL loads no reference of its own
             try:
@@ -82,8 +94,6 @@ class RLOO(TRLMethod):
         if not config.lora and config.kl_coef > 0:
             reference, _ = load_frozen(config.model, self.role, config)
         reward, reward_tokenizer = load_reward_model(config)
-        if reward is not None:
-            reward.config._name_or_path = "reward_model"  # TRL names its metrics after it, as PPO does
         return Models(policy=policy, tokenizer=tokenizer, reference=reference, reward=reward,
                       reward_tokenizer=reward_tokenizer)
 
@@ -96,21 +106,28 @@ class RLOO(TRLMethod):
         return {"num_generations": config.num_generations, "max_completion_length": config.max_new_tokens,
                 "temperature": config.temperature, "beta": config.kl_coef,
                 "normalize_advantages": config.normalize_advantages, "disable_dropout": True,
+                "reward_weights": reward_weights(config),
+                "mask_truncated_completions": config.mask_truncated_completions,
                 "use_vllm": config.use_vllm, "vllm_mode": config.vllm_mode,
                 "vllm_server_base_url": config.vllm_server_base_url, "trust_remote_code": config.trust_remote_code}
 
     def trainer_kwargs(self, config: RLOOMethodConfig, models: Models) -> dict:
-        from alignment_pipelines.methods.rewards import build_reward_funcs
+        from alignment_pipelines.methods.rewards import build_reward_funcs, end_token_ids, missing_eos_reward
 
-        funcs, tokenizers = [], []
-        for entry in config.reward_funcs:
-            if entry == MODEL_REWARD:  # TRL scores with the model itself, rendered by its own tokenizer
-                funcs.append(models.reward)
-                tokenizers.append(models.reward_tokenizer)
-            else:
-                funcs.extend(build_reward_funcs([entry]))
-                tokenizers.append(None)
-        return {"reward_funcs": funcs, "reward_processing_classes": tokenizers, "ref_model": models.reference}
+        ends = end_token_ids(models.policy, models.tokenizer)
+        funcs = build_reward_funcs(config.reward_funcs, models.reward, models.reward_tokenizer,
+                                   config.per_device_batch_size, ends)
+        if config.missing_eos_penalty is not None:
+            funcs.append(missing_eos_reward(config.missing_eos_penalty, ends))
+        return {"reward_funcs": funcs, "ref_model": models.reference, "reward_model": models.reward}
+
+
+def reward_weights(config: RLOOMethodConfig) -> list[float] | None:
+    """TRL's weights, one per reward function: ``reward_weights`` (else 1 each) for the configured sources, then 1
+    for the missing-EOS penalty when it is on (its size is the penalty itself)."""
+    if config.missing_eos_penalty is None:
+        return config.reward_weights
+    return list(config.reward_weights or [1.0] * len(config.reward_funcs)) + [1.0]
 
 
 train = RLOO().train
