@@ -4,26 +4,32 @@ The start model loads as a sequence classifier with one label (role ``reward``):
 model, its score head is new (seeded by ``seed``). With LoRA the adapter's task type is ``SEQ_CLS``, which keeps
 the score head trainable and saves it inside the adapter, so the adapter alone reloads to the same scores.
 
-After training, the held-out pairs (the eval split, else the training pairs) are scored once more to
-report what a reward model is for: how often it prefers the chosen answer (``pairwise_accuracy``), by how much
-(``mean_margin``), and a picture of the chosen and rejected score distributions (``scores.png``). Like training,
-the report keeps to pairs whose both conversations fit ``max_length`` tokens (``report_pairs_too_long`` counts
-the others): a pair thousands of tokens long would cost more to score than the whole training run.
+After training, the report scores pairs once more to say what a reward model is for: how often it prefers the
+chosen answer (accuracy), by how much (mean margin), and a picture of the chosen and rejected score distributions
+(``scores.png``). It scores the held-out pairs (the eval split: ``eval_accuracy``, ``eval_mean_margin``); without
+one, the training pairs, under names that say so (``train_pairs_accuracy``, ``train_pairs_mean_margin``), never an
+eval name. Every pair counts, long ones included: TRL 1.16 drops pairs longer than ``max_length`` from training
+(``train_pairs_too_long`` counts them) rather than truncating them, but leaving them out of the report would measure
+the model on the short pairs only, so the report keeps a long conversation's last ``max_length`` tokens (the
+answer's end, which the model pools). A split of more than ``report_pairs`` pairs is sampled at random (seeded).
+``<split>_pairs_scored``, ``_total``, ``_sampled`` and ``_truncated`` say what was scored.
+
+The eval split goes to the report only, not to TRL's evaluation, which would drop the long pairs and report its
+accuracy under the same ``eval_accuracy`` name.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
-
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from alignment_pipelines.methods.config import MemoryProfile, MethodConfig, option
 from alignment_pipelines.methods.data import load_pairs, to_preference_dataset
 from alignment_pipelines.methods.training import Datasets, Models, TRLMethod
 
 SCORES_PLOT = "scores.png"
-REPORT_PAIRS = 512  # at most this many pairs are scored for the report (the eval split is usually smaller)
 
 
 @dataclass
@@ -32,50 +38,90 @@ class RewardMethodConfig(MethodConfig):
     center_rewards_coefficient: float = option(
         0.01, "weight of a penalty on the mean score's square, which keeps scores centred on 0 so that rewards of "
         "different runs compare (Eisenstein et al. 2023); 0 turns it off", minimum=0)
+    report_pairs: int = option(
+        2048, "most pairs the report scores after training: every pair of the eval split (else of the training "
+        "pairs) when it has no more, otherwise a random sample of this many, drawn with seed", minimum=1)
 
     memory_profile: ClassVar[MemoryProfile] = MemoryProfile(sequences_per_example=2, logits="none")  # chosen + rejected
 
 
-def pair_scores(model, tokenizer, pairs, batch_size: int = 8) -> tuple[list[float], list[float]]:
-    """(chosen scores, rejected scores) of a conversational preference dataset, rendered as PPO and RLOO score."""
+@dataclass
+class ReportPairs:
+    """The pairs the report scores and the names its metrics go under."""
+
+    pairs: Any
+    held_out: bool  # the eval split; else training pairs
+
+    @property
+    def stat_prefix(self) -> str:
+        return "eval" if self.held_out else "train_pairs"
+
+    @property
+    def count_prefix(self) -> str:
+        return "eval_pairs" if self.held_out else "train_pairs"
+
+
+@dataclass
+class RewardDatasets(Datasets):
+    report: ReportPairs | None = None
+
+
+def report_sample(pairs, limit: int, seed: int):
+    """All of ``pairs`` when there are at most ``limit``, else ``limit`` of them drawn at random with ``seed``."""
+    if len(pairs) <= limit:
+        return pairs
+    return pairs.select(sorted(random.Random(seed).sample(range(len(pairs)), limit)))
+
+
+def pair_scores(model, tokenizer, pairs, batch_size: int = 8,
+                max_length: int | None = None) -> tuple[list[float], list[float]]:
+    """(chosen scores, rejected scores) of a conversational preference dataset, rendered as PPO and RLOO score a
+    finished answer; ``max_length`` keeps a longer conversation's last tokens."""
     from alignment_pipelines.methods.rewards import reward_model_reward
 
-    score = reward_model_reward(model.eval(), tokenizer, batch_size)
+    score = reward_model_reward(model.eval(), tokenizer, batch_size, max_length=max_length)
     prompts = list(pairs["prompt"])
     return (score(prompts=prompts, completions=list(pairs["chosen"])),
             score(prompts=prompts, completions=list(pairs["rejected"])))
 
 
-def fitting_pairs(pairs, tokenizer, max_length: int, limit: int = REPORT_PAIRS):
-    """At most ``limit`` pairs whose chosen and rejected conversations both fit ``max_length`` tokens, shortest
-    first (batches then hold similar lengths), and how many did not fit."""
+def pairs_longer_than(pairs, tokenizer, max_length: int) -> int:
+    """How many pairs have a chosen or rejected conversation longer than ``max_length`` tokens, as scored."""
+    from alignment_pipelines.methods.rewards import completion_text, reward_model_text
+
     def length(prompt, answer) -> int:
-        text = tokenizer.apply_chat_template(list(prompt) + list(answer), tokenize=False)
+        text = reward_model_text(tokenizer, prompt, completion_text(answer))
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    lengths = [max(length(p, c), length(p, r)) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
-    fitting = sorted((n, i) for i, n in enumerate(lengths) if n <= max_length)
-    return pairs.select([i for _, i in fitting[:limit]]), len(lengths) - len(fitting)
+    return sum(max(length(p, c), length(p, r)) > max_length
+               for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]))
 
 
 def pairwise_stats(chosen: list[float], rejected: list[float]) -> dict[str, float]:
     """Share of pairs whose chosen answer scores higher (a tie counts half, so a constant model scores 0.5) and
     the mean score margin."""
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    if not margins:  # no held-out pair fits max_length
-        return {"report_pairs": 0.0}
+    if not margins:
+        raise ValueError("no pairs to score")
     wins = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
-    return {"pairwise_accuracy": wins / len(margins), "mean_margin": sum(margins) / len(margins),
-            "report_pairs": float(len(margins))}
+    return {"accuracy": wins / len(margins), "mean_margin": sum(margins) / len(margins)}
 
 
 class RewardModel(TRLMethod):
     name = "reward"
     role = "reward"
 
-    def datasets(self, config: RewardMethodConfig) -> Datasets:
-        return Datasets(to_preference_dataset(load_pairs(config.data)),
-                        to_preference_dataset(load_pairs(config.eval_data, field="eval_data")) if config.eval_data else None)
+    def datasets(self, config: RewardMethodConfig) -> RewardDatasets:
+        """The training pairs for TRL; the report's pairs (the eval split, else the training pairs), sampled down to
+        ``report_pairs``, for the report alone."""
+        train = to_preference_dataset(load_pairs(config.data))
+        held_out = bool(config.eval_data)
+        pairs = to_preference_dataset(load_pairs(config.eval_data, field="eval_data")) if held_out else train
+        report = ReportPairs(report_sample(pairs, config.report_pairs, config.seed), held_out)
+        counts = {f"{report.count_prefix}_total": float(len(pairs)),
+                  f"{report.count_prefix}_scored": float(len(report.pairs)),
+                  f"{report.count_prefix}_sampled": float(len(report.pairs) < len(pairs))}
+        return RewardDatasets(train, None, counts, report=report)
 
     def load_models(self, config: RewardMethodConfig) -> Models:
         from transformers import set_seed
@@ -92,19 +138,21 @@ class RewardModel(TRLMethod):
         return {"max_length": config.max_length, "trust_remote_code": config.trust_remote_code,
                 "center_rewards_coefficient": config.center_rewards_coefficient or None}
 
-    def report(self, trainer, models: Models, data: Datasets, folder: Path):
+    def report(self, trainer, models: Models, data: RewardDatasets, folder: Path):
         from alignment_pipelines.evaluation.plots import score_histogram
 
-        held_out, too_long = fitting_pairs(data.eval if data.eval is not None else data.train, models.tokenizer,
-                                           trainer.args.max_length)
+        report, max_length = data.report, trainer.args.max_length
         model = trainer.accelerator.unwrap_model(trainer.model)
-        chosen, rejected = pair_scores(model, models.tokenizer, held_out, trainer.args.per_device_eval_batch_size)
-        split = "eval" if data.eval is not None else "train"
+        chosen, rejected = pair_scores(model, models.tokenizer, report.pairs, trainer.args.per_device_eval_batch_size,
+                                       max_length)
+        split = "held-out" if report.held_out else "training"
         score_histogram(chosen, rejected, title=f"Reward-model scores on {len(chosen)} {split} pairs",
                         path=folder / SCORES_PLOT)
-        # TRL drops pairs longer than max_length from training; say how many
-        metrics = pairwise_stats(chosen, rejected) | {"report_pairs_too_long": float(too_long),
-                                                      "train_pairs_too_long": float(len(data.train) - len(trainer.train_dataset))}
+        stats = {f"{report.stat_prefix}_{name}": value for name, value in pairwise_stats(chosen, rejected).items()}
+        metrics = stats | {
+            f"{report.count_prefix}_truncated": float(pairs_longer_than(report.pairs, models.tokenizer, max_length)),
+            "train_pairs_too_long": float(len(data.train) - len(trainer.train_dataset)),  # TRL dropped them
+        }
         return metrics, {"score_distributions": SCORES_PLOT}
 
 
