@@ -1,8 +1,10 @@
 """RLHF on the platform, on the tiny model: the reward model, PPO and RLOO through the registry and the CLI.
 
-The tiny random model samples almost uniformly from its 512 tokens, so it rarely ends an answer early: under
-"shorter is better" (``length:40``) its best move is to emit EOS at once, which a policy learns within a few dozen
-steps at a KL of about one forced EOS token (-log p_ref(EOS) ~ log 512 ~ 6.2 nats) rather than of a whole answer.
+The tiny random model samples almost uniformly from its 512 tokens, so it rarely ends an answer early: at first every
+answer runs to ``max_new_tokens`` and pays the missing-EOS penalty (on by default). Under "shorter is better"
+(``length:40``), where an empty answer scores lowest, its best move is a short answer that ends: a token or two,
+then EOS. A policy learns that within a few dozen steps at a KL of about one forced EOS token (-log p_ref(EOS) ~
+log 512 ~ 6.2 nats) rather than of a whole answer, and never collapses to EOS alone, which used to score best.
 
 Those learning tests train in full. LoRA cannot reach that optimum on this model: the adapters leave the final
 RMSNorm and the (tied) LM head alone, so the last hidden state keeps a norm of about sqrt(64) = 8 and EOS's logit
@@ -83,8 +85,11 @@ def test_reward_model_learns_the_preference_and_its_adapter_reloads_to_the_same_
 
     output, result = reward_model
     print({k: round(v, 3) for k, v in result.metrics.items()})
-    assert result.metrics["pairwise_accuracy"] >= 0.9 and result.metrics["mean_margin"] > 1.0
-    assert result.metrics["report_pairs"] == 32  # the eval split, which it never trained on
+    assert result.metrics["eval_accuracy"] >= 0.9 and result.metrics["eval_mean_margin"] > 1.0
+    # the whole eval split, which it never trained on; training pairs are not reported under another name
+    assert result.metrics["eval_pairs_scored"] == result.metrics["eval_pairs_total"] == 32
+    assert result.metrics["eval_pairs_sampled"] == 0 and result.metrics["eval_pairs_truncated"] == 0
+    assert not {"train_pairs_accuracy", "pairwise_accuracy"} & set(result.metrics)
     assert result.artifacts == {"score_distributions": "scores.png"}
     assert (output / "scores.png").read_bytes().startswith(b"\x89PNG")
     assert read_model_card(output)["role"] == "reward" and read_model_card(output)["format"] == "adapter"
@@ -93,16 +98,58 @@ def test_reward_model_learns_the_preference_and_its_adapter_reloads_to_the_same_
     model, tokenizer = load_model(output, "reward", dtype="float32", device="cpu")
     eval_pairs = to_preference_dataset(load_pairs(data / "eval.parquet"))
     reloaded = pairwise_stats(*pair_scores(model, tokenizer, eval_pairs))
-    assert reloaded["pairwise_accuracy"] == result.metrics["pairwise_accuracy"]
-    assert reloaded["mean_margin"] == pytest.approx(result.metrics["mean_margin"], abs=1e-5)
+    assert reloaded["accuracy"] == result.metrics["eval_accuracy"]
+    assert reloaded["mean_margin"] == pytest.approx(result.metrics["eval_mean_margin"], abs=1e-5)
 
 
 def test_full_reward_model_learns_too(tiny_model_dir, data, tmp_path):
     result = run_training("reward", reward_config(tiny_model_dir, data, tmp_path / "rm", lora=False,
                                                   learning_rate=1e-3, max_steps=16))
     print({k: round(v, 3) for k, v in result.metrics.items()})
-    assert result.metrics["pairwise_accuracy"] >= 0.9
+    assert result.metrics["eval_accuracy"] >= 0.9
     assert (tmp_path / "rm" / "model.safetensors").is_file()
+
+
+def test_the_report_scores_every_held_out_pair_long_ones_truncated_not_dropped(tiny_model_dir, data, tmp_path):
+    """TRL drops pairs longer than max_length from training; the report still scores them, on their last tokens."""
+    pairs = marker_pairs(12, seed=2)
+    long = pairs.index % 3 == 0  # 4 of 12, far beyond max_length; the others fit
+    pairs.loc[long, "chosen"] = pairs.loc[long, "chosen"] + " yes good" * 40
+    pairs.loc[long, "rejected"] = pairs.loc[long, "rejected"] + " no bad" * 40
+    pairs.to_parquet(tmp_path / "eval.parquet")
+    result = run_training("reward", reward_config(tiny_model_dir, data, tmp_path / "rm", max_steps=2, max_length=48,
+                                                  eval_data=str(tmp_path / "eval.parquet")))
+    metrics = result.metrics
+    assert metrics["eval_pairs_scored"] == metrics["eval_pairs_total"] == 12 and metrics["eval_pairs_sampled"] == 0
+    assert metrics["eval_pairs_truncated"] == 4
+    assert 0 <= metrics["eval_accuracy"] <= 1 and "eval_mean_margin" in metrics
+    assert not [name for name in metrics if name.startswith("train_pairs_") and name != "train_pairs_too_long"]
+
+
+def test_the_report_samples_a_large_split_with_the_seed():
+    from datasets import Dataset
+
+    from alignment_pipelines.methods.reward import report_sample
+
+    pairs = Dataset.from_dict({"row": list(range(100))})
+    assert report_sample(pairs, 100, seed=0) is pairs  # all of them when they fit
+    sample = report_sample(pairs, 10, seed=0)["row"]
+    assert len(set(sample)) == 10 and sample == report_sample(pairs, 10, seed=0)["row"]
+    assert sample != report_sample(pairs, 10, seed=1)["row"] and sample != list(range(10))
+
+
+def test_without_an_eval_split_the_report_names_training_pairs_and_ranks_them_above_chance(tiny_model_dir, data,
+                                                                                          tmp_path):
+    """The reward model's sign test: trained to prefer "yes good", it ranks its training pairs that way (swapping
+    chosen and rejected in TRL's loss brings this to 0)."""
+    result = run_training("reward", reward_config(tiny_model_dir, data, tmp_path / "rm", eval_data=None,
+                                                  report_pairs=40))
+    metrics = result.metrics
+    print({k: round(v, 3) for k, v in metrics.items()})
+    assert metrics["train_pairs_accuracy"] >= 0.8 and metrics["train_pairs_mean_margin"] > 0.5
+    assert metrics["train_pairs_scored"] == 40 and metrics["train_pairs_total"] == 64
+    assert metrics["train_pairs_sampled"] == 1
+    assert not [name for name in metrics if name.startswith("eval_")]
 
 
 # ---------------------------------------------------------------------------------------------- PPO and RLOO
@@ -116,35 +163,56 @@ def online_config(method, tiny_model_dir, data, output, **overrides):
 
 
 @pytest.mark.timeout(180)
-def test_ppo_raises_a_rule_reward_while_the_kl_stays_bounded(tiny_model_dir, data, tmp_path):
+def test_ppo_raises_a_rule_reward_without_collapsing_to_empty_answers(tiny_model_dir, data, tmp_path):
     result = run_training("ppo", online_config("ppo", tiny_model_dir, data, tmp_path / "ppo", lora=False,
-                                               learning_rate=5e-3, num_mini_batches=2))
+                                               learning_rate=5e-3, num_mini_batches=2, max_steps=50))
     history = result.history
-    print("scores", [round(h["objective/scores"], 2) for h in history])
-    print("kl", [round(h["objective/kl"], 2) for h in history])
+    for key in ("objective/scores", "rewards/length/mean", "completions/clipped_ratio", "completions/mean_length",
+                "objective/kl"):
+        print(key, [round(h[key], 2) for h in history])
     first, last = slice(0, 5), slice(-5, None)
     assert history[0]["objective/kl"] == 0.0  # the first rollout comes from the reference itself
-    # seen: 0.54 -> 0.99 (answers end at once), at a sequence KL of ~6.3 nats (one forced EOS), not 8 drifting tokens
-    assert mean(history, "objective/scores", first) < 0.65
-    assert mean(history, "objective/scores", last) > mean(history, "objective/scores", first) + 0.25
-    assert mean(history, "objective/kl", last) < 7.5
-    assert result.metrics["steps"] == 30 and result.metrics["prompts_too_long"] == 0
+    # seen: -0.44 -> 0.82: every answer first runs to max_new_tokens (missing-EOS penalty -1), then ends early ...
+    assert mean(history, "objective/scores", first) < 0
+    assert mean(history, "objective/scores", last) > mean(history, "objective/scores", first) + 0.5
+    assert mean(history, "completions/clipped_ratio", last) < 0.5
+    # ... but says something first: an empty answer scores -1, and EOS alone would be 1 token (seen: ~2.9 tokens)
+    assert mean(history, "rewards/length/mean", last) > 0.5
+    assert mean(history, "completions/mean_length", last) > 1.5
+    # seen ~7.2 nats for the whole answer: about one forced EOS (log 512 ~ 6.2), not 8 tokens drifting apart
+    assert mean(history, "objective/kl", last) < 10
+    assert result.metrics["steps"] == 50 and result.metrics["prompts_too_long"] == 0
 
 
 @pytest.mark.timeout(180)
-def test_rloo_raises_a_rule_reward_while_the_kl_stays_bounded(tiny_model_dir, data, tmp_path):
-    """8 answers a step (2 prompts x 4) and one update each: noisier than PPO, so 40 steps."""
+def test_rloo_raises_a_rule_reward_without_collapsing_to_empty_answers(tiny_model_dir, data, tmp_path):
+    """8 answers a step (2 prompts x 4) and one update each: noisier than PPO, so 40 steps. Flipping the advantage's
+    sign makes the reward fall instead."""
     result = run_training("rloo", online_config("rloo", tiny_model_dir, data, tmp_path / "rloo", lora=False,
                                                 num_generations=4, max_steps=40))
     history = [h for h in result.history if "rewards/length/mean" in h]
-    print("length", [round(h["rewards/length/mean"], 2) for h in history])
-    print("kl", [round(h["kl"], 2) for h in history])  # TRL's RLOO logs the KL per answer token
+    for key in ("reward", "rewards/length/mean", "rewards/missing_eos/mean", "completions/mean_length", "kl"):
+        print(key, [round(h[key], 2) for h in history])
     first, last = slice(0, 5), slice(-5, None)
     assert history[0]["kl"] == 0.0
-    # seen: 0.56 -> 1.0, at ~6 nats per token of a one-token answer: one forced EOS
-    assert mean(history, "rewards/length/mean", first) < 0.65
-    assert mean(history, "rewards/length/mean", last) > mean(history, "rewards/length/mean", first) + 0.25
+    # seen: -0.43 -> 0.79: every answer first runs to max_new_tokens (missing-EOS penalty -1), then ends early
+    assert mean(history, "reward", last) > mean(history, "reward", first) + 0.5
+    assert mean(history, "rewards/missing_eos/mean", first) < -0.9 < -0.1 < mean(history, "rewards/missing_eos/mean", last)
+    # ... but says something first: an empty answer scores -1, and EOS alone would be 1 token (seen: ~2.5 tokens)
+    assert mean(history, "rewards/length/mean", last) > 0.5
+    assert mean(history, "completions/mean_length", last) > 1.5
     assert mean(history, "kl", last) < 7.5
+
+
+def test_rloo_weighs_its_reward_sources_as_configured(tiny_model_dir, data, tmp_path):
+    result = run_training("rloo", online_config("rloo", tiny_model_dir, data, tmp_path / "rloo", lora=False,
+                                                num_generations=4, max_steps=2, reward_funcs=["length:40", "regex:e"],
+                                                reward_weights=[0.5, 2.0], missing_eos_penalty=0.25))
+    for step in result.history:
+        if "reward" in step:
+            assert step["rewards/missing_eos/mean"] == -0.25  # no answer of the start model ends within 8 tokens
+            assert step["reward"] == pytest.approx(0.5 * step["rewards/length/mean"] + 2.0 * step["rewards/regex/mean"]
+                                                   + step["rewards/missing_eos/mean"], abs=1e-5)
 
 
 def test_full_ppo_scores_with_the_reward_model_and_starts_its_critic_from_it(tiny_model_dir, data, reward_model,
@@ -261,6 +329,8 @@ def test_cli_trains_a_reward_model_then_ppo_and_rloo_on_it(tmp_path):
     for name, method in (("RM", "reward"), ("P", "ppo"), ("R", "rloo")):
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["method"] == method and metrics["metrics"]["steps"] == 3
+    rloo = json.loads((tmp_path / "R" / "metrics.json").read_text())["metrics"]
+    assert {"rewards/reward_model/mean", "rewards/missing_eos/mean"} <= set(rloo)  # the reward model, scored by us
     used = json.loads((tmp_path / "P" / "alignment_config.json").read_text())["reward_model"]
     assert Path(used).resolve() == (tmp_path / "RM").resolve()
 
