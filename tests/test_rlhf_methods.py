@@ -219,12 +219,14 @@ def test_full_ppo_scores_with_the_reward_model_and_starts_its_critic_from_it(tin
                                                                             tmp_path):
     output = tmp_path / "ppo-full"
     config = online_config("ppo", tiny_model_dir, data, output, lora=False, reward_model=str(reward_model[0]),
-                           reward_funcs=["model", "length:40"], max_steps=3, learning_rate=1e-4)
+                           reward_funcs=["model", "length:40"], reward_weights=[1.0, 0.5], max_steps=3,
+                           learning_rate=1e-4)
     result = run_training("ppo", config)
     first = result.history[0]
     assert {"rewards/reward_model/mean", "rewards/length/mean"} <= set(first)
-    assert first["objective/scores"] == pytest.approx(
-        first["rewards/reward_model/mean"] + first["rewards/length/mean"], abs=1e-5)
+    assert first["objective/scores"] == pytest.approx(  # the weighted sum, less the missing-EOS penalty (1 by default)
+        first["rewards/reward_model/mean"] + 0.5 * first["rewards/length/mean"] - first["completions/clipped_ratio"],
+        abs=1e-5)
     assert first["objective/kl"] == 0.0  # the frozen reference is a copy of the start model
     assert (output / "model.safetensors").is_file()
 
