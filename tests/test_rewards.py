@@ -126,11 +126,13 @@ def test_end_token_ids_are_those_trl_stops_at(reward_model, tiny_model_dir):
     ({"missing_eos_penalty": None}, None),  # TRL weighs each source 1
 ])
 def test_rloo_hands_trl_one_weight_per_reward_function(overrides, weights, tiny_model_dir, tmp_path):
-    from alignment_pipelines.methods.rloo import reward_weights
+    from alignment_pipelines.methods.rloo import RLOO
 
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "Hi?"}\n')
     config = config_from_dict("rloo", {"model": str(tiny_model_dir), "data": str(data), "output_dir": "o",
                                        "reward_funcs": ["length", "regex:a"]} | overrides)
-    assert reward_weights(config) == weights
-
+    assert RLOO().trl_args(config, None)["reward_weights"] == weights
+    assert RLOO().trl_args(config, None)["mask_truncated_completions"] is False
+    config.mask_truncated_completions = True
+    assert RLOO().trl_args(config, None)["mask_truncated_completions"] is True
