@@ -88,8 +88,10 @@ def test_a_cut_off_answer_reaches_the_reward_model_without_an_end_of_turn_and_sc
     assert fed == [opened + ANSWER + END_OF_TURN + "\n", opened + ANSWER]
     assert fed[0] == reward_model_text(tokenizer, PROMPT, ANSWER)  # a finished one as TRL's reward trainer renders
     assert scores[0] != pytest.approx(scores[1], abs=1e-4)  # the model pools another token: it sees the difference
-    # Whole texts (the report's pairs, an evaluation's answers) have no completion_ids: they read as finished.
+    # Whole texts (the report's pairs) have no completion_ids and read as finished; an evaluation passes its flags
     assert score(prompts=[PROMPT], completions=[ANSWER]) == pytest.approx(scores[:1], abs=1e-5)
+    assert score(prompts=[PROMPT, PROMPT], completions=[ANSWER, ANSWER],
+                 finished=[True, False]) == pytest.approx(scores, abs=1e-5)
 
     penalty = missing_eos_reward(1.0, [eos])
     penalties = penalty(prompts=[PROMPT, PROMPT], completions=[ANSWER, ANSWER], completion_ids=[finished, cut_off])

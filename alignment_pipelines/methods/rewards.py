@@ -128,7 +128,8 @@ def reward_model_reward(model: Any, tokenizer: Any, batch_size: int = 8, end_ids
 
     The text is :func:`reward_model_text`: a finished answer exactly as TRL's reward trainer renders its pairs, a
     truncated one (``completion_ids`` not ending in one of ``end_ids``, the policy's end-of-sequence ids; default:
-    the reward tokenizer's EOS, right when policy and reward model share a tokenizer) left open. Tokenized without
+    the reward tokenizer's EOS, right when policy and reward model share a tokenizer) left open. A caller that
+    knows which answers ended without their ids (an evaluation's answers) passes ``finished`` flags instead. Tokenized without
     extra special tokens; ``max_length`` keeps a longer text's last tokens (the answer's end, where the model pools);
     right-padded; the model pools the last non-padding token. Runs in batches of ``batch_size``, without gradients,
     on the model's device.
@@ -138,10 +139,11 @@ def reward_model_reward(model: Any, tokenizer: Any, batch_size: int = 8, end_ids
     ends = list(end_ids) if end_ids is not None else [tokenizer.eos_token_id]
 
     def reward_model(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
-                     **kwargs: Any) -> list[float]:
+                     finished: Sequence[bool] | None = None, **kwargs: Any) -> list[float]:
         import torch
 
-        finished = answers_finished(completion_ids, len(completions), ends)
+        if finished is None:
+            finished = answers_finished(completion_ids, len(completions), ends)
         texts = [reward_model_text(tokenizer, p, completion_text(c), done)
                  for p, c, done in zip(prompts, completions, finished, strict=True)]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
