@@ -505,7 +505,10 @@ def _decode_line(raw_bytes: bytes, lineno: int) -> tuple[str | None, _Bad | None
 
 @dataclass(frozen=True)
 class LongLine:
-    """A line over the line cap, passed over without being held: its head (for the quarantine) and length."""
+    """A line over the line cap, passed over without being held: its head (HEAD_BYTES, for the quarantine's
+    raw text) and its length."""
+
+    HEAD_BYTES = 8000
 
     head: bytes
     length: int
@@ -532,7 +535,7 @@ def _capped_lines(path: Path, handle: IO[bytes]) -> Iterator[bytes | LongLine]:
         while piece and not piece.endswith(b"\n"):
             piece = _read_some(path, read, 1 << 20)
             length += len(piece)
-        yield LongLine(line[:4 * 2000], length)
+        yield LongLine(line[:LongLine.HEAD_BYTES], length)
 
 
 def _read_some(path: Path, read: Callable[[int], Any], size: int) -> Any:

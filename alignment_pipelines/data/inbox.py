@@ -135,9 +135,20 @@ class InboxScan:
     hashing: list[str] = field(default_factory=list)  # complete files whose hashing goes on at the next scan
 
 
-def _hash_within(path: Path, info: os.stat_result, pieces: list[str], deadline: float) -> tuple[list[str], str | None]:
-    """Hash `path` from the piece after `pieces` (the digests of those done) until it ends or `deadline`
-    passes: (pieces done, the content hash, or None when time ran out first). The file must still be the one
+class _Budget:
+    """A scan's time for hashing: spent once its deadline passes, but never before one piece was hashed
+    (so that every scan makes progress)."""
+
+    def __init__(self, seconds: float):
+        self.deadline, self.used = time.monotonic() + seconds, False
+
+    def left(self) -> bool:
+        return not self.used or time.monotonic() <= self.deadline
+
+
+def _hash_within(path: Path, info: os.stat_result, pieces: list[str], budget: _Budget) -> tuple[list[str], str | None]:
+    """Hash `path` from the piece after `pieces` (the digests of those done) while the budget lasts:
+    (pieces done, the content hash, or None when time ran out first). The file must still be the one
     `info` describes."""
     fd, now = open_regular(path)
     try:
@@ -146,7 +157,8 @@ def _hash_within(path: Path, info: os.stat_result, pieces: list[str], deadline: 
         total = max(1, -(-info.st_size // PIECE_BYTES))
         pieces = pieces[: total - 1]
         os.lseek(fd, len(pieces) * PIECE_BYTES, os.SEEK_SET)
-        while time.monotonic() <= deadline:
+        while budget.left():
+            budget.used = True
             if len(pieces) == total - 1:  # the last piece
                 digest = ContentHash(pieces)
                 for data in _chunks(fd):
@@ -190,7 +202,7 @@ def scan_inbox(inbox: Path, previous: dict[str, list] | None = None, now: float 
             scan.still_writing.append(name)
         else:
             candidates.append((info, Path(entry.path)))
-    deadline = time.monotonic() + budget_seconds
+    budget = _Budget(budget_seconds)
     for info, path in sorted(candidates, key=lambda c: (c[0].st_mtime_ns, c[1].name)):
         before = previous.get(path.name) or []
         unchanged = before[:2] == [info.st_size, info.st_mtime_ns]
@@ -202,7 +214,7 @@ def scan_inbox(inbox: Path, previous: dict[str, list] | None = None, now: float 
         if key is None:
             done = list(before[3]) if unchanged and len(before) > 3 else []
             try:
-                pieces, digest = _hash_within(path, info, done, deadline)
+                pieces, digest = _hash_within(path, info, done, budget)
             except OSError as exc:
                 scan.skipped.append(f"{path.name}: unreadable ({exc.strerror or exc})")
                 continue

@@ -168,9 +168,9 @@ def _past_line(path: Path, handle, head: bytes) -> tuple[importers.LongLine, byt
     while piece := importers._read_some(path, handle.read, 1 << 20):
         newline = piece.find(b"\n")
         if newline >= 0:
-            return importers.LongLine(head[:8000], length + newline + 1), piece[newline + 1:]
+            return importers.LongLine(head[:importers.LongLine.HEAD_BYTES], length + newline + 1), piece[newline + 1:]
         length += len(piece)
-    return importers.LongLine(head[:8000], length), b""
+    return importers.LongLine(head[:importers.LongLine.HEAD_BYTES], length), b""
 
 
 def _long_line(line_base: int, long_line: importers.LongLine) -> _Lines:
@@ -213,6 +213,11 @@ def _lines(line_base: int, block: bytes, ends: np.ndarray) -> _Lines:
     maybe = _start_blank(block, offsets[:-1])
     if len(maybe):
         blank[maybe] = pc.match_substring_regex(columnar.subset(text, maybe), _BLANK).to_numpy(zero_copy_only=False)
+    too_long = {}
+    for i in np.flatnonzero(np.diff(offsets) > importers.cap(importers.LINE_CAP)).tolist():  # read whole, yet over the cap
+        begin, end = int(offsets[i]), int(offsets[i + 1])
+        too_long[int(rows[i])] = importers.LongLine(bytes(block[begin:min(end, begin + importers.LongLine.HEAD_BYTES)]), end - begin)
+        blank[i] = False
     for row, b in list(bad.items()):  # an invalid line is blank only if its bytes are
         if b.strip():
             blank[row - line_base - 1] = False
@@ -220,8 +225,8 @@ def _lines(line_base: int, block: bytes, ends: np.ndarray) -> _Lines:
             bad.pop(row)
     keep = np.flatnonzero(~blank)
     if len(keep) == n:
-        return _Lines(rows, text, bad)
-    return _Lines(rows[keep], text.take(pa.array(keep)), bad)
+        return _Lines(rows, text, bad, too_long)
+    return _Lines(rows[keep], text.take(pa.array(keep)), bad, too_long)
 
 
 def _row_chunks(path: Path, chunk_rows: int) -> Iterator[_Lines]:
