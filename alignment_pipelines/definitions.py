@@ -2,7 +2,10 @@
 
 Resources are chosen per deployment by ``ALIGNMENT_PIPELINES_DEPLOYMENT`` (``local`` by default,
 ``production`` for a shared MLflow server and data root named by environment variables, ``k8s`` for that plus
-training in Kubernetes pods); ``ALIGNMENT_PIPELINES_LAUNCHER`` (``subprocess`` or ``k8s``) overrides the launcher.
+training in Kubernetes pods); ``ALIGNMENT_PIPELINES_LAUNCHER`` (``subprocess`` or ``k8s``) overrides the launcher,
+``ALIGNMENT_PIPELINES_JUDGE`` and its ``_BASE_URL``, ``_MODEL``... choose the judge. The data root, the tracking URI
+and the launcher are bound here, when the code location loads (resources/__init__.py): a run config cannot change
+them.
 """
 
 from __future__ import annotations
@@ -71,11 +74,12 @@ def build_resources(data_root: str | Path | None = None, base_model: str | None 
     ``k8s``: as production, and training runs in Kubernetes pods.
 
     The training launcher (``launcher_mode``, else ``ALIGNMENT_PIPELINES_LAUNCHER``, else the deployment's):
-    ``subprocess`` (local and production) or ``k8s`` (see :func:`build_launcher`)."""
+    ``subprocess`` (local and production) or ``k8s`` (see :func:`build_launcher`). The judge:
+    ``ALIGNMENT_PIPELINES_JUDGE`` and its options (:meth:`JudgeResource.from_environment`)."""
     deployment = deployment or os.environ.get(DEPLOYMENT_ENV, "local")
     if deployment in ("production", "k8s"):
-        storage = StorageResource(root=dg.EnvVar(DATA_ROOT_ENV))
-        mlflow = MlflowResource(storage=storage, tracking_uri=dg.EnvVar(MLFLOW_URI_ENV))
+        storage = StorageResource(root=deployment_env(DATA_ROOT_ENV))
+        mlflow = MlflowResource(storage=storage, tracking_uri=deployment_env(MLFLOW_URI_ENV))
     elif deployment == "local":
         storage = StorageResource(root=str(data_root or default_data_root()))
         mlflow = MlflowResource(storage=storage, tracking_uri=os.environ.get(MLFLOW_URI_ENV))
@@ -88,26 +92,35 @@ def build_resources(data_root: str | Path | None = None, base_model: str | None 
         "base_model": BaseModelResource(storage=storage,
                                         model=base_model or os.environ.get(BASE_MODEL_ENV, DEFAULT_MODEL)),
         "launcher": build_launcher(mode),
-        "judge": JudgeResource(),
+        "judge": JudgeResource.from_environment(),
     }
+
+
+def deployment_env(name: str) -> str:
+    """A variable the deployment must set, read when the code location loads."""
+    value = os.environ.get(name)
+    if not value:
+        raise ValueError(f"{name} is not set: the {os.environ.get(DEPLOYMENT_ENV)!r} deployment binds it into its "
+                         "resources when the code location loads (docs/production.md)")
+    return value
 
 
 def build_launcher(mode: str) -> TrainingLauncher:
     """``subprocess``: the worker runs on this machine. ``k8s``: in a pod, configured by environment variables read
-    at run time (``ALIGNMENT_PIPELINES_K8S_IMAGE`` required; ``_NAMESPACE``, ``_DATA_CLAIM``, ``_DATA_MOUNT``,
-    ``_GPUS``, ``_NODE_SELECTOR`` and ``_TOLERATIONS`` as JSON, ``_SERVICE_ACCOUNT``, ``_ENV_FROM_SECRETS`` comma-
-    separated, ``_MLFLOW_URI`` optional: docs/scale-out.md)."""
+    when the code location loads (``ALIGNMENT_PIPELINES_K8S_IMAGE`` required; ``_NAMESPACE``, ``_DATA_CLAIM``,
+    ``_DATA_MOUNT``, ``_GPUS``, ``_NODE_SELECTOR`` and ``_TOLERATIONS`` as JSON, ``_SERVICE_ACCOUNT``,
+    ``_ENV_FROM_SECRETS`` comma-separated, ``_MLFLOW_URI`` optional: docs/scale-out.md)."""
     if mode == "subprocess":
         return TrainingLauncher()
     if mode != "k8s":
         raise ValueError(f"{LAUNCHER_ENV}={mode!r}: must be 'subprocess' or 'k8s'")
     env = os.environ
-    options: dict = {"image": dg.EnvVar(f"{K8S_ENV_PREFIX}IMAGE")}
+    options: dict = {"image": deployment_env(f"{K8S_ENV_PREFIX}IMAGE")}
     for key, name in (("namespace", "NAMESPACE"), ("data_volume_claim", "DATA_CLAIM"),
                       ("data_mount_path", "DATA_MOUNT"), ("service_account_name", "SERVICE_ACCOUNT"),
                       ("mlflow_tracking_uri", "MLFLOW_URI"), ("memory", "MEMORY"), ("cpu", "CPU")):
         if env.get(K8S_ENV_PREFIX + name):
-            options[key] = dg.EnvVar(K8S_ENV_PREFIX + name)
+            options[key] = env[K8S_ENV_PREFIX + name]
     if env.get(f"{K8S_ENV_PREFIX}GPUS"):
         options["gpus"] = int(env[f"{K8S_ENV_PREFIX}GPUS"])
     for key, name in (("node_selector", "NODE_SELECTOR"), ("tolerations", "TOLERATIONS")):

@@ -9,8 +9,7 @@ between this machine and a pod. ``num_processes`` > 1 or ``deepspeed`` in the me
 ``accelerate launch``. Which launcher runs is chosen per deployment (``alignment_pipelines/definitions.py``).
 """
 
-from __future__ import annotations
-
+import copy
 import json
 import os
 import sys
@@ -24,9 +23,16 @@ from alignment_pipelines.launch import (check_multi_process, free_port, outside_
                                         uses_accelerate, worker_command, write_deepspeed_config)
 from alignment_pipelines.layout import DATA_ROOT_ENV, MLFLOW_URI_ENV, default_data_root
 from alignment_pipelines.methods import METHOD_PLUGINS_ENV, ConfigError, MethodConfig, TrainResult, get_method
+from alignment_pipelines.resources import Bound
 from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_URI_ENV, Tracker
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+WORKER_UID = 1000
+"""The worker image's unprivileged user (deploy/k8s/Dockerfile.worker); the pod runs as it, never as root."""
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
+                        "fsGroup": WORKER_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "privileged": False,
+                              "capabilities": {"drop": ["ALL"]}}
 
 
 class TrainingLauncher(dg.ConfigurableResource):
@@ -36,7 +42,7 @@ class TrainingLauncher(dg.ConfigurableResource):
     Subclasses (:class:`K8sLauncher`) run the same command elsewhere by overriding :meth:`run_worker`.
     """
 
-    python: str | None = Field(default=None, description="interpreter for the worker; default: this one")
+    python: Bound[str | None] = Field(default=None, description="interpreter for the worker; default: this one")
 
     @property
     def kind(self) -> str:
@@ -121,40 +127,47 @@ class K8sLauncher(TrainingLauncher):
     back through the pod's log stream).
 
     The pod: the worker image, GPU requests and limits (one GPU per process unless ``gpus`` says otherwise), node
-    selector and tolerations, the environment that points at the MLflow server, and the data root on a shared volume
-    (a ReadWriteMany PersistentVolumeClaim) mounted at ``data_mount_path``. Mount it at the same path as the
-    orchestrator's data root (the default): model folders record their start model by path.
+    selector and tolerations, the environment that points at the MLflow server, the data root on a shared volume
+    (a ReadWriteMany PersistentVolumeClaim) mounted at ``data_mount_path``, and a securityContext: the image's
+    unprivileged user (uid 1000), no privilege escalation, no capabilities, the runtime's default seccomp profile.
+    Mount the data root at the same path as the orchestrator's (the default): model folders record their start
+    model by path.
     """
 
-    image: str = Field(description="the worker image: the project installed with the gpu extra on a CUDA base")
-    namespace: str = Field(default="default", description="namespace the training pods run in")
-    python: str | None = Field(default="python", description="the interpreter inside the image")
-    gpus: int | None = Field(default=None, description="GPUs per pod; unset: the method config's num_processes")
-    gpu_resource: str = Field(default="nvidia.com/gpu", description="the extended resource name of a GPU")
-    cpu: str | None = Field(default=None, description="CPU request (e.g. '8'); unset: none")
-    memory: str | None = Field(default=None, description="memory request and limit (e.g. '64Gi'); unset: none")
-    node_selector: dict[str, str] = Field(default_factory=dict,
-                                          description="node labels the pod must match, e.g. a GPU type")
-    tolerations: list[dict[str, str]] = Field(default_factory=lambda: [dict(GPU_TOLERATION)],
-                                              description="taints the pod tolerates (default: GPU nodes' taint)")
-    data_volume_claim: str = Field(default="alignment-pipelines-data",
-                                   description="the PersistentVolumeClaim (ReadWriteMany) holding the data root")
-    data_mount_path: str | None = Field(default=None,
-                                        description="where the data root is mounted; unset: the orchestrator's path")
-    shm_size: str | None = Field(default="8Gi", description="size of /dev/shm (NCCL and data loaders need more than "
-                                                            "the container default); unset: the default")
-    mlflow_tracking_uri: str | None = Field(
+    # Every field is Bound (resources/__init__.py): the deployment sets it, a run config cannot.
+    image: Bound[str] = Field(description="the worker image: the project installed with the gpu extra on a CUDA base")
+    namespace: Bound[str] = Field(default="default", description="namespace the training pods run in")
+    python: Bound[str | None] = Field(default="python", description="the interpreter inside the image")
+    gpus: Bound[int | None] = Field(default=None,
+                                    description="GPUs per pod; unset: the method config's num_processes")
+    gpu_resource: Bound[str] = Field(default="nvidia.com/gpu", description="the extended resource name of a GPU")
+    cpu: Bound[str | None] = Field(default=None, description="CPU request (e.g. '8'); unset: none")
+    memory: Bound[str | None] = Field(default=None,
+                                      description="memory request and limit (e.g. '64Gi'); unset: none")
+    node_selector: Bound[dict[str, str]] = Field(default_factory=dict,
+                                                 description="node labels the pod must match, e.g. a GPU type")
+    tolerations: Bound[list[dict[str, str]]] = Field(
+        default_factory=lambda: [dict(GPU_TOLERATION)], description="taints the pod tolerates (default: GPU nodes')")
+    data_volume_claim: Bound[str] = Field(
+        default="alignment-pipelines-data", description="the PersistentVolumeClaim (ReadWriteMany) of the data root")
+    data_mount_path: Bound[str | None] = Field(
+        default=None, description="where the data root is mounted; unset: the orchestrator's path")
+    shm_size: Bound[str | None] = Field(
+        default="8Gi", description="size of /dev/shm (NCCL and data loaders need more than the container default); "
+                                   "unset: the default")
+    mlflow_tracking_uri: Bound[str | None] = Field(
         default=None, description="the MLflow server as the pod reaches it; unset: the orchestrator's tracking URI")
-    env: dict[str, str] = Field(default_factory=dict, description="more environment variables for the worker")
-    env_from_secrets: list[str] = Field(default_factory=list,
-                                        description="Secrets whose keys become environment variables (credentials)")
-    service_account_name: str | None = Field(default=None, description="the pod's service account")
-    image_pull_policy: str = Field(default="IfNotPresent", description="when the node pulls the image")
-    labels: dict[str, str] = Field(default_factory=dict, description="extra labels on the pod")
-    load_incluster_config: bool | None = Field(
+    env: Bound[dict[str, str]] = Field(default_factory=dict,
+                                       description="more environment variables for the worker")
+    env_from_secrets: Bound[list[str]] = Field(
+        default_factory=list, description="Secrets whose keys become environment variables (credentials)")
+    service_account_name: Bound[str | None] = Field(default=None, description="the pod's service account")
+    image_pull_policy: Bound[str] = Field(default="IfNotPresent", description="when the node pulls the image")
+    labels: Bound[dict[str, str]] = Field(default_factory=dict, description="extra labels on the pod")
+    load_incluster_config: Bound[bool | None] = Field(
         default=None, description="talk to the cluster from inside it; unset: in-cluster when running in a pod")
-    kubeconfig_file: str | None = Field(default=None, description="kubeconfig when not in the cluster")
-    kube_context: str | None = Field(default=None, description="kubeconfig context")
+    kubeconfig_file: Bound[str | None] = Field(default=None, description="kubeconfig when not in the cluster")
+    kube_context: Bound[str | None] = Field(default=None, description="kubeconfig context")
 
     @property
     def kind(self) -> str:
@@ -199,6 +212,7 @@ class K8sLauncher(TrainingLauncher):
             "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
             "resources": {k: v for k, v in resources.items() if v},
             "volumeMounts": [{"name": "data", "mountPath": mount}],
+            "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
         }
         if self.env_from_secrets:
             container["envFrom"] = [{"secretRef": {"name": name}} for name in self.env_from_secrets]
@@ -207,7 +221,8 @@ class K8sLauncher(TrainingLauncher):
         if self.shm_size:
             container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
             volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": self.shm_size}})
-        spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes}
+        spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes,
+                                "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT)}
         if self.node_selector:
             spec["nodeSelector"] = dict(self.node_selector)
         if self.tolerations and gpus:

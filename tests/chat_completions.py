@@ -4,23 +4,26 @@ share. Each test module's subclass decides what it answers (`answer`)."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class ChatCompletionsServer(ThreadingHTTPServer):
     """Serves POST requests on 127.0.0.1 (a free port), on a thread of its own while it is used as a context
-    manager; `answer(handler, body)` replies to each one, with `handler.send(status, payload)`."""
+    manager; `answer(handler, body)` replies to each one, with `handler.send(status, payload)`. ``host``: the
+    name clients use in `base_url` (it must resolve to an address of this machine; the server listens there)."""
 
     daemon_threads = True
 
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), ChatCompletionsHandler)
+    def __init__(self, host: str = "127.0.0.1"):
+        super().__init__((socket.gethostbyname(host), 0), ChatCompletionsHandler)
+        self.host = host
         self.lock = threading.Lock()
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+        return f"http://{self.host}:{self.server_address[1]}/v1"
 
     def answer(self, handler: ChatCompletionsHandler, body: dict) -> None:
         raise NotImplementedError

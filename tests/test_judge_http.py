@@ -9,6 +9,7 @@ import time
 import pytest
 
 from alignment_pipelines.judges import JudgeError, OpenAICompatibleJudge, agreement_stats
+from alignment_pipelines.judges.endpoints import JUDGE_API_KEY_ENV
 from tests.chat_completions import ChatCompletionsHandler, ChatCompletionsServer
 
 TEA = [{"role": "user", "content": "How do I make green tea?"}]
@@ -78,13 +79,13 @@ def server():
 
 
 def make_judge(server, **overrides) -> OpenAICompatibleJudge:
-    params = dict(model="judge-model", instruction="helpful and very short", api_key_env="JUDGE_TEST_KEY",
-                  timeout_s=CLIENT_TIMEOUT_S, max_retries=3, backoff_s=0.01, max_concurrency=4)
+    params = dict(model="judge-model", instruction="helpful and very short", timeout_s=CLIENT_TIMEOUT_S,
+                  max_retries=3, backoff_s=0.01, max_concurrency=4)
     return OpenAICompatibleJudge(server.base_url, **(params | overrides))
 
 
 def test_end_to_end_with_bearer_key_from_env(server, monkeypatch):
-    monkeypatch.setenv("JUDGE_TEST_KEY", "test-key")
+    monkeypatch.setenv(JUDGE_API_KEY_ENV, "test-key")
     judge = make_judge(server)
     verdicts = judge.judge([TEA] * 3, ["GOOD: steep it", "bad", "bad"], ["bad", "GOOD: steep it", "also bad"])
     assert [v.preferred for v in verdicts] == ["a", "b", "tie"]  # the last pair: "B" in both orders
@@ -101,7 +102,7 @@ def test_end_to_end_with_bearer_key_from_env(server, monkeypatch):
 
 
 def test_no_key_in_env_sends_no_authorization(server, monkeypatch):
-    monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
+    monkeypatch.delenv(JUDGE_API_KEY_ENV, raising=False)
     make_judge(server, logprobs=False).judge([TEA], ["GOOD"], ["bad"])
     assert all("Authorization" not in r["headers"] for r in server.received)
     assert all("logprobs" not in r["body"] for r in server.received)

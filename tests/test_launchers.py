@@ -82,6 +82,9 @@ def test_k8s_launcher_renders_the_golden_pod_spec(root):
     sent = json.loads(command[command.index("--config-json") + 1])
     assert sent["model"] == "models/tiny" and sent["output_dir"] == f"runs/policy_dpo/{RUN}/model"
     assert str(root) not in json.dumps(pod)  # nothing of the orchestrator's disk travels
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True and pod["spec"]["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
+                                            "capabilities": {"drop": ["ALL"]}}
 
 
 def test_the_pod_spec_is_what_dagster_k8s_builds_a_pod_from():
@@ -96,11 +99,11 @@ def test_the_pod_spec_is_what_dagster_k8s_builds_a_pod_from():
                          base_pod_meta=manifest["metadata"], base_pod_spec=manifest["spec"])
     built = ApiClient().sanitize_for_serialization(pod)
     container, ours = built["spec"]["containers"][0], manifest["spec"]["containers"][0]
-    for key in ("image", "command", "resources", "volumeMounts", "envFrom"):
+    for key in ("image", "command", "resources", "volumeMounts", "envFrom", "securityContext"):
         assert container[key] == ours[key]
     assert container["env"][:len(ours["env"])] == ours["env"]
     assert {e["name"] for e in container["env"]} >= {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"}
-    for key in ("volumes", "nodeSelector", "tolerations", "restartPolicy", "serviceAccountName"):
+    for key in ("volumes", "nodeSelector", "tolerations", "restartPolicy", "serviceAccountName", "securityContext"):
         assert built["spec"][key] == manifest["spec"][key]
 
 
@@ -176,6 +179,8 @@ def test_the_launcher_is_chosen_per_deployment(monkeypatch, tmp_path):
     monkeypatch.setenv("ALIGNMENT_PIPELINES_K8S_IMAGE", "worker:1")
     monkeypatch.setenv("ALIGNMENT_PIPELINES_K8S_NODE_SELECTOR", '{"pool": "gpu"}')
     monkeypatch.setenv("ALIGNMENT_PIPELINES_K8S_GPUS", "4")
+    monkeypatch.setenv("ALIGNMENT_PIPELINES_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", MLFLOW)
     launcher = build_resources(deployment="k8s")["launcher"]
     assert isinstance(launcher, K8sLauncher) and launcher.node_selector == {"pool": "gpu"} and launcher.gpus == 4
     monkeypatch.setenv("ALIGNMENT_PIPELINES_LAUNCHER", "k8s")

@@ -10,7 +10,6 @@ would silently bias whatever is trained on them.
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -18,6 +17,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import requests
 
 from alignment_pipelines.judges.base import Comparison, JudgeError, PairwiseJudge
+from alignment_pipelines.judges.endpoints import check_endpoint, judge_api_key
 from alignment_pipelines.judges.prompt import check_instruction, render_judge_prompt
 
 REPLY_MAX_TOKENS = 8
@@ -86,8 +86,10 @@ def parse_reply(reply) -> Comparison:
 
 
 class OpenAICompatibleJudge(PairwiseJudge):
-    """Judges through ``{base_url}/chat/completions``; the API key comes from the environment
-    variable ``api_key_env`` (never from config), and no Authorization header is sent without one.
+    """Judges through ``{base_url}/chat/completions``. ``base_url`` must pass the deployment's allow-list
+    (:func:`~alignment_pipelines.judges.endpoints.check_endpoint`: loopback, or https on a listed host); the API
+    key comes only from ``ALIGNMENT_PIPELINES_JUDGE_API_KEY`` (never from config, nor from a variable config
+    names), and no Authorization header is sent without one.
 
     Each comparison is one request, tried at most ``1 + max_retries`` times, waiting
     ``backoff_s * 2**k`` before retry ``k + 1``. Timeouts, connection errors, 429, 5xx and
@@ -98,11 +100,9 @@ class OpenAICompatibleJudge(PairwiseJudge):
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, instruction: str = "helpful", *,
-                 api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 30.0, max_retries: int = 3,
-                 backoff_s: float = 1.0, max_concurrency: int = 4, logprobs: bool = True):
-        if not re.match(r"https?://", base_url or ""):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+    def __init__(self, base_url: str, model: str, instruction: str = "helpful", *, timeout_s: float = 30.0,
+                 max_retries: int = 3, backoff_s: float = 1.0, max_concurrency: int = 4, logprobs: bool = True):
+        check_endpoint(base_url)
         if not model:
             raise ValueError("model must name the served model")
         if timeout_s <= 0 or backoff_s < 0 or max_retries < 0 or max_concurrency < 1:
@@ -114,7 +114,6 @@ class OpenAICompatibleJudge(PairwiseJudge):
         self.url = f"{self.base_url}/chat/completions"
         self.model = model
         self.instruction = check_instruction(instruction)
-        self.api_key_env = api_key_env
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -126,7 +125,7 @@ class OpenAICompatibleJudge(PairwiseJudge):
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        api_key = os.environ.get(self.api_key_env)
+        api_key = judge_api_key()
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         return headers
