@@ -2,7 +2,11 @@
 
 Each dataset is one SQL query over the batches' Parquet files (`data/dataset_sql.py`, DuckDB): the
 deduplication by content key, the split by prompt hash and the content-hash version happen in the engine,
-in bounded memory; a version that already exists is not written again."""
+in bounded memory; a version that already exists is not written again.
+
+The split is three-way by prompt hash: train (what the training assets learn from), judge (what only
+`evaluation_reward_model` learns from, beside train as judge.parquet) and eval (what every model is measured on).
+All three datasets split with the same settings, so a prompt is on the same side in each."""
 
 import json
 
@@ -10,6 +14,7 @@ import dagster as dg
 
 from alignment_pipelines.assets.ingestion import ACCEPTED_FILE, SUMMARY_FILE, gate_verdicts
 from alignment_pipelines.data.dataset_sql import BatchFiles, build_dataset
+from alignment_pipelines.data.splits import DEFAULT_JUDGE_FRACTION
 from alignment_pipelines.layout import DataRoot
 from alignment_pipelines.refs import DatasetRef
 from alignment_pipelines.resources.storage import StorageResource
@@ -23,7 +28,8 @@ ON_NEW_DATA = dg.AutomationCondition.eager().replace(
 
 
 class SplitConfig(dg.Config):
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.1  # held out: every model is measured on these prompts
+    judge_fraction: float = DEFAULT_JUDGE_FRACTION  # carved out of train: only the evaluation's reward model sees it
     seed: int = 0
 
 
@@ -59,7 +65,7 @@ def publish(name: str, dataset: str, batches: list[str], accepted: AcceptedBatch
     gate = {"batches_blocked_by_checks": dg.MetadataValue.json(accepted.gated),
             "batches_awaiting_checks": dg.MetadataValue.json(accepted.pending)}
     build = build_dataset(name, dataset, accepted.files, layout.datasets / name,
-                          eval_fraction=config.eval_fraction, seed=config.seed)
+                          eval_fraction=config.eval_fraction, judge_fraction=config.judge_fraction, seed=config.seed)
     if build is None:
         raise dg.Failure(f"{name}: no accepted feedback of a usable kind yet; drop a file in the inbox "
                          f"({layout.inbox})", metadata=gate)
@@ -72,6 +78,8 @@ def publish(name: str, dataset: str, batches: list[str], accepted: AcceptedBatch
         "dagster/row_count": build.rows,
         "train_rows": build.train_rows,
         "eval_rows": build.eval_rows,
+        "judge_rows": build.judge_rows,
+        "judge_path": dg.MetadataValue.path(str(build.judge_path)),
         "duplicates_removed": build.input_rows - build.rows,
         "rewritten": build.rewritten,
         "build_seconds": dg.MetadataValue.json({k: round(v, 3) for k, v in build.timings.items()}),
@@ -86,7 +94,7 @@ def publish(name: str, dataset: str, batches: list[str], accepted: AcceptedBatch
           automation_condition=ON_NEW_BATCH)
 def preference_pairs(context: dg.AssetExecutionContext, config: SplitConfig,
                      storage: StorageResource) -> dg.Output[DatasetRef]:
-    """All accepted (prompt, chosen, rejected) pairs, deduplicated, split train/eval by prompt hash."""
+    """All accepted (prompt, chosen, rejected) pairs, deduplicated, split train/judge/eval by prompt hash."""
     batches = AcceptedBatches(context.instance, storage.layout)
     return publish("preference_pairs", "pairwise", batches.used["pairwise"], batches, config, storage.layout)
 

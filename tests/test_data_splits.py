@@ -95,3 +95,16 @@ def test_parquet_round_trip_preserves_messages(tmp_path, records):
     assert back["row"].tolist() == records["row"].tolist()
     assert back["chosen"].tolist() == records["chosen"].tolist()
     assert dataset_version(back) == dataset_version(records)
+
+
+def test_the_judge_split_is_carved_out_of_train(records):
+    from alignment_pipelines.data.splits import split_three_ways
+
+    train, evaluation = split_by_prompt(records, eval_fraction=0.2, seed=0)
+    three = split_three_ways(records, eval_fraction=0.2, judge_fraction=0.3, seed=0)
+    assert sorted(three["eval"]["row"]) == sorted(evaluation["row"])  # eval keeps its prompts
+    assert sorted([*three["train"]["row"], *three["judge"]["row"]]) == sorted(train["row"])
+    keys = {side: set(df["prompt"].map(prompt_key)) for side, df in three.items()}
+    assert all(keys.values()) and not keys["train"] & keys["judge"] and not keys["judge"] & keys["eval"]
+    shuffled = split_three_ways(records.sample(frac=1, random_state=3), eval_fraction=0.2, judge_fraction=0.3, seed=0)
+    assert sorted(shuffled["judge"]["row"]) == sorted(three["judge"]["row"])

@@ -9,9 +9,10 @@ chosen and rejected answers as binary rows, computed once). The query
    keys) with the columns and the split settings, computed from the key files alone, so an unchanged
    dataset is recognised before a single row is read and is not rewritten;
 3. splits by prompt: `sha256("{seed}:{prompt_key}")` as a number in [0, 1) below `eval_fraction` goes to
-   eval (and if a side would be empty with two or more prompts, the lowest / highest prompt moves), exactly
-   `splits.split_by_prompt`;
-4. writes train.parquet and eval.parquet in (part, batch, row) order, each with COPY … TO.
+   eval, in the next `judge_fraction` to judge, the rest to train (and if eval or train would be empty with two or
+   more prompts, the lowest / highest prompt moves; an empty judge split takes the lowest train prompt), exactly
+   `splits.assign_splits`;
+4. writes train.parquet, judge.parquet and eval.parquet in (part, batch, row) order, each with COPY … TO.
 Memory stays bounded (DuckDB spills to a temp folder under its memory limit); nothing is loaded into
 pandas. Every statement is standard SQL apart from `read_parquet`, `sha256` and `COPY`, which have direct
 equivalents in Spark SQL and Trino (docs/data-at-scale.md).
@@ -30,11 +31,13 @@ import numpy as np
 import pyarrow as pa
 
 from alignment_pipelines.data.key_index import KEYS_FILE
+from alignment_pipelines.data.splits import SPLITS, check_fractions, kto_balance_counts
 
 BINARY_KEYS_FILE = "binary_keys.parquet"
 BINARY_KEYS_SCHEMA = pa.schema([("row", pa.int64()), ("chosen_key", pa.int64()), ("rejected_key", pa.int64())])
 COLUMNS = {"pairwise": ["row", "prompt", "chosen", "rejected"], "binary": ["row", "prompt", "completion", "label"],
            "prompts": ["row", "prompt"]}
+SPLIT_FILES = {side: f"{side}.parquet" for side in SPLITS}
 
 
 @dataclass
@@ -69,6 +72,16 @@ class DatasetBuild:
     rewritten: bool  # False: this version was already there
     balance: dict | None = None
     timings: dict = field(default_factory=dict)
+    judge_rows: int = 0  # the judge split: only the evaluation's reward model trains on it
+
+    @property
+    def judge_path(self) -> Path:
+        return judge_path_beside(self.train_path)
+
+
+def judge_path_beside(train_path: str | Path) -> Path:
+    """A dataset version's judge split, beside its train split (``DatasetRef`` names train and eval only)."""
+    return Path(train_path).with_name(SPLIT_FILES["judge"])
 
 
 def ensure_binary_keys(batch: BatchFiles) -> Path:
@@ -168,13 +181,13 @@ def _source_sql(dataset: str, batches: list[BatchFiles]) -> tuple[str, str]:
 
 
 def build_dataset(name: str, dataset: str, batches: list[BatchFiles], root: Path, eval_fraction: float = 0.1,
-                  seed: int = 0, memory_limit: str = "2GB", threads: int | None = None) -> DatasetBuild | None:
+                  seed: int = 0, memory_limit: str = "2GB", threads: int | None = None,
+                  judge_fraction: float = 0.0) -> DatasetBuild | None:
     """Build (or find) the dataset `name` of kind `dataset` from `batches` (in order) under
     `root/<version>/`. None when the batches hold no row of a usable kind."""
     import time
 
-    if not 0.0 <= eval_fraction <= 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
+    check_fractions(eval_fraction, judge_fraction)
     from alignment_pipelines.data.key_index import ensure_keys
 
     timings: dict[str, float] = {}
@@ -197,25 +210,26 @@ def build_dataset(name: str, dataset: str, batches: list[BatchFiles], root: Path
                 SELECT *, row_number() OVER (PARTITION BY key ORDER BY part, ord, row, sub) AS copy FROM keyed
             ) WHERE copy = 1""")
         input_rows, = con.execute("SELECT count(*) FROM keyed").fetchone()
-        count, xor, total = con.execute(
+        kept_rows, xor, total = con.execute(
             "SELECT count(*), coalesce(bit_xor(key), 0), coalesce(sum(key), 0) FROM kept").fetchone()
-        if count == 0:
+        if kept_rows == 0:
             return None
         version = hashlib.sha256(json.dumps(
-            [COLUMNS[dataset], eval_fraction, seed, int(count), int(xor), str(total)]).encode()).hexdigest()[:16]
+            [COLUMNS[dataset], eval_fraction, judge_fraction, seed, int(kept_rows), int(xor), str(total)]
+        ).encode()).hexdigest()[:16]
         timings["dedup_version_s"] = time.perf_counter() - t0 - timings["keys_s"]
         target = root / version
-        train, evaluation = target / "train.parquet", target / "eval.parquet"
+        paths = {side: target / file for side, file in SPLIT_FILES.items()}
         balance = None
-        if train.exists() and evaluation.exists():
+        if all(path.exists() for path in paths.values()):
             import pyarrow.parquet as pq
 
-            train_rows = pq.ParquetFile(train).metadata.num_rows
-            eval_rows = pq.ParquetFile(evaluation).metadata.num_rows
+            rows_by_side = {side: pq.ParquetFile(path).metadata.num_rows for side, path in paths.items()}
             if dataset == "binary":
                 balance = _balance(con, target)
-            return DatasetBuild(name, version, train, evaluation, int(count), int(input_rows), train_rows, eval_rows,
-                                rewritten=False, balance=balance, timings=timings)
+            return DatasetBuild(name, version, paths["train"], paths["eval"], int(kept_rows), int(input_rows),
+                                rows_by_side["train"], rows_by_side["eval"], rewritten=False, balance=balance,
+                                timings=timings, judge_rows=rows_by_side["judge"])
 
         # the split, per distinct prompt
         con.execute("""
@@ -224,15 +238,24 @@ def build_dataset(name: str, dataset: str, batches: list[BatchFiles], root: Path
                    CAST(CAST(('0x' || substr(sha256(? || ':' || prompt_key), 1, 16)) AS UBIGINT) AS DOUBLE)
                        / 18446744073709551616.0 AS unit
             FROM (SELECT DISTINCT prompt_key FROM kept)""", [str(seed)])
-        con.execute("CREATE TEMP TABLE split AS SELECT prompt_key, unit, unit < ? AS in_eval FROM units",
-                    [float(eval_fraction)])
-        prompts, in_eval = con.execute("SELECT count(*), sum(CASE WHEN in_eval THEN 1 ELSE 0 END) FROM split").fetchone()
-        if prompts >= 2 and not in_eval:
-            con.execute("UPDATE split SET in_eval = TRUE WHERE prompt_key = "
-                        "(SELECT prompt_key FROM split ORDER BY unit, prompt_key LIMIT 1)")
-        if prompts >= 2 and in_eval == prompts:
-            con.execute("UPDATE split SET in_eval = FALSE WHERE prompt_key = "
-                        "(SELECT prompt_key FROM split ORDER BY unit DESC, prompt_key DESC LIMIT 1)")
+        con.execute("CREATE TEMP TABLE split AS SELECT prompt_key, unit, CASE WHEN unit < ? THEN 'eval' "
+                    "WHEN unit < ? THEN 'judge' ELSE 'train' END AS side FROM units",
+                    [float(eval_fraction), float(eval_fraction + judge_fraction)])
+
+        def prompts_in(side: str) -> int:
+            return con.execute("SELECT count(*) FROM split WHERE side = ?", [side]).fetchone()[0]
+
+        def move(side: str, order: str, among: str = "TRUE") -> None:
+            con.execute(f"UPDATE split SET side = ? WHERE prompt_key = (SELECT prompt_key FROM split WHERE {among} "
+                        f"ORDER BY {order} LIMIT 1)", [side])
+
+        prompts, = con.execute("SELECT count(*) FROM split").fetchone()
+        if prompts >= 2 and not prompts_in("eval"):
+            move("eval", "unit, prompt_key")
+        if prompts >= 2 and not prompts_in("train"):
+            move("train", "unit DESC, prompt_key DESC")
+        if judge_fraction > 0 and not prompts_in("judge") and prompts_in("train") >= 2:
+            move("judge", "unit, prompt_key", among="side = 'train'")
         timings["split_s"] = time.perf_counter() - t0 - sum(timings.values())
 
         tmp = root / f".{version}.{os.getpid()}.partial"
@@ -240,14 +263,14 @@ def build_dataset(name: str, dataset: str, batches: list[BatchFiles], root: Path
         tmp.mkdir(parents=True)
         columns = ", ".join(f"r.{c}" for c in COLUMNS[dataset])
         counts = {}
-        for side, flag in (("train", "FALSE"), ("eval", "TRUE")):
-            out = tmp / f"{side}.parquet"
+        for side, file in SPLIT_FILES.items():
+            out = tmp / file
             con.execute(f"""
                 COPY (
                     SELECT {columns} FROM ({rows}) r
                     JOIN kept k ON r.part = k.part AND r.ord = k.ord AND r.row = k.row AND r.sub = k.sub
                     JOIN split s ON s.prompt_key = k.prompt_key
-                    WHERE s.in_eval = {flag}
+                    WHERE s.side = '{side}'
                     ORDER BY r.part, r.ord, r.row, r.sub
                 ) TO '{out}' (FORMAT parquet, COMPRESSION zstd)""")
             counts[side] = con.execute(f"SELECT count(*) FROM read_parquet('{out}')").fetchone()[0]
@@ -257,16 +280,16 @@ def build_dataset(name: str, dataset: str, batches: list[BatchFiles], root: Path
         timings["write_s"] = time.perf_counter() - t0 - sum(timings.values())
         if dataset == "binary":
             balance = _balance(con, target)
-        return DatasetBuild(name, version, train, evaluation, int(count), int(input_rows), int(counts["train"]),
-                            int(counts["eval"]), rewritten=True, balance=balance, timings=timings)
+        return DatasetBuild(name, version, paths["train"], paths["eval"], int(kept_rows), int(input_rows),
+                            int(counts["train"]), int(counts["eval"]), rewritten=True, balance=balance, timings=timings,
+                            judge_rows=int(counts["judge"]))
     finally:
         con.close()
 
 
 def _balance(con, target: Path) -> dict:
-    from alignment_pipelines.data.splits import kto_balance_counts
-
+    files = ", ".join(f"'{target / file}'" for file in SPLIT_FILES.values())
     n, m = con.execute(
         f"SELECT coalesce(sum(CASE WHEN label THEN 1 ELSE 0 END), 0), coalesce(sum(CASE WHEN label THEN 0 ELSE 1 END), 0) "
-        f"FROM read_parquet(['{target / 'train.parquet'}', '{target / 'eval.parquet'}'])").fetchone()
+        f"FROM read_parquet([{files}])").fetchone()
     return kto_balance_counts(int(n), int(m))

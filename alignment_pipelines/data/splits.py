@@ -32,9 +32,55 @@ def prompt_key(prompt: list[Message] | str) -> str:
     return hashlib.sha256(payload.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
+SPLITS = ("train", "judge", "eval")
+"""train: what every training asset learns from; judge: what only the evaluation's reward model learns from; eval:
+what every model is measured on. No prompt is in two of them."""
+DEFAULT_JUDGE_FRACTION = 0.2
+
+
 def _unit(key: str, seed: int) -> float:
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def check_fractions(eval_fraction: float, judge_fraction: float = 0.0) -> None:
+    """Each fraction in [0, 1] and together at most 1 (the rest is train)."""
+    for name, value in (("eval_fraction", eval_fraction), ("judge_fraction", judge_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if eval_fraction + judge_fraction > 1.0:
+        raise ValueError(f"eval_fraction + judge_fraction must be at most 1, got {eval_fraction} + {judge_fraction}")
+
+
+def assign_splits(units: dict[str, float], eval_fraction: float, judge_fraction: float = 0.0) -> dict[str, str]:
+    """Each prompt key's split from its seeded hash ``unit`` in [0, 1): eval below ``eval_fraction``, judge in the
+    next ``judge_fraction``, train above. The eval band does not depend on ``judge_fraction``: the judge split is
+    carved out of what was train. With two or more prompts eval and train are never empty (the lowest prompt moves
+    to eval, the highest to train); with ``judge_fraction > 0`` and two or more train prompts, neither is judge (the
+    lowest train prompt moves there). ``dataset_sql.build_dataset`` applies the same rules in SQL."""
+    check_fractions(eval_fraction, judge_fraction)
+    side = {k: "eval" if u < eval_fraction else "judge" if u < eval_fraction + judge_fraction else "train"
+            for k, u in units.items()}
+    ranked = sorted(units, key=lambda k: (units[k], k))
+    if len(ranked) >= 2:
+        if "eval" not in side.values():
+            side[ranked[0]] = "eval"
+        if "train" not in side.values():
+            side[ranked[-1]] = "train"
+        train = [k for k in ranked if side[k] == "train"]
+        if judge_fraction > 0 and "judge" not in side.values() and len(train) >= 2:
+            side[train[0]] = "judge"
+    return side
+
+
+def split_three_ways(df: pd.DataFrame, eval_fraction: float = 0.1, judge_fraction: float = DEFAULT_JUDGE_FRACTION,
+                     seed: int = 0) -> dict[str, pd.DataFrame]:
+    """``{"train", "judge", "eval"}``: every row of a prompt goes to one of them, decided by a seeded hash of the
+    prompt (:func:`assign_splits`). Independent of row order; each keeps the rows' order."""
+    keys = df["prompt"].map(prompt_key) if len(df) else pd.Series([], dtype=object)
+    side = assign_splits({k: _unit(k, seed) for k in set(keys)}, eval_fraction, judge_fraction)
+    sides = keys.map(side).to_numpy() if len(df) else []
+    return {name: (df[sides == name] if len(df) else df.copy()).reset_index(drop=True) for name in SPLITS}
 
 
 def split_by_prompt(df: pd.DataFrame, eval_fraction: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -42,22 +88,10 @@ def split_by_prompt(df: pd.DataFrame, eval_fraction: float = 0.1, seed: int = 0)
 
     Independent of row order. Eval is non-empty whenever there are >= 2 distinct prompts
     (and train too): the prompt with the lowest (highest) hash is moved if a side is empty.
+    The two-way case of :func:`split_three_ways` (no judge split).
     """
-    if not 0.0 <= eval_fraction <= 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
-    keys = df["prompt"].map(prompt_key) if len(df) else pd.Series([], dtype=object)
-    units = {k: _unit(k, seed) for k in set(keys)}
-    in_eval = {k: u < eval_fraction for k, u in units.items()}
-    if len(units) >= 2:
-        ranked = sorted(units, key=lambda k: (units[k], k))
-        if not any(in_eval.values()):
-            in_eval[ranked[0]] = True
-        if all(in_eval.values()):
-            in_eval[ranked[-1]] = False
-    mask = keys.map(in_eval).astype(bool).to_numpy() if len(df) else []
-    train = df[~mask] if len(df) else df.copy()
-    evaluation = df[mask] if len(df) else df.copy()
-    return train.reset_index(drop=True), evaluation.reset_index(drop=True)
+    splits = split_three_ways(df, eval_fraction, judge_fraction=0.0, seed=seed)
+    return splits["train"], splits["eval"]
 
 
 def _jsonable(value: Any) -> Any:
