@@ -66,3 +66,85 @@ def test_orpo_raises_the_chosen_over_rejected_margin_of_its_training_pairs(tmp_p
     before, after = logprob_margin(tiny_model_dir, pairs), logprob_margin(out, pairs)
     print(f"ORPO log p(chosen) - log p(rejected): before {before:.3f}, after {after:.3f}")
     assert after > before + 3.0
+
+
+# ----------------------------------------------------------------------------------------
+# RL maths: cases the hand-worked examples of test_rl_math.py left open (mutants that survived them)
+# ----------------------------------------------------------------------------------------
+
+
+def tensor(values):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_math_value_clip_holds_both_directions_and_counts_only_where_it_raised_the_error():
+    """Values may move at most ``clip_range_value`` down as well as up, and the clip fraction counts the tokens
+    where the clipped error is the larger one: not those where both errors are equal."""
+    from alignment_pipelines.methods.rl_math import clipped_value_loss
+
+    values, old_values = tensor([[-0.5, 0.5, 0.1]]), tensor([[0.0, 0.0, 0.0]])
+    returns, mask = tensor([[-1.0, 1.0, 0.1]]), tensor([[1, 1, 1]])
+    loss, clip_fraction = clipped_value_loss(values, old_values, returns, mask, clip_range_value=0.2)
+    # token 0 fell 0.5: clipped to -0.2 -> max(0.25, 0.64) = 0.64; token 1 rose 0.5: clipped to 0.2 ->
+    # max(0.25, 0.64) = 0.64; token 2 within the clip -> both errors 0
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64 + 0.0) / 3)
+    assert clip_fraction.item() == pytest.approx(2 / 3)
+
+
+def test_math_policy_clip_fraction_counts_only_where_the_clip_raised_the_loss():
+    """Four tokens, one of each case: clip holds a gain (counted), clip would lower a loss (not counted: the
+    unclipped term is the max), clip holds a loss (counted), ratio 1 (both terms equal, not counted)."""
+    import math
+
+    from alignment_pipelines.methods.rl_math import clipped_policy_loss
+
+    logprobs = tensor([[math.log(1.5), math.log(1.5), math.log(0.5), 0.0]])
+    advantages = tensor([[1, -1, -1, 1]])
+    loss, clip_fraction, _ = clipped_policy_loss(logprobs, tensor([[0, 0, 0, 0]]), advantages,
+                                                 tensor([[1, 1, 1, 1]]), clip_range=0.2)
+    # per token max(-A * ratio, -A * clip(ratio)): max(-1.5, -1.2), max(1.5, 1.2), max(0.5, 0.8), max(-1, -1)
+    assert loss.item() == pytest.approx((-1.2 + 1.5 + 0.8 - 1.0) / 4)
+    assert clip_fraction.item() == pytest.approx(2 / 4)
+
+
+def test_math_last_token_index_reads_the_last_dimension():
+    """Positions are the last dimension, whatever the leading ones: one row alone, or rows in groups."""
+    from alignment_pipelines.methods.rl_math import last_token_index
+
+    assert last_token_index(tensor([1, 1, 0])).item() == 1
+    assert last_token_index(tensor([[[1, 0, 0], [1, 1, 1]]])).tolist() == [[0, 2]]
+
+
+# ----------------------------------------------------------------------------------------
+# Reward sources: which way each score points
+# ----------------------------------------------------------------------------------------
+
+
+def test_rewards_rule_sources_score_one_on_a_match_and_zero_otherwise():
+    from alignment_pipelines.methods.rewards import contains_code_reward, regex_reward
+
+    prompts = ["q", "q"]
+    assert regex_reward("^yes")(prompts=prompts, completions=["yes, sure", "no"]) == [1.0, 0.0]
+    code, prose = "Here:\n```python\nprint(1)\n```", "print(1)"
+    assert contains_code_reward()(prompts=prompts, completions=[code, prose]) == [1.0, 0.0]
+
+
+def test_rewards_reward_model_reads_the_last_max_length_tokens(tiny_model_dir):
+    """A text longer than ``max_length`` is scored on its end (the answer, where the model pools), not its start."""
+    import torch
+
+    from alignment_pipelines.methods.rewards import reward_model_reward, reward_model_text
+    from alignment_pipelines.models.loading import load_model
+
+    torch.manual_seed(0)  # the tiny model's score head is random
+    model, tokenizer = load_model(tiny_model_dir, "reward", dtype="float32", device="cpu")
+    prompt, answer = "Tell me about tea.", "Tea is a drink made from leaves, served hot or cold."
+    ids = tokenizer(reward_model_text(tokenizer, prompt, answer), add_special_tokens=False)["input_ids"]
+    assert len(ids) > 16
+    with torch.no_grad():
+        end, start = (model(input_ids=torch.tensor([part])).logits[0, 0].item() for part in (ids[-8:], ids[:8]))
+    assert end != pytest.approx(start, abs=1e-4)
+    score = reward_model_reward(model, tokenizer, max_length=8)
+    assert score(prompts=[prompt], completions=[answer]) == pytest.approx([end], abs=1e-5)
