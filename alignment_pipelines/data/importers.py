@@ -546,13 +546,38 @@ def _read_some(path: Path, read: Callable[[int], Any], size: int) -> Any:
         raise _stream_error(path, exc) from exc
 
 
-def parse_json(text: str, lineno: int, what: str = "invalid JSON") -> RawRow:
-    """One JSON text as a row: its value, or INVALID_JSON with the reason (broken JSON, nesting too deep,
-    an integer too long for Python to convert: whatever `json.loads` raises)."""
+class HugeInteger:
+    """A JSON integer too long for Python to convert (`sys.get_int_max_str_digits`), as the rows hold it: the
+    JSON around it is still read, and the row is quarantined by the field that holds it (not a string, not
+    a number)."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits:,} digits>"
+
+    __str__ = __repr__
+
+
+def _int(text: str) -> int | HugeInteger:
     try:
-        return lineno, json.loads(text), truncate_raw(text)
+        return int(text)
+    except ValueError:
+        return HugeInteger(len(text))
+
+
+# every reader's JSON: `json.loads`, with integers past Python's conversion limit read as HugeInteger
+JSON = json.JSONDecoder(parse_int=_int)
+
+
+def parse_json(text: str, lineno: int) -> RawRow:
+    """One JSON text as a row: its value, or INVALID_JSON with the reason (broken JSON, nesting too deep:
+    whatever the parser raises)."""
+    try:
+        return lineno, JSON.decode(text), truncate_raw(text)
     except (ValueError, RecursionError) as exc:
-        return lineno, _Bad(ReasonCode.INVALID_JSON, f"{what}: {exc}"), truncate_raw(text)
+        return lineno, _Bad(ReasonCode.INVALID_JSON, f"invalid JSON: {exc}"), truncate_raw(text)
 
 
 def _iter_jsonl(path: Path) -> Iterator[RawRow]:
@@ -588,7 +613,7 @@ _ARRAY_KEYS = ("data", "rows", "records", "examples", "items")
 def _iter_json_elements(text: str, pos: int) -> Iterator[RawRow]:
     """Elements of the JSON array starting at text[pos] == "[", one by one. A truncated or broken
     tail becomes one INVALID_JSON row (what parsed before it is kept)."""
-    decoder = json.JSONDecoder()
+    decoder = JSON
     pos = _WS.match(text, pos + 1).end()
     index = 0
     if text.startswith("]", pos):
@@ -622,7 +647,7 @@ def _iter_json(path: Path, fmt: str) -> Iterator[RawRow]:
         yield from _iter_json_elements(text, start)
         return
     try:  # a .json file starting with "{": one document, else JSON Lines after all
-        doc = json.loads(text)
+        doc = JSON.decode(text)
     except (ValueError, RecursionError):
         yield from _iter_jsonl(path)
         return
@@ -640,7 +665,7 @@ def _csv_cell(key: str, value: str) -> Any:
     stripped = value.strip()
     if key in _JSON_CELLS and stripped[:1] in ("[", "{"):
         try:
-            return json.loads(stripped)
+            return JSON.decode(stripped)
         except (ValueError, RecursionError):
             return value
     return value
