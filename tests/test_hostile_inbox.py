@@ -21,7 +21,7 @@ import pytest
 from alignment_pipelines.assets.ingestion import SUMMARY_FILE
 from alignment_pipelines.cli import main
 from alignment_pipelines.data import inbox as inbox_module
-from alignment_pipelines.data import validation
+from alignment_pipelines.data import jsonl_fast, validation
 from alignment_pipelines.data.demo import demo_feedback_path
 from alignment_pipelines.data.importers import FeedbackFileError
 from alignment_pipelines.data.inbox import batch_key, scan_inbox
@@ -296,15 +296,18 @@ def test_a_parquet_row_group_over_the_document_cap_is_a_batch_error(tmp_path, mo
     assert not (tmp_path / "a.parquet").exists()
 
 
-@pytest.mark.parametrize("reader", ["fast", "workers", "importer", "gzip"])
+@pytest.mark.parametrize("reader", ["fast", "workers", "importer", "gzip", "fast, small blocks", "workers, small blocks"])
 def test_a_line_over_the_cap_is_that_rows_quarantine_reason(tmp_path, monkeypatch, reader):
+    """Read whole within a block and found over the cap, or (small blocks) read past without being held."""
     monkeypatch.setenv("ALIGNMENT_PIPELINES_MAX_LINE_BYTES", "4096")
+    if reader.endswith("small blocks"):
+        monkeypatch.setattr(jsonl_fast, "BLOCK_BYTES", 8192)
     long_row = json.dumps({"prompt": "q" * 100_000, "chosen": "a", "rejected": "b"})
     lines = ROWS[:3] + [long_row] + ROWS[3:6]
     path = tmp_path / "feedback.jsonl"
     path.write_text("\n".join(lines) + "\n")
     rules, workers = ValidationRules(), 1
-    if reader == "workers":
+    if reader.startswith("workers"):
         monkeypatch.setattr(validation, "PARALLEL_MIN_BYTES", 0)
         workers = 2
     elif reader == "importer":

@@ -403,6 +403,8 @@ class _CappedStream(io.RawIOBase):
         self.inner.close()
         self.compressed.close()
         super().close()
+
+
 _JSON_CELLS = ("prompt", "chosen", "rejected", "completion", "messages", "completions", "responses", "scores")
 
 
@@ -613,7 +615,6 @@ _ARRAY_KEYS = ("data", "rows", "records", "examples", "items")
 def _iter_json_elements(text: str, pos: int) -> Iterator[RawRow]:
     """Elements of the JSON array starting at text[pos] == "[", one by one. A truncated or broken
     tail becomes one INVALID_JSON row (what parsed before it is kept)."""
-    decoder = JSON
     pos = _WS.match(text, pos + 1).end()
     index = 0
     if text.startswith("]", pos):
@@ -621,7 +622,7 @@ def _iter_json_elements(text: str, pos: int) -> Iterator[RawRow]:
     while True:
         index += 1
         try:
-            obj, end = decoder.raw_decode(text, pos)
+            obj, end = JSON.raw_decode(text, pos)
         except (ValueError, RecursionError) as exc:
             yield index, _Bad(ReasonCode.INVALID_JSON, f"invalid JSON array element (rest of the file not parsed): {exc}"), truncate_raw(text[pos:])
             return

@@ -66,7 +66,7 @@ class _Lines:
     rows: np.ndarray
     text: pa.Array
     bad_utf8: dict[int, bytes]
-    too_long: dict[int, importers.LongLine] = field(default_factory=dict)  # lines over the cap: "" in `text`
+    too_long: dict[int, importers.LongLine] = field(default_factory=dict)  # lines over the cap: quarantined unread
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -214,7 +214,8 @@ def _lines(line_base: int, block: bytes, ends: np.ndarray) -> _Lines:
     if len(maybe):
         blank[maybe] = pc.match_substring_regex(columnar.subset(text, maybe), _BLANK).to_numpy(zero_copy_only=False)
     too_long = {}
-    for i in np.flatnonzero(np.diff(offsets) > importers.cap(importers.LINE_CAP)).tolist():  # read whole, yet over the cap
+    over = np.diff(offsets) > importers.cap(importers.LINE_CAP) + 1  # read whole, yet over the cap (newline aside)
+    for i in np.flatnonzero(over).tolist():
         begin, end = int(offsets[i]), int(offsets[i + 1])
         too_long[int(rows[i])] = importers.LongLine(bytes(block[begin:min(end, begin + importers.LongLine.HEAD_BYTES)]), end - begin)
         blank[i] = False
