@@ -116,15 +116,23 @@ PAIRS = pd.DataFrame({"prompt": [TEA, "Name a colour.", "Say hi."], "chosen": [S
 
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory):
-    """base → sft → dpo, and kto identical to sft: three distinct tiny models and a copy."""
+    """base → sft → dpo, and kto identical to sft: three distinct tiny models and a copy; and a reward model."""
     import shutil
 
+    import torch
+
+    from alignment_pipelines.models.loading import load_model
     from alignment_pipelines.models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("lineage")
     paths = {name: str(build_tiny_model(root / name, seed=seed)) for name, seed in (("base", 0), ("sft", 1),
                                                                                    ("dpo", 2))}
     paths["kto"] = str(shutil.copytree(paths["sft"], root / "kto"))
+    paths["reward"] = str(root / "reward")  # the base with a (seeded, untrained) score head, saved: role reward
+    torch.manual_seed(0)
+    model, tokenizer = load_model(paths["base"], "reward")
+    model.save_pretrained(paths["reward"], safe_serialization=True)
+    tokenizer.save_pretrained(paths["reward"])
     return paths
 
 
@@ -142,7 +150,7 @@ def test_each_model_is_loaded_once_and_serves_every_role(lineage, monkeypatch):
     evaluation = evaluate_models(models, "sft_model", PAIRS, list(PAIRS["prompt"]), RuleJudge(),
                                  champion="policy_dpo", max_new_tokens=6, batch_size=2)
 
-    assert sorted(loads) == sorted(lineage.values())  # four models, four loads: sft served as policy and reference
+    assert sorted(loads) == sorted(lineage[k] for k in ("base", "sft", "dpo", "kto"))  # four models, four loads: sft served as policy and reference
     assert loads.index(lineage["dpo"]) < loads.index(lineage["sft"]) < loads.index(lineage["base"])
     dpo, kto, sft = (evaluation.results[name].metrics for name in ("policy_dpo", "policy_kto", "sft_model"))
     # kto's weights equal its reference's: zero implicit reward, zero log-ratio, same greedy answers as sft
@@ -174,16 +182,58 @@ def test_a_reward_model_scores_every_answer_and_the_pairs(lineage, tmp_path):
         assert low <= result.metrics["reward_mean"] <= high
 
 
-def test_the_reward_model_can_be_the_judge_from_the_scores_it_gave(lineage):
-    from alignment_pipelines.evaluation.compare import ModelUnderTest, evaluate_models
+def test_a_reward_model_judges_by_its_scores_in_both_orders_in_one_batch(lineage):
+    from alignment_pipelines.judges.reward_model import RewardModelJudge
 
-    models = [ModelUnderTest("sft_model", lineage["sft"], lineage["base"]),
-              ModelUnderTest("policy_kto", lineage["kto"], lineage["sft"])]
-    evaluation = evaluate_models(models, "sft_model", PAIRS, list(PAIRS["prompt"]), None,
-                                 reward_model_path=lineage["base"], max_new_tokens=4)
-    kto = evaluation.results["policy_kto"].metrics
-    assert evaluation.judge == "reward_model"
-    assert kto["reward_mean"] == evaluation.results["sft_model"].metrics["reward_mean"]  # the same answers
-    assert (kto["ties_vs_sft"], kto["judge_agreement_vs_sft"]) == (3, 1.0)  # equal scores tie, in both orders
-    with pytest.raises(ValueError, match="no reward model"):
-        evaluate_models(models, "sft_model", PAIRS, list(PAIRS["prompt"]), None)
+    class Counting(RewardModelJudge):
+        batches: list = []
+
+        def score_batch(self, prompts, answers):
+            self.batches.append(len(answers))
+            return super().score_batch(prompts, answers)
+
+    judge = Counting(lineage["reward"], model_uri="models:/evaluation_reward_model/1", batch_size=2)
+    prompts, firsts, seconds = list(PAIRS["prompt"]), list(PAIRS["chosen"]), list(PAIRS["rejected"])
+    verdicts = judge.judge(prompts, firsts, seconds)
+    assert Counting.batches == [6]  # 3 pairs in both orders: 6 distinct answers scored in one call
+    scores = judge.score_batch(prompts * 2, firsts + seconds)
+    for i, verdict in enumerate(verdicts):
+        assert verdict.agrees and not verdict.position_biased
+        assert verdict.preferred == ("a" if scores[i] > scores[3 + i] else "b" if scores[i] < scores[3 + i] else "tie")
+        assert judge_pair(judge, prompts[i], seconds[i], firsts[i]) == 1.0 - verdict.score_a
+    assert judge.id == 'reward_model{"model": "models:/evaluation_reward_model/1"}'
+    judge.release()
+    assert judge.judge(prompts[:1], firsts[:1], seconds[:1])[0] == verdicts[0]  # loads again after release
+
+
+def test_the_evaluation_refuses_a_judge_that_a_policy_optimised(lineage, tmp_path):
+    import json
+
+    from alignment_pipelines.evaluation.compare import ModelUnderTest, evaluate_models
+    from alignment_pipelines.evaluation.schema import JudgeIdentity, JudgeIsOptimisationTarget, optimisation_targets
+    from alignment_pipelines.judges.reward_model import RewardModelJudge
+    from alignment_pipelines.methods.training import CONFIG_FILE
+
+    # what a PPO policy records: its reward model's registry URI in lineage tags, its folder in the saved config
+    ppo_folder = tmp_path / "ppo"
+    ppo_folder.mkdir()
+    (ppo_folder / CONFIG_FILE).write_text(json.dumps({"reward_model": lineage["base"], "kl_coef": 0.05}))
+    targets = optimisation_targets(str(ppo_folder), {"lineage.uses.reward_model": "models:/reward_model/4",
+                                                     "lineage.method": "ppo"})
+    assert targets == ("models:/reward_model/4", lineage["base"])
+    ppo = ModelUnderTest("policy_ppo", lineage["dpo"], lineage["sft"], optimised_against=targets)
+    sft = ModelUnderTest("sft_model", lineage["sft"], lineage["base"])
+
+    for training_reward_model in (RewardModelJudge(lineage["base"]),  # its folder
+                                  RewardModelJudge(tmp_path / "elsewhere", model_uri="models:/reward_model/4")):
+        with pytest.raises(JudgeIsOptimisationTarget, match="the reward model policy_ppo optimised"):
+            evaluate_models([sft, ppo], "sft_model", PAIRS, list(PAIRS["prompt"]), training_reward_model,
+                            max_new_tokens=4)
+        assert training_reward_model._score is None  # refused before any model loaded
+    judged = evaluate_models([sft, ppo], "sft_model", PAIRS, list(PAIRS["prompt"]),
+                             RewardModelJudge(lineage["reward"], model_uri="models:/evaluation_reward_model/1"),
+                             max_new_tokens=4, judge_identity=None)
+    assert judged.judge == JudgeIdentity("reward_model", 'reward_model{"model": "models:/evaluation_reward_model/1"}',
+                                         heuristic=False, source="explicit",
+                                         model_uri="models:/evaluation_reward_model/1", model_path=lineage["reward"])
+    assert judged.results["policy_ppo"].metrics["judged_vs_sft"] == 3

@@ -5,25 +5,27 @@ pairs and on its own answers), as another policy's reference (the same log-proba
 implicit reward and the KL), and as the baseline or champion the others are judged against. Models
 are visited children first (a policy before the model it started from), so when a reference is
 loaded every answer it must score already exists, and one load serves every role.
+
+The judge is never a reward model that one of the models optimised (:func:`schema.check_judge_independent`):
+PPO and RLOO are judged by another model than the reward model they were trained against. The training reward model
+still scores every answer (``reward_mean``), as a measurement beside the judge's verdicts.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from alignment_pipelines.data.schemas import normalize_prompt
 from alignment_pipelines.evaluation.metrics import (Answer, implicit_reward_metrics,
                                                     judge_answers, pair_logprobs, sequence_logprobs,
                                                     summarize_verdicts)
+from alignment_pipelines.evaluation.schema import JudgeIdentity, check_judge_independent
 from alignment_pipelines.evaluation.stats import bootstrap_interval, degenerate_rate
 from alignment_pipelines.generation import generation_backend
-from alignment_pipelines.judges import ScoreJudge
 from alignment_pipelines.models.loading import load_model
 
 BASELINE = "sft"
@@ -36,6 +38,7 @@ class ModelUnderTest:
     name: str  # the training asset (``policy_dpo``), or ``champion`` for a champion no longer trained
     path: str
     reference_path: str | None = None  # the model it started from: implicit reward and KL are measured against it
+    optimised_against: tuple[str, ...] = ()  # the reward models its training optimised (URIs or folders)
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Evaluation:
     results: dict[str, ModelResult]
     baseline: str
     champion: str | None
-    judge: str
+    judge: JudgeIdentity
     pairs: int
     reward_model: dict[str, float] | None = None  # the reward model's own accuracy on the held-out pairs
     reward_model_scores: dict[str, list[float]] = field(default_factory=dict)  # its scores of chosen and rejected
@@ -67,12 +70,15 @@ def load_for_evaluation(path: str, role: str = "policy"):
 
 def evaluate_models(models: list[ModelUnderTest], baseline: str, pairs: pd.DataFrame, prompts: list, judge, *,
                     champion: str | None = None, reward_model_path: str | None = None, max_new_tokens: int = 64,
-                    beta: float = 0.1, batch_size: int = 8, max_length: int = 512) -> Evaluation:
+                    beta: float = 0.1, batch_size: int = 8, max_length: int = 512,
+                    judge_identity: JudgeIdentity | None = None) -> Evaluation:
     """Measure every model in ``models`` on ``pairs`` and ``prompts``, and judge each one's answers against
-    the ``baseline``'s and the ``champion``'s (names of entries in ``models``), in both orders. With
-    ``judge=None`` the reward model is the judge, from the scores it already gave every answer."""
-    if judge is None and not reward_model_path:
-        raise ValueError("judge=None judges by the reward model, but there is no reward model")
+    the ``baseline``'s and the ``champion``'s (names of entries in ``models``), in both orders. ``reward_model_path``
+    (the training reward model) scores every answer; ``judge_identity`` says where the judge came from (default:
+    passed explicitly). Refuses, before loading anything, a judge that is a reward model one of ``models``
+    optimised (:class:`~alignment_pipelines.evaluation.schema.JudgeIsOptimisationTarget`)."""
+    judge_identity = judge_identity or JudgeIdentity.of(judge)
+    check_judge_independent(judge_identity, {m.name: m.optimised_against for m in models})
     by_name = {m.name: m for m in models}
     for label, name in ((BASELINE, baseline), (CHAMPION, champion)):
         if name is not None and name not in by_name:
@@ -82,16 +88,15 @@ def evaluate_models(models: list[ModelUnderTest], baseline: str, pairs: pd.DataF
                for m in models}
     reward_model, reward_model_scores = None, {}
     if reward_model_path:
-        reward_model, reward_model_scores, scored_answers = _score_with_reward_model(
-            reward_model_path, prompts, pairs, answers, models, results, batch_size)
-        if judge is None:
-            judge = ScoreJudge(lambda ps, texts: [scored_answers[_key(p, t)] for p, t in zip(ps, texts)],
-                               name="reward_model")
+        reward_model, reward_model_scores = _score_with_reward_model(reward_model_path, prompts, pairs, answers,
+                                                                     models, results, batch_size)
     for label, against in ((BASELINE, baseline), (CHAMPION, champion)):
         if against is not None:
             _judge_against(label, by_name[against], models, results, answers, prompts, judge)
+    if callable(getattr(judge, "release", None)):  # a model judge frees its model once every verdict is in
+        judge.release()
     return Evaluation(prompts=list(prompts), results=results, baseline=baseline, champion=champion,
-                      judge=getattr(judge, "name", type(judge).__name__), pairs=len(pairs), reward_model=reward_model,
+                      judge=judge_identity, pairs=len(pairs), reward_model=reward_model,
                       reward_model_scores=reward_model_scores)
 
 
@@ -170,22 +175,16 @@ def _own_metrics(m: ModelUnderTest, answers, pair_logps, answer_logps, beta: flo
     return metrics
 
 
-def _key(prompt, answer: str) -> tuple[str, str]:
-    return json.dumps(normalize_prompt(prompt), sort_keys=True), answer
-
-
 def _score_with_reward_model(path: str, prompts, pairs, answers, models, results,
-                             batch_size: int) -> tuple[dict, dict, dict]:
-    """Each model's mean reward-model score (with a bootstrap interval), the reward model's own accuracy on the
-    held-out pairs and its scores of them, and every answer's score by (prompt, answer): one load serves all."""
+                             batch_size: int) -> tuple[dict, dict]:
+    """Each model's mean reward-model score (with a bootstrap interval), and the reward model's own accuracy on the
+    held-out pairs and its scores of them: one load serves all."""
     from alignment_pipelines.methods.rewards import reward_model_reward
 
     model, tokenizer = load_for_evaluation(path, "reward")
     score = reward_model_reward(model, tokenizer, batch_size)
-    scored_answers = {}
     for m in models:
         rewards = score(prompts, [a.text for a in answers[m.path]])
-        scored_answers |= {_key(p, a.text): r for p, a, r in zip(prompts, answers[m.path], rewards)}
         metrics = results[m.name].metrics
         metrics["reward_mean"] = statistics.fmean(rewards) if rewards else math.nan
         metrics["reward_mean_ci_low"], metrics["reward_mean_ci_high"] = bootstrap_interval(rewards)
@@ -196,4 +195,4 @@ def _score_with_reward_model(path: str, prompts, pairs, answers, models, results
     margins = [c - r for c, r in zip(chosen, rejected)]
     accuracy = {"preference_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else math.nan,
                 "reward_margin_mean": statistics.fmean(margins) if margins else math.nan, "pairs": len(margins)}
-    return accuracy, {"chosen": chosen, "rejected": rejected}, scored_answers
+    return accuracy, {"chosen": chosen, "rejected": rejected}

@@ -1,7 +1,8 @@
 """The evaluation report: one markdown text with the comparison table, the plots and side-by-side answers.
 
 The same text is the asset's metadata in Dagster (which renders the inline PNGs) and an artifact of
-the evaluation's MLflow run, so a reviewer sees the same thing in both places.
+the evaluation's MLflow run, so a reviewer sees the same thing in both places. Its first line says which judge
+judged, and that a heuristic judge is one.
 """
 
 from __future__ import annotations
@@ -86,14 +87,20 @@ def side_by_side(evaluation: Evaluation, max_examples: int = 3) -> str:
 
 def render_report(evaluation: Evaluation, plots: dict[str, bytes], *, title: str = "Evaluation",
                   notes: Sequence[str] = (), max_examples: int = 3) -> str:
-    """The whole report: table, notes, the reward model's own accuracy, the plots inline, and samples."""
-    lines = [f"# {title}", "", comparison_table(evaluation), ""]
-    lines += [f"Judge: `{evaluation.judge}`, every pair judged in both orders (a pair whose orders disagree is a "
+    """The whole report: which judge judged (first line), table, notes, the reward models' own accuracy, the plots
+    inline, and samples."""
+    judge = evaluation.judge
+    lines = [judge.headline(), "", f"# {title}", "", comparison_table(evaluation), ""]
+    lines += [f"Judge: `{judge.id}`, every pair judged in both orders (a pair whose orders disagree is a "
               f"tie; ties count half). {evaluation.pairs} held-out pairs, {len(evaluation.prompts)} prompts. "
               "KL: mean log-ratio of each model's own answers to its reference.", ""]
+    if "eval_accuracy" in judge.metrics:
+        lines += [f"The judge prefers the human-chosen answer on {_fmt(judge.metrics['eval_accuracy'])} of the "
+                  "held-out pairs it was scored on after training.", ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     if evaluation.reward_model is not None:
-        lines += [f"Reward model: preference accuracy {_fmt(evaluation.reward_model['preference_accuracy'])} on "
+        lines += [f"Training reward model (what PPO and RLOO optimised; its score is shown, it never judges): "
+                  f"preference accuracy {_fmt(evaluation.reward_model['preference_accuracy'])} on "
                   f"{evaluation.reward_model['pairs']} held-out pairs.", ""]
     lines += ["## Plots", ""] + [markdown_image(png, name.replace("_", " ")) + "\n" for name, png in plots.items()]
     lines += ["## Side by side", "", side_by_side(evaluation, max_examples)]
