@@ -117,6 +117,12 @@ def test_math_last_token_index_reads_the_last_dimension():
     assert last_token_index(tensor([[[1, 0, 0], [1, 1, 1]]])).tolist() == [[0, 2]]
 
 
+def test_math_masked_mean_without_a_mask_keeps_the_dimension():
+    from alignment_pipelines.methods.rl_math import masked_mean
+
+    assert masked_mean(tensor([[1, 3], [5, 7]]), dim=1).tolist() == pytest.approx([2.0, 6.0])
+
+
 # ----------------------------------------------------------------------------------------
 # Reward sources: which way each score points
 # ----------------------------------------------------------------------------------------
@@ -148,3 +154,27 @@ def test_rewards_reward_model_reads_the_last_max_length_tokens(tiny_model_dir):
     assert end != pytest.approx(start, abs=1e-4)
     score = reward_model_reward(model, tokenizer, max_length=8)
     assert score(prompts=[prompt], completions=[answer]) == pytest.approx([end], abs=1e-5)
+
+
+def test_rewards_reward_model_ends_answers_at_the_end_ids_it_is_given(tiny_model_dir):
+    """With the policy's end ids (here token 5, not the reward tokenizer's EOS), an answer whose last sampled
+    token is 5 is finished and one ending otherwise is cut off, exactly as the ``finished`` flags say."""
+    import torch
+
+    from alignment_pipelines.methods.rewards import reward_model_reward
+    from alignment_pipelines.models.loading import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(tiny_model_dir, "reward", dtype="float32", device="cpu")
+    prompts, answers = ["Tell me about tea."] * 2, ["Tea is a drink."] * 2
+    score = reward_model_reward(model, tokenizer, end_ids=[5])
+    by_ids = score(prompts=prompts, completions=answers, completion_ids=[[9, 5], [9, tokenizer.eos_token_id]])
+    by_flags = score(prompts=prompts, completions=answers, finished=[True, False])
+    assert by_ids == pytest.approx(by_flags, abs=1e-5)
+    assert by_ids[0] != pytest.approx(by_ids[1], abs=1e-4)
+
+
+def test_rewards_missing_eos_penalty_of_zero_is_allowed_and_costs_nothing():
+    from alignment_pipelines.methods.rewards import missing_eos_reward
+
+    assert missing_eos_reward(0.0, [2])(prompts=["q"], completions=["a"], completion_ids=[[7]]) == [0.0]
