@@ -31,7 +31,13 @@ row matching no layout as UNKNOWN_LAYOUT. A file where no row matches any layout
 FeedbackFileError naming the file and the fields found.
 
 A row that cannot be converted goes to `rejected` with a ReasonCode and its row number;
-it never stops the file. Row numbers are 1-based: the line for JSONL, the line where the
+it never stops the file: whatever one row's parsing or conversion raises is that row's reason (an integer
+too long for Python to convert is read as a HugeInteger, which no field accepts).
+
+What one file may cost is capped (`cap`, environment variables): the bytes a gzipped file inflates to, the
+length of a line (a longer JSONL line is read past and quarantined TOO_LONG; a longer CSV line is a
+FeedbackFileError), and what is read whole (a JSON document, a Parquet row group). A gzipped Parquet file
+is inflated to a temporary file, not into memory. Row numbers are 1-based: the line for JSONL, the line where the
 record starts for CSV, the element index for JSON arrays and Parquet. Prompts and message
 lists are checked by `schemas.normalize_prompt` / `normalize_messages` (shape, roles, a prompt
 ending with a user turn). Content checks (blank text, identical answers, too long, control
