@@ -151,14 +151,18 @@ def test_each_saving_lowers_the_estimate_where_it_applies(tmp_path, tiny_model_d
     assert longer["activations"] > 2 * parts["activations"] and longer["weights"] == parts["weights"]
 
 
-def test_rl_methods_count_the_reward_model_and_ppo_in_full_its_trained_critic(tmp_path, tiny_model_dir, pairs_path):
+def test_rl_methods_count_the_reward_model_and_ppo_its_trained_critic(tmp_path, tiny_model_dir, pairs_path):
     from alignment_pipelines.methods.ppo import PPOMethodConfig
     from alignment_pipelines.methods.rloo import RLOOMethodConfig
 
-    weights = memory.model_shape(tiny_model_dir).parameters * 4
+    shape = memory.model_shape(tiny_model_dir)
+    weights = shape.parameters * 4
     online = {"model": str(tiny_model_dir), "data": str(pairs_path), "reward_model": str(tiny_model_dir)}
     perl = memory.estimate(PPOMethodConfig(output_dir=str(tmp_path / "p"), **online)).parts
-    assert perl["reward_model"] == weights and "trained_copy" not in perl and "reference" not in perl
+    assert perl["reward_model"] == weights and "reference" not in perl
+    # PERL's critic: the reward model's weights again, frozen, under an adapter that trains (float32, AdamW)
+    adapter = memory.lora_parameters(shape, 16) * (4 + 8)
+    assert perl["trained_copy"] == weights + adapter + perl["activations"]
     full = memory.estimate(PPOMethodConfig(output_dir=str(tmp_path / "f"), lora=False, **online)).parts
     # policy, reference, reward model, and a critic with its gradients, AdamW moments and activations
     assert full["reference"] == full["reward_model"] == weights

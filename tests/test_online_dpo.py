@@ -9,8 +9,9 @@ import pytest
 
 from alignment_pipelines.ai_feedback import AIFeedbackStore, preference_pairs, summary
 from alignment_pipelines.judges import JudgeError, ShorterJudge, Verdict
+from alignment_pipelines.judges.rule import PositionJudge
 from alignment_pipelines.methods import ConfigError, config_from_dict, run_training
-from alignment_pipelines.methods.online_dpo import OnlineDPOMethodConfig, OnlineDPOTrainer, pair_weights
+from alignment_pipelines.methods.online_dpo import OnlineDPOMethodConfig, OnlineDPOTrainer, pair_labels
 from tests.chat_completions import ChatCompletionsHandler, ChatCompletionsServer
 
 QUESTIONS = ["How do I boil an egg?", "What is a prime number?", "Name a colour.", "Why is the sky blue?",
@@ -46,13 +47,23 @@ class CountingJudge(ShorterJudge):
 # ---------------------------------------------------------------- ties and the store, no model
 
 
-def test_ties_are_dropped_or_downweighted_in_the_averaged_direction():
-    agree_b = Verdict.from_orders((0.2, "B"), (0.9, "A"))
+def test_ties_are_dropped_downweighted_or_averaged_and_a_truncated_answer_loses():
+    agree_b = Verdict.from_orders((0.2, "B"), (0.9, "A"))  # both orders: b is better, P(a better) = 0.15
     leaning_a = Verdict.from_orders((0.9, "A"), (0.7, "A"))  # both orders chose A: a tie, P(a better) = 0.6
     exact = Verdict.from_orders((1.0, "A"), (1.0, "A"))  # pure position bias: P(a better) = 0.5
-    assert [v.preferred for v in (agree_b, leaning_a, exact)] == ["b", "tie", "tie"]
-    assert pair_weights([agree_b, leaning_a, exact], "drop", 0.25) == [(False, 1.0), (True, 0.0), (True, 0.0)]
-    assert pair_weights([agree_b, leaning_a, exact], "downweight", 0.25) == [(False, 1.0), (True, 0.25), (True, 0.0)]
+    verdicts = [agree_b, leaning_a, exact]
+    assert [v.preferred for v in verdicts] == ["b", "tie", "tie"]
+    # (target P(a better), weight)
+    assert pair_labels(verdicts, "drop", 0.25) == [(0.0, 1.0), (1.0, 0.0), (1.0, 0.0)]
+    assert pair_labels(verdicts, "downweight", 0.25) == [(0.0, 1.0), (1.0, 0.25), (1.0, 0.0)]
+    assert pair_labels(verdicts, "average", 0.25) == [(0.0, 1.0), (pytest.approx(0.6), 1.0), (0.5, 1.0)]
+    # b was cut at max_new_tokens, a finished: the penalty decides for a, even against the annotator ...
+    finished_a, finished_b = [True, True, True], [False, False, True]
+    assert pair_labels(verdicts, "drop", 0.25, finished_a, finished_b, 1.0) == [(1.0, 1.0), (1.0, 1.0), (1.0, 0.0)]
+    # ... a small penalty only shifts the probability; both cut or both finished: the annotator alone decides
+    assert pair_labels(verdicts, "average", 0.25, finished_a, finished_b, 0.3) == [
+        (0.0, 1.0), (1.0, 1.0), (0.5, 1.0)]
+    assert pair_labels(verdicts, "drop", 0.25, [False] * 3, [False] * 3, 1.0) == pair_labels(verdicts, "drop", 0.25)
 
 
 def test_store_judges_each_pair_once_in_either_order(tmp_path):
@@ -142,7 +153,7 @@ def test_samples_of_every_step_come_from_the_weights_after_the_previous_update(t
     from peft import get_peft_model
     from transformers import TrainerCallback
 
-    from alignment_pipelines.methods.ppo_trainer import trainable_state
+    from alignment_pipelines.methods.own_loop import trainable_state
     from alignment_pipelines.methods.training import load_start_model, lora_config
 
     config = OnlineDPOMethodConfig(**online_config(tmp_path, tiny_model_dir, prompts_path, max_steps=3)).validate()
@@ -172,6 +183,84 @@ def test_samples_of_every_step_come_from_the_weights_after_the_previous_update(t
     for step, (weights, (_, answers_a, answers_b)) in enumerate(zip(snapshots, judge.calls), start=1):
         assert resample(weights, step) == answers_a + answers_b  # sampled from the weights of that moment
     assert resample(snapshots[0], 3) != judge.calls[2][1] + judge.calls[2][2]  # not from the start weights
+
+
+def mean_answer_length(rows, step: int) -> float:
+    """Mean characters of the answers sampled at ``step`` (1-based), from the judgement store."""
+    sampled = rows[rows["policy_version"].str.endswith(f"@step-{step - 1}")]
+    return float((sampled["answer_a"].str.len().mean() + sampled["answer_b"].str.len().mean()) / 2)
+
+
+@pytest.mark.timeout(120)
+def test_the_shorter_judge_shortens_the_answers(tmp_path, tiny_model_dir, prompts_path):
+    """The policy moves towards what the annotator prefers (training on chosen and rejected swapped makes the
+    answers longer instead). Seen: ~29 characters in the first steps, ~20 in the last."""
+    config = config_from_dict("online_dpo", online_config(tmp_path, tiny_model_dir, prompts_path, lora=False,
+                                                          learning_rate=1e-2, per_device_batch_size=8, max_steps=10))
+    run_training("online_dpo", config)
+    rows = AIFeedbackStore(tmp_path / "store").read()
+    lengths = [mean_answer_length(rows, step) for step in range(1, 11)]
+    print("mean answer characters per step", [round(n, 1) for n in lengths])
+    assert sum(lengths[-3:]) / 3 < sum(lengths[:3]) / 3 - 4
+
+
+class TiesFirst(ShorterJudge):
+    """A pure position bias (only ties) for its first batch, then the shorter answer wins."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def judge(self, prompts, answers_a, answers_b):
+        self.batches += 1
+        if self.batches == 1:
+            return PositionJudge().judge(prompts, answers_a, answers_b)
+        return super().judge(prompts, answers_a, answers_b)
+
+
+def test_the_step_size_does_not_shrink_as_ties_grow(tmp_path, tiny_model_dir, prompts_path):
+    """A step whose first micro-batch is all ties (dropped) sums the same gradient as the second micro-batch
+    alone: the loss is divided by the pairs that carry weight in the whole step, not by the micro-batches."""
+    import torch
+    from peft import get_peft_model
+
+    from alignment_pipelines.methods.training import load_start_model, lora_config
+
+    config = OnlineDPOMethodConfig(**online_config(tmp_path, tiny_model_dir, prompts_path, gradient_accumulation_steps=2,
+                                                   max_grad_norm=1e9)).validate()
+
+    def trainer(judge, store):
+        torch.manual_seed(0)
+        policy, tokenizer = load_start_model(config, "policy")
+        return OnlineDPOTrainer(config, get_peft_model(policy, lora_config(config, "policy")), tokenizer, None, judge,
+                                AIFeedbackStore(tmp_path / store), QUESTIONS)
+
+    stepped = trainer(TiesFirst(), "store-a")
+    summed = {}
+    stepped.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: summed.update(
+        {id(p): p.grad.clone() for group in optimizer.param_groups for p in group["params"]}))
+    metrics = stepped.training_step(1)
+    assert metrics["pairs/ties"] == 4 and metrics["pairs/trained"] > 0
+
+    alone = trainer(ShorterJudge(), "store-b")
+    batch = alone.judged_batch(1, micro=1)  # the same samples as the step's second micro-batch
+    alone.backward(batch, batch.weighted_pairs)
+    grads = [p.grad for group in alone.optimizer.param_groups for p in group["params"]]
+    ours = [summed[id(p)] for group in stepped.optimizer.param_groups for p in group["params"]]
+    assert any(float(g.abs().max()) > 0 for g in grads)
+    for mine, expected in zip(ours, grads):
+        torch.testing.assert_close(mine, expected)
+
+
+def test_long_prompts_are_left_out_and_counted_and_the_learning_rate_warms_up(tmp_path, tiny_model_dir):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in [*QUESTIONS, "why " * 200]))
+    config = config_from_dict("online_dpo", online_config(tmp_path, tiny_model_dir, data, max_steps=2,
+                                                          warmup_ratio=0.5))
+    result = run_training("online_dpo", config)
+    assert result.metrics["prompts"] == 8 and result.metrics["prompts_too_long"] == 1
+    assert not AIFeedbackStore(tmp_path / "store").read()["prompt"].astype(str).str.contains("why why").any()
+    # one warm-up step: half the peak, then the peak
+    assert [h["learning_rate"] for h in result.history] == pytest.approx([2.5e-3, 5e-3])
 
 
 def test_judgements_are_stored_and_a_rerun_judges_nothing_twice(tmp_path, tiny_model_dir, prompts_path):

@@ -12,7 +12,8 @@ config validation. It adds up, in bytes:
   entries (a few float32 temporaries of that size on a CPU), while ORPO materialises every logit,
   ``tokens x vocab x 4`` bytes, several times over;
 - other models the method keeps beside the policy (``MemoryProfile.frozen_models``: a reward model, an annotator),
-  and the critic that full-training PPO copies from its reward model and trains (``trained_copy_of``);
+  and the critic that PPO copies from its reward model (from the start model without one) and trains
+  (``trained_copy_of``): every weight in full training, its own adapter over frozen weights with LoRA;
 - the process itself (Python, torch, the tokenized data) on a CPU.
 
 The constants come from counting what a Llama block keeps per token, checked against SmolLM2-135M DPO runs
@@ -198,11 +199,13 @@ def estimate(config: MethodConfig, device: str = "cpu") -> MemoryEstimate | None
         other = model_shape(getattr(config, name)) if getattr(config, name, None) else None
         if other is not None:
             parts[name] = float(other.parameters * (other.stored_bytes if gpu else 4))
-    copied = profile.trained_copy_of and not config.lora and getattr(config, profile.trained_copy_of, None)
+    copied = profile.trained_copy_of and (getattr(config, profile.trained_copy_of, None) or config.model)
     other = model_shape(copied) if copied else None
-    if other is not None:  # weights, gradients and AdamW's moments of a second trained model, and its activations
+    if other is not None:  # a second trained model: its weights, what trains of it (gradients, AdamW), activations
         copy_bytes = other.stored_bytes if gpu else 4
-        parts["trained_copy"] = float(other.parameters * (2 * copy_bytes + 8) + parts["activations"])
+        trained_copy = lora_parameters(other, config.lora_r) * (4 + 8) if config.lora \
+            else other.parameters * (copy_bytes + 8)
+        parts["trained_copy"] = float(other.parameters * copy_bytes + trained_copy + parts["activations"])
 
     if profile.logits == "chunked":
         tile_tokens, tile_vocab = CPU_HEAD_TILE if not gpu and getattr(config, "score_answers_only", False) \

@@ -7,10 +7,19 @@ One training step, for each of ``gradient_accumulation_steps`` batches of ``per_
    weights are synced after every optimizer step;
 2. ask the annotator about each pair in both orders in one batch, through the AI-feedback store (a pair judged
    before, by the same judge and instruction, is not judged again; every new judgement is stored);
-3. verdicts that agree make a preference; the rest are ties, dropped or down-weighted (``ties``);
-4. the DPO loss on the pairs, against the reference (the disabled LoRA adapter, or a frozen start model);
+3. verdicts that agree make a preference; the rest are ties: dropped, down-weighted, or trained on the
+   order-averaged probability as a soft label (``ties='average'``, OAIF's rule). An answer cut at
+   ``max_new_tokens`` without EOS loses ``missing_eos_penalty`` of that probability, so against a finished answer
+   it loses outright at the default;
+4. the DPO loss on the pairs, against the reference (the disabled LoRA adapter, or a frozen start model),
+   divided by the number of pairs that carry weight in the whole step: the step's size does not shrink as ties
+   grow more frequent;
 
-then one optimizer step. Agreement and position-bias rates are logged every step.
+then one optimizer step, its gradient clipped to ``max_grad_norm``, its learning rate warming up over the first
+``warmup_ratio`` of the steps (TRL's guard rails). Agreement and position-bias rates are logged every step.
+Prompts that leave no room for ``max_new_tokens`` within ``max_length`` are left out and counted
+(``prompts_too_long``), as PPO and RLOO do, never cut. Sampling, log-probs, the loop and checkpoints come from
+``own_loop.py``, shared with PPO.
 
 Why not TRL's ``OnlineDPOTrainer`` itself: it turns every pair into a preference (``first >= second``, so a tie
 trains "sample i is better" at full weight) and has no per-pair weight, so ties can be neither dropped nor
@@ -23,33 +32,28 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from alignment_pipelines.methods.config import ConfigError, MemoryProfile, MethodConfig, option, wiring
+from alignment_pipelines.methods.own_loop import OwnLoop, max_grad_norm_option
 from alignment_pipelines.methods.training import TrainResult
 
 JudgeKind = Literal["llm", "openai", "rule", "shorter", "contains_code", "regex", "position"]
-TieHandling = Literal["drop", "downweight"]
+TieHandling = Literal["drop", "downweight", "average"]
 LossType = Literal["sigmoid", "ipo"]
 
 STORE_IN_MODEL_FOLDER = "ai_feedback"  # where judgements go when no shared store is wired in
-POLICY_WEIGHTS_FILE = "policy_trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
 class OnlineDPOMethodConfig(MethodConfig):
     """Online DPO: the policy samples two answers per prompt, an annotator LLM judges them in both orders."""
 
-    learning_rate: float = option(5e-6, "peak learning rate (constant schedule)", minimum=0, exclusive_minimum=True)
+    learning_rate: float = option(5e-6, "peak learning rate (constant after the warm-up)", minimum=0,
+                                  exclusive_minimum=True)
     beta: float = option(0.1, "strength of the KL constraint to the reference (higher: stay closer)",
                          minimum=0, exclusive_minimum=True)
     loss_type: LossType = option("sigmoid", "DPO loss variant (sigmoid is the paper's)")
@@ -70,10 +74,18 @@ class OnlineDPOMethodConfig(MethodConfig):
     judge_pattern: str | None = option(None, "'regex': the pattern a preferred answer matches")
     judge_batch_size: int = option(8, "'llm': comparisons per forward pass", minimum=1)
     ties: TieHandling = option(
-        "drop", "pairs whose two orders disagree: 'drop' them, or 'downweight' them (trained with tie_weight, in "
-                "the direction of the order-averaged preference; an exact 50/50 is still dropped)")
+        "drop", "pairs whose two orders disagree: 'drop' them, 'downweight' them (trained with tie_weight, in "
+                "the direction of the order-averaged preference; an exact 50/50 is still dropped), or 'average': "
+                "train on the order-averaged P(a better) as a soft label (OAIF's rule)")
     tie_weight: float = option(0.25, "weight of a tied pair with ties='downweight' (a preference weighs 1)",
                                minimum=0, maximum=1)
+    missing_eos_penalty: float | None = option(
+        1.0, "taken from the order-averaged P(better) of an answer cut at max_new_tokens without EOS when the other "
+             "answer finished (1.0: the finished one always wins; a truncated answer must not win on being longer "
+             "or shorter); unset: no penalty", minimum=0, maximum=1)
+    max_grad_norm: float = max_grad_norm_option()
+    warmup_ratio: float = option(0.1, "share of the steps over which the learning rate rises linearly to its peak",
+                                 minimum=0, maximum=1, exclusive_maximum=True)
     max_new_tokens: int = option(64, "tokens sampled per answer", minimum=1)
     temperature: float = option(0.9, "sampling temperature", minimum=0, exclusive_minimum=True)
     top_p: float = option(1.0, "nucleus sampling: keep the smallest token set with this much probability",
@@ -153,17 +165,29 @@ class OnlineDPOMethodConfig(MethodConfig):
         return {"kind": self.judge}
 
 
-def pair_weights(verdicts, ties: TieHandling, tie_weight: float) -> list[tuple[bool, float]]:
-    """(is answer a the chosen one, weight) per verdict: 1 for a preference both orders agree on; a tie weighs
-    0 (``drop``) or ``tie_weight`` in the direction of the order-averaged P(a better) (``downweight``)."""
+def pair_labels(verdicts, ties: TieHandling, tie_weight: float, finished_a=None, finished_b=None,
+                missing_eos_penalty: float | None = None) -> list[tuple[float, float]]:
+    """(label, weight) per verdict; the label is the target P(answer a is better).
+
+    A preference both orders agree on: label 1 or 0, weight 1. A tie: weight 0 (``drop``); ``tie_weight`` with the
+    label of the order-averaged direction (``downweight``, an exact 50/50 dropped); or label = the order-averaged
+    P(a better) at weight 1 (``average``). Where exactly one answer finished (``finished_a``/``finished_b``), the
+    truncated one loses ``missing_eos_penalty`` of that probability and the pair is decided by what is left.
+    """
     out = []
-    for verdict in verdicts:
-        if verdict.preferred != "tie":
-            out.append((verdict.preferred == "a", 1.0))
-        elif ties == "downweight" and verdict.p_a != 0.5:
-            out.append((verdict.p_a > 0.5, tie_weight))
+    for i, verdict in enumerate(verdicts):
+        p_a, preferred = verdict.p_a, verdict.preferred
+        if missing_eos_penalty is not None and finished_a is not None and finished_a[i] != finished_b[i]:
+            p_a = min(1.0, max(0.0, p_a + (missing_eos_penalty if finished_a[i] else -missing_eos_penalty)))
+            preferred = "a" if p_a > 0.5 else "b" if p_a < 0.5 else "tie"
+        if preferred != "tie":
+            out.append((1.0 if preferred == "a" else 0.0, 1.0))
+        elif ties == "average":
+            out.append((p_a, 1.0))
+        elif ties == "downweight" and p_a != 0.5:
+            out.append((1.0 if p_a > 0.5 else 0.0, tie_weight))
         else:
-            out.append((True, 0.0))
+            out.append((1.0, 0.0))
     return out
 
 
@@ -191,50 +215,53 @@ class Samples:
     has_eos: Any
 
 
-class OnlineDPOTrainer:
+@dataclass
+class JudgedBatch:
+    """One micro-batch's samples with the annotator's labels: target P(a better) and weight per pair."""
+
+    samples: Samples
+    labels: Any  # [B] float
+    weights: Any  # [B] float
+    stats: dict[str, float]
+
+    @property
+    def weighted_pairs(self) -> int:
+        return int((self.weights > 0).sum())
+
+
+class OnlineDPOTrainer(OwnLoop):
     """The loop in the module docstring. ``policy`` is a causal LM or a ``PeftModel`` (then the reference is its
-    disabled adapter and ``reference`` is None); callbacks are transformers ``TrainerCallback``s."""
+    disabled adapter and ``reference`` is None); ``prompts`` each leave ``max_new_tokens`` of room within
+    ``max_length`` (``ppo.fitting_prompts``); callbacks are transformers ``TrainerCallback``s."""
 
     def __init__(self, config: OnlineDPOMethodConfig, policy, tokenizer, reference, judge, store,
                  prompts: list, callbacks: list | None = None):
         import torch
-        from transformers import GenerationConfig, TrainerControl, TrainerState
+
+        from alignment_pipelines.methods.own_loop import (
+            PromptOrder, chat_prompt_ids, disable_dropout, eos_token_ids, sampling_config, warmup_scheduler)
 
         self.config, self.policy, self.tokenizer, self.reference = config, policy, tokenizer, reference
         self.judge, self.store, self.prompts = judge, store, prompts
-        self.callbacks = list(callbacks or [])
         self.device = next(policy.parameters()).device
         self.pad_token_id = tokenizer.pad_token_id
-        self.eos_token_ids = self._eos_token_ids()
-        budget = config.max_length - config.max_new_tokens
-        self.prompt_token_ids = [self._tokenize(p)[-budget:] for p in prompts]
-        self.generation_config = GenerationConfig(
-            do_sample=True, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-            top_k=config.top_k, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
+        self.eos_token_ids = eos_token_ids(tokenizer, policy)
+        self.prompt_order = PromptOrder(len(prompts), config.seed)
+        self.prompt_token_ids = chat_prompt_ids(tokenizer, prompts, config.max_length, config.max_new_tokens)
+        self.generation_config = sampling_config(config.max_new_tokens, config.temperature, self.eos_token_ids,
+                                                 self.pad_token_id, top_p=config.top_p, top_k=config.top_k)
+        disable_dropout(policy)
         self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                            lr=config.learning_rate)
-        self.state = TrainerState(max_steps=config.max_steps, logging_steps=config.logging_steps)
-        self.control = TrainerControl()
-        self._prompt_orders: dict[int, list[int]] = {}
+        self.lr_scheduler = warmup_scheduler(self.optimizer, int(config.warmup_ratio * config.max_steps))
+        self.trained = {"policy": policy}
+        self._start_loop(callbacks)
         self.vllm = self._vllm_generation() if config.use_vllm else None
         self._vllm_synced_step = -1
         self.totals = {"pairs": 0, "agree": 0, "position_biased": 0, "preferences": 0, "ties": 0, "judged": 0,
                        "cached": 0}
 
     # ------------------------------------------------------------------ sampling
-
-    def _tokenize(self, prompt) -> list[int]:
-        from alignment_pipelines.methods.rewards import prompt_messages
-
-        text = self.tokenizer.apply_chat_template(prompt_messages(prompt), add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _eos_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        configured = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)
-        if configured is not None:
-            ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-        return sorted(ids)
 
     def _vllm_generation(self):
         from accelerate import Accelerator
@@ -249,35 +276,19 @@ class OnlineDPOTrainer:
 
     def prompt_indices(self, step: int, micro: int = 0) -> list[int]:
         """The prompts of micro-batch ``micro`` of step ``step`` (1-based): slices of a fresh shuffle per pass."""
-        import torch
-
-        from alignment_pipelines.methods.ppo_trainer import derived_seed
-
         batch = self.config.per_device_batch_size
-        first = ((step - 1) * self.config.gradient_accumulation_steps + micro) * batch
-        indices = []
-        for position in range(first, first + batch):
-            epoch, offset = divmod(position, len(self.prompts))
-            if epoch not in self._prompt_orders:
-                generator = torch.Generator().manual_seed(derived_seed(self.config.seed, epoch, "prompt-order"))
-                self._prompt_orders[epoch] = torch.randperm(len(self.prompts), generator=generator).tolist()
-            indices.append(self._prompt_orders[epoch][offset])
-        return indices
+        return self.prompt_order.indices(((step - 1) * self.config.gradient_accumulation_steps + micro) * batch,
+                                         batch)
 
     def sample(self, indices: list[int], step: int, micro: int = 0) -> Samples:
         """Two answers per prompt from the policy's weights as they are now, seeded by (seed, step, micro)."""
         import torch
 
-        from alignment_pipelines.methods.ppo_trainer import derived_seed
+        from alignment_pipelines.methods.own_loop import cut_after_eos, derived_seed, left_pad
 
         prompt_ids = [self.prompt_token_ids[i] for i in indices] * 2
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompt_ids):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            prompt_mask[row, width - len(ids):] = 1
-        input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
+        input_ids, prompt_mask = left_pad(prompt_ids, self.pad_token_id, self.device)
+        width = input_ids.size(1)
         if self.vllm is not None:
             answers = self._vllm_answers(prompt_ids, step)
         else:
@@ -287,12 +298,7 @@ class OnlineDPOTrainer:
                 sequences = self.policy.generate(input_ids=input_ids, attention_mask=prompt_mask,
                                                  generation_config=self.generation_config)
             answers = sequences[:, width:]
-        is_eos = torch.isin(answers, torch.tensor(self.eos_token_ids, device=answers.device))
-        has_eos = is_eos.any(dim=1)
-        length = answers.size(1)
-        first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
-        answer_mask = (torch.arange(length, device=answers.device)[None, :] <= first_eos[:, None]).long()
-        answers = answers.masked_fill(answer_mask == 0, self.pad_token_id)
+        answers, answer_mask, has_eos = cut_after_eos(answers, self.eos_token_ids, self.pad_token_id)
         texts = [t.strip() for t in self.tokenizer.batch_decode(
             [ids[mask.bool()] for ids, mask in zip(answers, answer_mask)], skip_special_tokens=True)]
         return Samples(indices, torch.cat([input_ids, answers], dim=1), torch.cat([prompt_mask, answer_mask], dim=1),
@@ -312,31 +318,20 @@ class OnlineDPOTrainer:
             answers[row, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
         return answers.to(self.device)
 
-    # ------------------------------------------------------------------ the DPO update
+    # ------------------------------------------------------------------ judging and the DPO update
 
     def answer_logps(self, model, samples: Samples):
-        """Summed log-probs of each answer given its prompt (positions count real tokens only)."""
-        import torch
+        """Summed log-probs of each answer given its prompt: the policy's own distribution (temperature 1), which
+        DPO's implicit reward is defined on."""
+        from alignment_pipelines.methods.own_loop import answer_logits
+        from alignment_pipelines.methods.rl_math import logprobs_from_logits
 
-        position_ids = (samples.attention_mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=samples.input_ids, attention_mask=samples.attention_mask,
-                       position_ids=position_ids, use_cache=False).logits
-        logits = logits[:, samples.prompt_length - 1:-1].float()
+        logits = answer_logits(model, samples.input_ids, samples.attention_mask, samples.prompt_length, 1.0)[0]
         answer_ids = samples.input_ids[:, samples.prompt_length:]
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, answer_ids[..., None]).squeeze(-1)
-        return (logps * samples.answer_mask).sum(1)
+        return (logprobs_from_logits(logits, answer_ids) * samples.answer_mask).sum(1)
 
-    def _reference_logps(self, samples: Samples):
-        import torch
-
-        with torch.no_grad():
-            if self.reference is None:
-                with self.policy.disable_adapter():
-                    return self.answer_logps(self.policy, samples)
-            return self.answer_logps(self.reference, samples)
-
-    def _micro_step(self, step: int, micro: int) -> dict[str, float]:
-        """Sample, judge, and add this micro-batch's DPO gradient; returns its numbers."""
+    def judged_batch(self, step: int, micro: int) -> JudgedBatch:
+        """Sample micro-batch ``micro`` of ``step`` and have the annotator label its pairs."""
         import torch
 
         c = self.config
@@ -345,121 +340,77 @@ class OnlineDPOTrainer:
         prompts = [self.prompts[i] for i in samples.indices]
         judged = self.store.judge(self.judge, prompts, samples.texts[:b], samples.texts[b:],
                                   policy_version=f"{c.output_dir}@step-{step - 1}")
-        weights = pair_weights(judged.verdicts, c.ties, c.tie_weight)
-        a_chosen = torch.tensor([a for a, _ in weights], device=self.device)
-        weight = torch.tensor([w for _, w in weights], device=self.device)
-        kept = int((weight > 0).sum())
-
-        self.policy.train()  # dropout is off (see train); train mode lets gradient checkpointing work
-        logps = self.answer_logps(self.policy, samples)
-        ref_logps = self._reference_logps(samples)
-        rows = torch.arange(b, device=self.device)
-        chosen, rejected = torch.where(a_chosen, rows, rows + b), torch.where(a_chosen, rows + b, rows)
-        losses = dpo_losses(logps[chosen], logps[rejected], ref_logps[chosen], ref_logps[rejected], c.beta,
-                            c.loss_type)
-        loss = (weight * losses).sum() / max(kept, 1)
-        if kept:
-            (loss / c.gradient_accumulation_steps).backward()
-
-        stats = {"agreement_rate": sum(v.agrees for v in judged.verdicts),
-                 "position_bias_rate": sum(v.position_biased for v in judged.verdicts)}
+        finished = samples.has_eos.tolist()
+        labelled = pair_labels(judged.verdicts, c.ties, c.tie_weight, finished[:b], finished[b:],
+                               c.missing_eos_penalty)
         preferences = sum(v.preferred != "tie" for v in judged.verdicts)
-        for key, value in (("pairs", b), ("agree", stats["agreement_rate"]),
-                           ("position_biased", stats["position_bias_rate"]), ("preferences", preferences),
-                           ("ties", b - preferences), ("judged", judged.judged), ("cached", judged.cached)):
+        stats = {"pairs": b, "agree": sum(v.agrees for v in judged.verdicts),
+                 "position_biased": sum(v.position_biased for v in judged.verdicts), "preferences": preferences,
+                 "ties": b - preferences, "judged": judged.judged, "cached": judged.cached}
+        for key, value in stats.items():
             self.totals[key] += value
-        margins = (c.beta * ((logps[chosen] - ref_logps[chosen]) - (logps[rejected] - ref_logps[rejected]))).detach()
-        kept_rows = weight > 0
+        return JudgedBatch(samples, torch.tensor([label for label, _ in labelled], device=self.device),
+                           torch.tensor([weight for _, weight in labelled], device=self.device), stats)
+
+    def backward(self, batch: JudgedBatch, weighted_pairs: int) -> dict[str, float]:
+        """Add ``batch``'s share of the step's DPO gradient: its weighted soft-label losses over ``weighted_pairs``,
+        the pairs that carry weight in the whole step (so the step's size does not depend on the tie rate)."""
+        import torch
+
+        from alignment_pipelines.methods.own_loop import reference_model
+
+        c, samples = self.config, batch.samples
+        b = len(samples.indices)
+        self.policy.train()  # dropout is off; train mode lets gradient checkpointing work
+        logps = self.answer_logps(self.policy, samples)
+        with torch.no_grad(), reference_model(self.policy, self.reference) as reference:
+            ref_logps = self.answer_logps(reference, samples)
+        a, b_rows = slice(0, b), slice(b, 2 * b)
+        a_wins = dpo_losses(logps[a], logps[b_rows], ref_logps[a], ref_logps[b_rows], c.beta, c.loss_type)
+        b_wins = dpo_losses(logps[b_rows], logps[a], ref_logps[b_rows], ref_logps[a], c.beta, c.loss_type)
+        losses = batch.labels * a_wins + (1 - batch.labels) * b_wins
+        loss = (batch.weights * losses).sum() / max(weighted_pairs, 1)
+        kept = batch.weighted_pairs
+        if kept:
+            loss.backward()
+        margin_a = (c.beta * ((logps[a] - ref_logps[a]) - (logps[b_rows] - ref_logps[b_rows]))).detach()
+        margins = torch.where(batch.labels >= 0.5, margin_a, -margin_a)[batch.weights > 0]
         return {
-            "loss": float(loss.detach()),
-            "judge/agreement_rate": stats["agreement_rate"] / b,
-            "judge/position_bias_rate": stats["position_bias_rate"] / b,
-            "pairs/preferences": float(preferences),
-            "pairs/ties": float(b - preferences),
+            "loss": float((batch.weights * losses).sum().detach()) / max(kept, 1),
+            "judge/agreement_rate": batch.stats["agree"] / b,
+            "judge/position_bias_rate": batch.stats["position_biased"] / b,
+            "pairs/preferences": float(batch.stats["preferences"]),
+            "pairs/ties": float(batch.stats["ties"]),
             "pairs/trained": float(kept),
-            "ai_feedback/judged": float(judged.judged),
-            "ai_feedback/cached": float(judged.cached),
-            "rewards/margins": float(margins[kept_rows].mean()) if kept else math.nan,
-            "rewards/accuracies": float((margins[kept_rows] > 0).float().mean()) if kept else math.nan,
+            "ai_feedback/judged": float(batch.stats["judged"]),
+            "ai_feedback/cached": float(batch.stats["cached"]),
+            "rewards/margins": float(margins.mean()) if kept else math.nan,
+            "rewards/accuracies": float((margins > 0).float().mean()) if kept else math.nan,
             "objective/kl": float((logps - ref_logps).detach().mean()),
             "completions/mean_length": float(samples.answer_mask.sum(1).float().mean()),
             "completions/clipped_ratio": float((~samples.has_eos).float().mean()),
         }
 
     def training_step(self, step: int) -> dict[str, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` freshly sampled and judged micro-batches."""
-        parts = [self._micro_step(step, micro) for micro in range(self.config.gradient_accumulation_steps)]
-        if any(p["pairs/trained"] for p in parts):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches, all sampled and judged first
+        (the weights do not move in between) so that the loss is divided by the step's weighted pairs."""
+        from alignment_pipelines.methods.own_loop import clip_and_step
+
+        batches = [self.judged_batch(step, micro) for micro in range(self.config.gradient_accumulation_steps)]
+        weighted = sum(batch.weighted_pairs for batch in batches)
+        parts = [self.backward(batch, weighted) for batch in batches]
+        learning_rate = self.lr_scheduler.get_last_lr()[0]
+        if weighted:
+            clip_and_step(self.optimizer, self.lr_scheduler, self.config.max_grad_norm)
         metrics = {}
         for key in parts[0]:
             values = [p[key] for p in parts if not math.isnan(p[key])]
             summed = key.startswith(("pairs/", "ai_feedback/"))
             metrics[key] = (sum(values) if summed else sum(values) / len(values)) if values else math.nan
-        metrics["learning_rate"] = self.config.learning_rate
+        metrics["learning_rate"] = learning_rate
         metrics["epoch"] = step * self.config.gradient_accumulation_steps * self.config.per_device_batch_size / len(
             self.prompts)
         return metrics
-
-    # ------------------------------------------------------------------ the loop
-
-    def _callback(self, event: str, **kwargs: Any) -> None:
-        for callback in self.callbacks:
-            result = getattr(callback, event)(self.config, self.state, self.control, model=self.policy,
-                                              processing_class=self.tokenizer, optimizer=self.optimizer, **kwargs)
-            if result is not None:
-                self.control = result
-
-    def train(self, resume_from: Path | None = None) -> None:
-        """Steps ``1..max_steps``, or from the step after the checkpoint ``resume_from``."""
-        if resume_from is not None:
-            import torch
-            from transformers import TrainerState
-
-            from alignment_pipelines.methods.ppo_trainer import load_trainable_state
-
-            load_trainable_state(self.policy, resume_from / POLICY_WEIGHTS_FILE)
-            self.optimizer.load_state_dict(torch.load(resume_from / OPTIMIZER_FILE, map_location="cpu",
-                                                      weights_only=True))
-            self.state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE_FILE))
-        self._callback("on_train_begin")
-        for step in range(self.state.global_step + 1, self.config.max_steps + 1):
-            self._callback("on_step_begin")
-            metrics = self.training_step(step)
-            self.state.global_step = step
-            self.state.epoch = metrics.pop("epoch")
-            self._callback("on_step_end")
-            if step % self.config.logging_steps == 0:
-                self.state.log_history.append({**metrics, "step": step})
-                self._callback("on_log", logs=metrics)
-            if self.config.checkpoint_dir and self.config.save_steps and step % self.config.save_steps == 0:
-                self._save_checkpoint(step)
-            if self.control.should_training_stop:
-                break
-        self._callback("on_train_end")
-
-    def _save_checkpoint(self, step: int) -> None:
-        """``checkpoint-<step>``: written hidden, ``trainer_state.json`` last, renamed; the older one removed."""
-        import torch
-        from safetensors.torch import save_file
-
-        from alignment_pipelines.methods.ppo_trainer import trainable_state
-
-        root = Path(self.config.checkpoint_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}.tmp-", dir=root))
-        try:
-            save_file(trainable_state(self.policy), str(staging / POLICY_WEIGHTS_FILE))
-            torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
-            self.state.save_to_json(str(staging / TRAINER_STATE_FILE))
-            os.replace(staging, root / f"{CHECKPOINT_PREFIX}{step}")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        for older in root.glob(f"{CHECKPOINT_PREFIX}*"):
-            if older.name != f"{CHECKPOINT_PREFIX}{step}":
-                shutil.rmtree(older, ignore_errors=True)
 
     def run_metrics(self) -> dict[str, float]:
         """The annotator's numbers over the whole run (since the resume, for a resumed run)."""
@@ -476,15 +427,6 @@ class OnlineDPOTrainer:
         }
 
 
-def disable_dropout(model) -> None:
-    """Dropout off everywhere: the log-probs of the update are those of the distribution that sampled."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 def train(config: OnlineDPOMethodConfig, callbacks: list | None = None) -> TrainResult:
     """Load the prompts, the policy (with LoRA or beside a frozen reference) and the annotator; train; save."""
     import torch
@@ -492,17 +434,17 @@ def train(config: OnlineDPOMethodConfig, callbacks: list | None = None) -> Train
     from alignment_pipelines.ai_feedback import AIFeedbackStore
     from alignment_pipelines.judges import build_judge
     from alignment_pipelines.methods.checkpoints import prepare_resume
-    from alignment_pipelines.methods.data import load_prompts
+    from alignment_pipelines.methods.ppo import fitting_prompts
     from alignment_pipelines.methods.training import (
         StagingDir, finish, history_and_metrics, load_frozen, load_start_model, lora_config, quiet_progress,
         save_trained)
 
     config.validate()
     quiet_progress(config)
-    prompts = list(load_prompts(config.data)["prompt"])
     judge = build_judge(config.judge_spec())
     torch.manual_seed(config.seed)  # the LoRA initialisation
     policy, tokenizer = load_start_model(config, "policy")
+    prompts, prompt_metrics = fitting_prompts(config, tokenizer)
     reference = None
     if config.lora:
         from peft import get_peft_model
@@ -514,20 +456,20 @@ def train(config: OnlineDPOMethodConfig, callbacks: list | None = None) -> Train
     policy.to(device)
     if reference is not None:
         reference.to(device)
-    disable_dropout(policy)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.enable_input_require_grads()
     with StagingDir(config.output_dir) as staging:
         staging.model_dir.mkdir(parents=True)
         store = AIFeedbackStore(config.feedback_store or staging.model_dir / STORE_IN_MODEL_FOLDER)
-        trainer = OnlineDPOTrainer(config, policy, tokenizer, reference, judge, store, prompts, callbacks)
+        trainer = OnlineDPOTrainer(config, policy, tokenizer, reference, judge, store, list(prompts["prompt"]),
+                                   callbacks)
         resume, resumed_step = prepare_resume(config)
         started = time.perf_counter()
         trainer.train(resume)
         history, metrics = history_and_metrics(trainer.state.log_history, trainer.state.global_step, resumed_step)
         metrics.update(trainer.run_metrics())
-        metrics["prompts"] = float(len(prompts))
+        metrics.update(prompt_metrics)
         metrics["wall_seconds"] = time.perf_counter() - started
         save_trained(policy, tokenizer, config, staging.model_dir, "policy", "online_dpo")
         (staging.model_dir / "annotator.json").write_text(json.dumps(

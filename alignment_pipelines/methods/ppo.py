@@ -3,10 +3,15 @@
 Models by role:
 
 - LoRA (PERL, the default): the policy is a LoRA adapter on the start model; the reference is the same model with
-  its adapter disabled; the critic is a value head on the policy's own trunk. With the reward model that makes two
-  models in memory.
+  its adapter disabled; the critic is a value model started from the reward model (as TRL does) with its own LoRA
+  adapter and score head, trained at its own learning rate: three models in memory with the reward model (the
+  critic's frozen trunk is the third).
 - Full: the policy, a frozen copy of it as the reference, the reward model, and a value model started from the
-  reward model (as TRL's former PPO did), trainable: four models.
+  reward model, trainable: four models.
+
+Without a reward model (rule rewards only), or when the reward model reads another vocabulary, the critic starts
+from the start model with a zeroed score head. The critic is never the policy's own trunk: its loss would then move
+the policy, and a head on a trunk tuned for the next token barely learns values.
 
 This module also holds :class:`OnlineMethodConfig`, what every method that learns from rewards on fresh samples
 shares (RLOO extends it): the reward sources, the KL weight and the generation settings.
@@ -20,6 +25,7 @@ from typing import ClassVar
 
 from alignment_pipelines.methods import memory
 from alignment_pipelines.methods.config import ConfigError, MemoryProfile, MethodConfig, option, wiring
+from alignment_pipelines.methods.own_loop import max_grad_norm_option
 from alignment_pipelines.methods.training import (
     StagingDir,
     TrainResult,
@@ -124,8 +130,16 @@ class PPOMethodConfig(OnlineMethodConfig):
     gamma: float = option(1.0, "discount over answer tokens (1: none)", minimum=0, maximum=1)
     lam: float = option(0.95, "GAE lambda: bias (0) against variance (1) of the advantages", minimum=0, maximum=1)
     whiten_rewards: bool = option(False, "scale per-token rewards to unit variance before GAE")
+    value_learning_rate: float = option(
+        5e-4, "the critic's learning rate (its own optimizer group): values must follow the returns faster than "
+        "the policy moves", minimum=0, exclusive_minimum=True)
+    value_warmup_steps: int = option(
+        0, "steps at the start that train the critic alone (the policy stays put), so the first policy updates "
+        "see values that fit the returns", minimum=0)
+    max_grad_norm: float = max_grad_norm_option()
 
-    # a frozen reference in full training; the trainer takes every logit of the answer tokens at once
+    # a frozen reference in full training; the trainer takes every logit of the answer tokens at once; the critic
+    # is a trained copy of the reward model (of the start model without one)
     memory_profile: ClassVar[MemoryProfile] = MemoryProfile(
         reference=True, logits="full", frozen_models=("reward_model",), trained_copy_of="reward_model")
 
@@ -142,18 +156,24 @@ class PPOMethodConfig(OnlineMethodConfig):
 
 
 def value_model_for(config: PPOMethodConfig, tokenizer):
-    """Full training's critic: a trainable copy of the reward model, as TRL's former PPO started it. None (the critic
-    is then a value head on the policy's trunk) with LoRA, without a reward model, or if the reward model reads
-    another vocabulary than the policy (the critic reads the policy's tokens)."""
-    if config.lora or not config.reward_model:
-        return None
+    """The critic: a sequence classifier whose score head gives every position's value, started from the reward
+    model (TRL's choice: it already reads answers for quality), or from the start model with a zeroed head when
+    there is no reward model or it reads another vocabulary than the policy (the critic reads the policy's
+    tokens). With LoRA it trains its own adapter and score head; otherwise every weight."""
     from alignment_pipelines.models.loading import load_tokenizer, load_weights
 
-    if load_tokenizer(config.reward_model).get_vocab() != tokenizer.get_vocab():
-        return None
-    model = load_weights(config.reward_model, "value", trust_remote_code=config.trust_remote_code,
-                         dtype=training_dtype())
+    source = config.reward_model
+    if not source or load_tokenizer(source).get_vocab() != tokenizer.get_vocab():
+        source = config.model
+    model = load_weights(source, "value", trust_remote_code=config.trust_remote_code, dtype=training_dtype())
     model.config.pad_token_id = tokenizer.pad_token_id
+    if source == config.model:  # a fresh head: values start at 0 instead of noise
+        for param in model.score.parameters():
+            param.data.zero_()
+    if config.lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(config, "value"))
     return model
 
 
@@ -163,7 +183,7 @@ def train(config: PPOMethodConfig, callbacks: list | None = None) -> TrainResult
     from transformers import set_seed
 
     from alignment_pipelines.methods.checkpoints import prepare_resume
-    from alignment_pipelines.methods.ppo_trainer import PPOTrainer, PPOTrainingArguments
+    from alignment_pipelines.methods.ppo_trainer import PPOTrainer
     from alignment_pipelines.methods.rewards import build_reward_funcs
 
     config.validate()
@@ -173,8 +193,8 @@ def train(config: PPOMethodConfig, callbacks: list | None = None) -> TrainResult
     policy, tokenizer = load_start_model(config, "policy")
     prompts, prompt_metrics = fitting_prompts(config, tokenizer)
     reward_model, reward_tokenizer = load_reward_model(config)
-    value_model = value_model_for(config, tokenizer)
     set_seed(config.seed)  # LoRA's A matrices start random
+    value_model = value_model_for(config, tokenizer)
     if config.lora:
         from peft import get_peft_model
 
@@ -182,20 +202,9 @@ def train(config: PPOMethodConfig, callbacks: list | None = None) -> TrainResult
     for model in (policy, reward_model, value_model):
         if model is not None:
             model.to(device)
-    args = PPOTrainingArguments(
-        learning_rate=config.learning_rate, per_device_batch_size=config.per_device_batch_size,
-        mini_batch_size=config.per_device_batch_size // config.num_mini_batches, ppo_epochs=config.ppo_epochs,
-        kl_coef=config.kl_coef, clip_range=config.clip_range, clip_range_value=config.clip_range_value,
-        vf_coef=config.vf_coef, gamma=config.gamma, lam=config.lam, whiten_rewards=config.whiten_rewards,
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-        missing_eos_penalty=config.missing_eos_penalty, reward_weights=config.reward_weights,
-        gradient_checkpointing=config.gradient_checkpointing,
-        lr_scheduler_type="constant", max_steps=config.max_steps,
-        seed=config.seed, logging_steps=config.logging_steps, checkpoint_dir=config.checkpoint_dir,
-        save_steps=config.save_steps if config.checkpoint_dir else 0, save_total_limit=1)
     reward_funcs = build_reward_funcs(config.reward_funcs, reward_model, reward_tokenizer,
                                       config.per_device_batch_size)
-    trainer = PPOTrainer(args, policy, tokenizer, list(prompts["prompt"]), reward_funcs, value_model=value_model,
+    trainer = PPOTrainer(config, policy, tokenizer, list(prompts["prompt"]), reward_funcs, value_model,
                          callbacks=callbacks)
     with StagingDir(config.output_dir) as staging:
         resume, resumed_step = prepare_resume(config)
