@@ -184,7 +184,8 @@ def test_compose_file_deploys_every_service_healthy_on_loopback_with_secrets_fro
 
     compose = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())  # resolves the `<<: *app` merges
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "dagster-init", "code", "webserver", "daemon", "retention"}
+    assert set(services) == {"postgres", "mlflow", "dagster-init", "code", "webserver", "webserver-readonly", "proxy",
+                             "daemon", "retention"}
     one_shot = {name for name, service in services.items() if service.get("restart") == "no"}
     assert one_shot == {"dagster-init"}  # the migration: others wait for it to complete, not to be healthy
     for name, service in services.items():
@@ -193,13 +194,46 @@ def test_compose_file_deploys_every_service_healthy_on_loopback_with_secrets_fro
             expected = "service_completed_successfully" if dependency in one_shot else "service_healthy"
             assert condition == {"condition": expected}, (name, dependency)
 
-    # Only the two UIs are published, on the host's loopback unless BIND_ADDRESS says otherwise.
+    # Only the proxy (operators, viewers) and MLflow are published, on the host's loopback unless BIND_ADDRESS says
+    # otherwise: the webservers are reached through the proxy alone (tests/test_ui_proxy.py runs its config).
     published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
     assert published == {"mlflow": ["${BIND_ADDRESS:-127.0.0.1}:${MLFLOW_PORT:-5000}:5000"],
-                         "webserver": ["${BIND_ADDRESS:-127.0.0.1}:${DAGSTER_PORT:-3000}:3000"]}
+                         "proxy": ["${BIND_ADDRESS:-127.0.0.1}:${DAGSTER_PORT:-3000}:3000",
+                                   "${BIND_ADDRESS:-127.0.0.1}:${DAGSTER_VIEWER_PORT:-3001}:3001"]}
     example = dict(line.split("=", 1) for line in (DEPLOY / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
     assert example["BIND_ADDRESS"] == "127.0.0.1" and example["POSTGRES_PASSWORD"] == ""
+    assert example["DAGSTER_UI_PASSWORD"] == example["MLFLOW_PIPELINE_PASSWORD"] == ""
+    proxy = services["proxy"]
+    assert proxy["command"] == ["sh", "/etc/alignment-proxy/start.sh"] and "./proxy:/etc/alignment-proxy:ro" in \
+        proxy["volumes"]
+    assert proxy["environment"]["UI_OPERATOR_UPSTREAM"] == "webserver:3000"
+    assert proxy["environment"]["UI_VIEWER_UPSTREAM"] == "webserver-readonly:3000"
+    assert "--read-only" in services["webserver-readonly"]["command"]
+    assert "--read-only" not in services["webserver"]["command"]
+
+    # MLflow: its basic-auth app, no artifact proxy, the registry's artifacts mounted read-only; every Dagster
+    # service logs in with the pipeline's account.
+    mlflow = services["mlflow"]
+    assert mlflow["command"][:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    assert "--no-serve-artifacts" in mlflow["command"] and "--serve-artifacts" not in mlflow["command"]
+    assert "data:/opt/dagster/data:ro" in mlflow["volumes"]
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/opt/dagster/app/deploy/mlflow-auth.ini"
+    for name in ("code", "webserver", "daemon", "retention"):
+        assert services[name]["environment"]["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_PIPELINE_USER:-pipeline}"
+
+    # Hygiene: every service has a memory limit, every image is pinned by digest (required variables that
+    # deploy/pin-images.sh fills in), torch is pinned, the build context leaves secrets, backups and inboxes out.
+    assert all(service.get("mem_limit") for service in services.values()), "a service without a memory limit"
+    for name, variable in (("postgres", "POSTGRES_IMAGE"), ("proxy", "CADDY_IMAGE")):
+        assert services[name]["image"].startswith(f"${{{variable}:?"), name
+        assert f'"{variable}=' in (DEPLOY / "pin-images.sh").read_text()
+    assert services["code"]["build"]["args"]["PYTHON_IMAGE"].startswith("${PYTHON_IMAGE:?")
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    assert "FROM ${PYTHON_IMAGE}" in dockerfile and '"torch==${TORCH_VERSION}"' in dockerfile
+    assert "-p 127.0.0.1:3000:3000" in dockerfile and "-p 3000:3000" not in dockerfile
+    ignored = set((DEPLOY.parent / ".dockerignore").read_text().split())
+    assert {"deploy/.env", "deploy/backups", "deploy/inbox"} <= ignored
 
     # Secrets come from the environment: no literal password, and none is optional.
     for name, service in services.items():
@@ -217,7 +251,8 @@ def test_compose_file_deploys_every_service_healthy_on_loopback_with_secrets_fro
 
     # The code location is its own gRPC server, built from the project's Dockerfile and named by workspace.yaml;
     # the webserver and the daemon load it from there; every Dagster service runs on the Postgres instance.
-    assert services["code"]["build"] == {"context": "..", "dockerfile": "Dockerfile"}
+    assert {k: services["code"]["build"][k] for k in ("context", "dockerfile")} == {"context": "..",
+                                                                                "dockerfile": "Dockerfile"}
     assert services["code"]["command"][:3] == ["dagster", "code-server", "start"]
     workspace = yaml.safe_load((DEPLOY / "workspace.yaml").read_text())
     assert workspace["load_from"][0]["grpc_server"]["host"] == {"env": "DAGSTER_CODE_SERVER_HOST"}
@@ -227,5 +262,4 @@ def test_compose_file_deploys_every_service_healthy_on_loopback_with_secrets_fro
     for name in ("webserver", "daemon"):
         assert "/opt/dagster/app/deploy/workspace.yaml" in services[name]["command"], name
     assert services["mlflow"]["command"][:2] == ["mlflow", "server"]
-    assert "data:/opt/dagster/data" in services["mlflow"]["volumes"]
-    assert set(compose["volumes"]) == {"pgdata", "data", "dagster-logs"}
+    assert set(compose["volumes"]) == {"pgdata", "data", "dagster-logs", "mlflow-auth"}
