@@ -22,8 +22,10 @@ from pathlib import Path
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from alignment_pipelines.models.loading import (MODEL_CARD, adapter_parent, auto_model_class, is_adapter_folder,
-                                                read_model_card)
+from alignment_pipelines.models.loading import (MODEL_CARD, PARENT_SHA256_KEY, WEIGHTS_SHA256_KEY, adapter_parent,
+                                                auto_model_class, is_adapter_folder, read_model_card,
+                                                safetensors_sha256)
+from alignment_pipelines.models.registry import weights_sha256
 
 CHAT_TASK = "llm/v1/chat"
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "How do I reverse a list in Python?"}], "max_tokens": 32}
@@ -65,7 +67,8 @@ def save_mlflow_model(model_dir: str | Path, path: str | Path, metadata: dict | 
     """Write ``model_dir`` (a trained folder) as an MLflow model at ``path``; its format, "adapter" or "full".
 
     ``parent_uri`` is the registered version holding the base an adapter references, recorded in the card so
-    that a downloaded copy can fetch its base too."""
+    that a downloaded copy can fetch its base too. The card records the sha256 of the weights written (and of the
+    base an adapter loads onto), which every load checks (``loading.verify_weights``)."""
     model_dir, path = Path(model_dir), Path(path)
     card = {"role": "policy", "format": "full"} | read_model_card(model_dir)
     metadata = {"alignment_pipelines": {**card, **(metadata or {})}}
@@ -76,7 +79,8 @@ def save_mlflow_model(model_dir: str | Path, path: str | Path, metadata: dict | 
     else:
         folder = _save_full_policy(model_dir, path, card["role"], metadata)
     base = base_of(model_dir)
-    card |= {"parent": str(base) if base else None, "parent_uri": parent_uri}
+    card |= {"parent": str(base) if base else None, "parent_uri": parent_uri,
+             WEIGHTS_SHA256_KEY: safetensors_sha256(folder), PARENT_SHA256_KEY: weights_sha256(base) if base else None}
     (folder / MODEL_CARD).write_text(json.dumps(card, indent=2))
     return "adapter" if base else "full"
 

@@ -2,19 +2,24 @@
 
 A model version is registered only after its run finished; if any step of registration
 fails the version and its artifacts are deleted again, so the registry never holds a
-half-registered model. A version's artifacts are an MLflow model (``mlflow_models``) and
-the only copy of the trained weights.
+half-registered model. When the registry is unreachable even for that, the next try of the
+same run finds the version and finishes it instead of registering a second one; the training
+asset retries registration with a bounded backoff (``with_backoff``). A version's artifacts are
+an MLflow model (``mlflow_models``) and the only copy of the trained weights; it records their
+sha256, which fetching and loading check.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
@@ -23,9 +28,59 @@ FORMAT_TAG = "storage.format"  # "adapter" or "full"
 BYTES_TAG = "storage.bytes"  # what the version's artifacts hold
 DEPENDS_ON_TAG = "storage.depends_on"  # the registered version holding the base an adapter loads onto
 PRUNED_TAG = "storage.pruned"  # "true" once retention removed the artifacts; the lineage tags stay
+WEIGHTS_SHA256_TAG = "storage.weights_sha256"  # the registered folder's safetensors, checked at fetch and load
 # A training worker started by the orchestrator streams its step metrics into this run.
 WORKER_MLFLOW_URI_ENV = "ALIGNMENT_PIPELINES_MLFLOW_URI"
 WORKER_MLFLOW_RUN_ENV = "ALIGNMENT_PIPELINES_MLFLOW_RUN_ID"
+# Error codes of a registry call that may succeed when repeated (the server or its database was unreachable).
+TRANSIENT_ERROR_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Bounded retries: ``attempts`` tries in all, waiting ``first_delay`` seconds after the first failure and
+    ``factor`` times longer after each next one."""
+
+    attempts: int = 4
+    first_delay: float = 5.0
+    factor: float = 2.0
+
+
+# 5 + 10 + 20 s between tries, on top of MLflow's own retries of each HTTP request (MLFLOW_HTTP_REQUEST_MAX_RETRIES)
+REGISTRATION_BACKOFF = Backoff()
+
+
+def registry_unreachable(error: BaseException) -> bool:
+    """Whether a failed registry call may succeed when repeated: the server or its database could not be reached,
+    not a request the registry refused."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    if isinstance(error, MlflowException):
+        return error.error_code in TRANSIENT_ERROR_CODES
+    return isinstance(error, (OSError, OperationalError, InterfaceError))
+
+
+def with_backoff(action: Callable[[], T], what: str, warn: Callable[[str], None] = log.warning,
+                 backoff: Backoff | None = None) -> T:
+    """``action()``, repeated with ``backoff`` (default ``REGISTRATION_BACKOFF``) while the registry is unreachable;
+    each failed try is reported through ``warn``; the last failure (or any other error) is raised."""
+    backoff = backoff or REGISTRATION_BACKOFF
+    delay = backoff.first_delay
+    for attempt in range(1, backoff.attempts):
+        try:
+            return action()
+        except Exception as error:
+            if not registry_unreachable(error):
+                raise
+            warn(f"{what}: try {attempt} of {backoff.attempts} failed, the registry is unreachable ({error}); "
+                 f"trying again in {delay:g}s")
+            time.sleep(delay)
+            delay *= backoff.factor
+    return action()  # the last try: its failure is the caller's
 
 
 @dataclass(frozen=True)
@@ -129,11 +184,21 @@ class Tracker:
         The artifact store becomes the model's only home: a local store receives the MLflow model by a rename,
         a remote one by upload, and the caller may then delete ``model_dir``. An adapter is logged alone; the
         full model it loads onto is referenced by path and identified by content hash in the lineage, and
-        ``start_uri`` (the version it was trained from) finds the registered version holding that base.
+        ``start_uri`` (the version it was trained from) finds the registered version holding that base. The
+        version records the sha256 of its weights (``storage.weights_sha256``), checked at fetch and load.
+
+        Safe to call again for the same run: a version an earlier call created (its artifacts were complete
+        before it was) is finished, not registered twice. A failure removes what this call created; when the
+        registry is unreachable even for that, the next call finds and finishes it.
         """
+        earlier = self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        if earlier:
+            self.client.set_registered_model_alias(name, alias, str(earlier[0].version))
+            return self._registered(name, str(earlier[0].version), alias, run_id)
         from alignment_pipelines.layout import folder_bytes
         from alignment_pipelines.mlflow_models import base_of, save_mlflow_model
-        from alignment_pipelines.models.registry import fetch_model, weights_sha256
+        from alignment_pipelines.models.loading import PARENT_SHA256_KEY, WEIGHTS_SHA256_KEY, read_model_card
+        from alignment_pipelines.models.registry import project_folder
 
         base = base_of(model_dir)
         depends_on = self._version_holding(base, start_uri) if base else None
@@ -142,29 +207,45 @@ class Tracker:
             model_format = save_mlflow_model(model_dir, staged, metadata={"lineage": lineage.tags()},
                                              parent_uri=depends_on)
             size = folder_bytes(staged)
+            card = read_model_card(project_folder(staged))
+            tags = lineage.tags() | {FORMAT_TAG: model_format, BYTES_TAG: str(size),
+                                     WEIGHTS_SHA256_TAG: card[WEIGHTS_SHA256_KEY]}
+            if base:
+                tags |= {"lineage.base_model_path": str(base), "lineage.base_model_sha256": card[PARENT_SHA256_KEY]}
+            if depends_on:
+                tags[DEPENDS_ON_TAG] = depends_on
             self._store_artifacts(run_id, staged)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-        tags = lineage.tags() | {FORMAT_TAG: model_format, BYTES_TAG: str(size)}
-        if base:
-            tags |= {"lineage.base_model_path": str(base), "lineage.base_model_sha256": weights_sha256(base)}
-        if depends_on:
-            tags[DEPENDS_ON_TAG] = depends_on
-        version = None
-        try:
             self._ensure_registered_model(name)
             version = self.client.create_model_version(name, source=f"runs:/{run_id}/{REGISTERED_ARTIFACT}",
                                                        run_id=run_id, tags=tags,
                                                        description=describe_version(lineage, model_format))
             self.client.set_registered_model_alias(name, alias, version.version)
         except BaseException:
-            if version is not None:
-                self.client.delete_model_version(name, version.version)
-            self.artifact_repository(run_id).delete_artifacts(REGISTERED_ARTIFACT)
+            self._undo_registration(name, run_id)
             raise
-        return RegisteredVersion(name=name, version=str(version.version), alias=alias, run_id=run_id,
-                                 source=f"runs:/{run_id}/{REGISTERED_ARTIFACT}", format=model_format, bytes=size,
-                                 path=str(fetch_model(f"models:/{name}/{version.version}", self.tracking_uri)))
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return self._registered(name, str(version.version), alias, run_id)
+
+    def _registered(self, name: str, version: str, alias: str, run_id: str) -> RegisteredVersion:
+        from alignment_pipelines.models.registry import fetch_model
+
+        tags = self.client.get_model_version(name, version).tags
+        return RegisteredVersion(name=name, version=version, alias=alias, run_id=run_id,
+                                 source=f"runs:/{run_id}/{REGISTERED_ARTIFACT}", format=tags.get(FORMAT_TAG, "full"),
+                                 bytes=int(tags.get(BYTES_TAG, 0)),
+                                 path=str(fetch_model(f"models:/{name}/{version}", self.tracking_uri)))
+
+    def _undo_registration(self, name: str, run_id: str) -> None:
+        """Remove the version and the artifacts a failed registration created; when the registry is unreachable,
+        say so and leave them to the next try (``register_model`` finishes a version it finds)."""
+        try:  # the version first: while one exists, its artifacts are complete
+            for created in self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+                self.client.delete_model_version(name, str(created.version))
+            self.artifact_repository(run_id).delete_artifacts(REGISTERED_ARTIFACT)
+        except Exception as error:
+            log.warning("could not undo the failed registration of %s (run %s): %s; the next try finishes it",
+                        name, run_id, error)
 
     def artifact_repository(self, run_id: str):
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -172,13 +253,15 @@ class Tracker:
         return get_artifact_repository(self.client.get_run(run_id).info.artifact_uri)
 
     def _store_artifacts(self, run_id: str, folder: Path) -> None:
-        """Rename ``folder`` into a local artifact store (no second copy, even briefly); upload it to a remote one."""
+        """Rename ``folder`` into a local artifact store (no second copy, even briefly); upload it to a remote one.
+        What an interrupted earlier try left there is replaced."""
         from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
         repo = self.artifact_repository(run_id)
         if isinstance(repo, LocalArtifactRepository):
             target = Path(repo.artifact_dir) / REGISTERED_ARTIFACT
             target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
             os.replace(folder, target)
         else:
             repo.log_artifacts(str(folder), REGISTERED_ARTIFACT)

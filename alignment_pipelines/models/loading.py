@@ -115,6 +115,45 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+# Recorded in the card of a registered folder (``mlflow_models.save_mlflow_model``) and checked at every load.
+WEIGHTS_SHA256_KEY = "weights_sha256"  # the folder's own safetensors
+PARENT_SHA256_KEY = "parent_sha256"  # the start model an adapter loads onto
+
+
+class WeightsMismatchError(ModelFolderError):
+    """Safetensors weights that do not hash to what was recorded when the model was registered."""
+
+
+def safetensors_sha256(folder: str | Path) -> str:
+    """SHA-256 over a folder's ``*.safetensors`` files, in name order, read in full every time."""
+    files = _safetensors_files(Path(folder))
+    if not files:
+        raise ModelFolderError(f"{folder} has no safetensors weights to hash")
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_weights(folder: str | Path) -> None:
+    """Refuse a registered folder whose weights (or whose adapter's start model) changed since registration.
+
+    Folders without a recorded hash (base models, folders a run just trained) pass: nothing was promised for them."""
+    card = read_model_card(folder)
+    for key in (WEIGHTS_SHA256_KEY, PARENT_SHA256_KEY):
+        if not card.get(key):
+            continue
+        target = Path(folder) if key == WEIGHTS_SHA256_KEY else adapter_parent(folder)
+        actual = safetensors_sha256(target)
+        if actual != card[key]:
+            raise WeightsMismatchError(
+                f"{target}: its safetensors hash to sha256 {actual}, but {Path(folder) / MODEL_CARD} recorded "
+                f"{card[key]} ({key}) when the model was registered: the weights changed or are corrupt; fetch the "
+                "version again from the registry or register the model again")
+
+
 def is_adapter_folder(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
@@ -173,6 +212,12 @@ def load_weights(folder: str | Path, role: str = "policy", *, trust_remote_code:
     A reward or value model started from a causal LM gets a fresh one-label score head; a trained one keeps its own.
     """
     folder = validate_model_folder(folder)
+    verify_weights(folder)
+    return _load_verified(folder, role, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def _load_verified(folder: Path, role: str, *, trust_remote_code: bool, dtype: Any):
+    """``load_weights`` once ``folder`` passed its checks (a start model is checked when it is loaded)."""
     cls = auto_model_class(role)
     extra = {"num_labels": 1} if cls.__name__ == "AutoModelForSequenceClassification" else {}
     if not is_adapter_folder(folder):
@@ -180,7 +225,7 @@ def load_weights(folder: str | Path, role: str = "policy", *, trust_remote_code:
                                    trust_remote_code=trust_remote_code, **extra)
     own_role = model_role(folder)
     if auto_model_class(own_role) is not cls:  # e.g. a reward model started from the SFT policy's adapter
-        merged = load_weights(folder, own_role, trust_remote_code=trust_remote_code, dtype=dtype)
+        merged = _load_verified(folder, own_role, trust_remote_code=trust_remote_code, dtype=dtype)
         return _with_new_head(merged, cls, extra)
     from peft import PeftModel
 

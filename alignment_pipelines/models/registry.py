@@ -9,7 +9,6 @@ only copy. With a remote store the version is downloaded once into a cache, and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from .loading import MODEL_CARD, ModelFolderError, load_tokenizer, load_weights, model_role, read_model_card
+from .loading import (MODEL_CARD, PARENT_SHA256_KEY, WEIGHTS_SHA256_KEY, ModelFolderError, WeightsMismatchError,
+                      load_tokenizer, load_weights, model_role, read_model_card, safetensors_sha256)
+
+from alignment_pipelines.tracking import WEIGHTS_SHA256_TAG
 
 if TYPE_CHECKING:  # pragma: no cover
     from alignment_pipelines.refs import ModelRef
@@ -113,9 +115,11 @@ def fetch_model(source: "str | Path | ModelRef", tracking_uri: str | None = None
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     name, version, alias = parse_models_uri(uri)
-    if alias is not None:
-        version = str(client.get_model_version_by_alias(name, alias).version)
+    entry = client.get_model_version_by_alias(name, alias) if alias is not None else \
+        client.get_model_version(name, version)
+    version = str(entry.version)
     folder = project_folder(mlflow_model_dir(client, name, version, cache_dir, tracking_uri))
+    check_recorded_sha256(folder, entry.tags.get(WEIGHTS_SHA256_TAG), f"models:/{name}/{version}")
     card = read_model_card(folder)
     if card.get("parent") and not Path(card["parent"]).exists() and card.get("parent_uri"):
         # A downloaded adapter: its start model is fetched too, and the cached card points at it.
@@ -124,8 +128,18 @@ def fetch_model(source: "str | Path | ModelRef", tracking_uri: str | None = None
     return folder
 
 
+def check_recorded_sha256(folder: Path, registered: str | None, what: str) -> None:
+    """Refuse a folder whose card does not carry the weights hash the registry recorded for ``what`` (the load
+    then checks the bytes against the card). Versions registered before hashes were recorded pass."""
+    recorded = read_model_card(folder).get(WEIGHTS_SHA256_KEY)
+    if registered and recorded != registered:
+        raise WeightsMismatchError(f"{what}: the registry recorded weights sha256 {registered}, but the folder at "
+                                   f"{folder} records {recorded}: its artifacts were replaced after registration")
+
+
 def weights_sha256(folder: str | Path) -> str:
-    """Content hash of a model folder's safetensors weights, cached beside them (keyed by size and mtime)."""
+    """Content hash of a model folder's safetensors weights (the lineage of a base model), cached beside them
+    (keyed by size and mtime). Verification does not use the cache: see ``loading.verify_weights``."""
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -136,22 +150,19 @@ def weights_sha256(folder: str | Path) -> str:
         cached = json.loads(cache.read_text())
         if cached.get("files") == stamp:
             return cached["sha256"]
-    digest = hashlib.sha256()
-    for file in files:
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
+    digest = safetensors_sha256(folder)
     try:
-        cache.write_text(json.dumps({"files": stamp, "sha256": digest.hexdigest()}))
+        cache.write_text(json.dumps({"files": stamp, "sha256": digest}))
     except OSError:  # a read-only model store still hashes, only more slowly
         pass
-    return digest.hexdigest()
+    return digest
 
 
 def export_model(source: "str | Path | ModelRef", target: str | Path, tracking_uri: str | None = None,
                  cache_dir: str | Path | None = None) -> Path:
     """Write a registered model as one plain folder (an adapter merged onto its start models), for use
-    anywhere transformers runs. Safetensors only; the tokenizer goes with it."""
+    anywhere transformers runs. Safetensors only; the tokenizer goes with it. Weights that changed since
+    registration are refused (``fetch_model`` and ``load_weights`` check them); the export records its own hash."""
     folder = fetch_model(source, tracking_uri, cache_dir)
     role = model_role(folder)
     target = Path(target)
@@ -159,7 +170,8 @@ def export_model(source: "str | Path | ModelRef", target: str | Path, tracking_u
     model = load_weights(folder, role)
     model.save_pretrained(target, safe_serialization=True)
     load_tokenizer(folder).save_pretrained(target)
-    card = read_model_card(folder) | {"format": "full", "exported_from": str(source if isinstance(
-        source, (str, Path)) else source.uri), "parent": None}
+    card = {key: value for key, value in read_model_card(folder).items() if key != PARENT_SHA256_KEY} | {
+        "format": "full", "exported_from": str(source if isinstance(source, (str, Path)) else source.uri),
+        "parent": None, WEIGHTS_SHA256_KEY: safetensors_sha256(target)}
     (target / MODEL_CARD).write_text(json.dumps(card, indent=2))
     return target
