@@ -13,13 +13,21 @@ the first champion, ``preference_accuracy`` and ``degenerate_rate``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import math
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-from alignment_pipelines.tracking import CHAMPION_ALIAS
+from alignment_pipelines.models.registry import check_recorded_sha256
+from alignment_pipelines.tracking import CHAMPION_ALIAS, PRUNED_TAG, WEIGHTS_SHA256_TAG
+
+log = logging.getLogger(__name__)
 
 EVEN = 0.5
 ACTOR_TAG = "promotion.actor"
@@ -32,6 +40,11 @@ ROLLBACK_REASON_TAG = "rollback.reason"
 ROLLBACK_AT_TAG = "rollback.time"
 ROLLBACK_RESTORED_TAG = "rollback.restored_version"
 ROLLBACK_TAGS = (ROLLBACK_ACTOR_TAG, ROLLBACK_REASON_TAG, ROLLBACK_AT_TAG, ROLLBACK_RESTORED_TAG)
+# Set with the history link before the alias moves, removed once the promotion's audit tags are written: a version
+# holding the alias with this tag was promoted by a move whose audit was cut short (a re-run promote finishes it).
+PENDING_TAG = "promotion.pending"
+# How long a promotion or rollback waits for another one of the same registry on this host to finish.
+LOCK_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +214,43 @@ class PromotionRefused(ValueError):
     """Raised when asked to promote on a decision that refused."""
 
 
+class PromotionBusy(PromotionRefused):
+    """Another promotion or rollback of the same registry is in progress on this host."""
+
+
+class AliasMoved(PromotionRefused):
+    """The alias moved between the decision and the move (another host promoted or rolled back): nothing changed."""
+
+
+def _lock_path(client) -> Path:
+    """One lock file per registry on this host, keyed by its tracking URI (a SQLite path resolved)."""
+    uri = client.tracking_uri
+    if uri.startswith("sqlite:///"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"alignment-pipelines-promotion-{digest}.lock"
+
+
+@contextlib.contextmanager
+def registry_lock(client):
+    """One promotion or rollback at a time per registry on this host, whoever asks (the CLI, a Dagster run, another
+    process): a file lock keyed by the tracking URI. Across hosts the Dagster pool ``promotion`` serializes the
+    asset and the jobs, and every move re-reads the alias first (:func:`_move_alias`)."""
+    from filelock import FileLock, Timeout
+
+    path = _lock_path(client)
+    lock = FileLock(path, mode=0o666)  # every user on the host promotes through the same file
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT_SECONDS)
+    except Timeout as error:
+        raise PromotionBusy(f"another promotion or rollback of {client.tracking_uri} has held {path} for "
+                            f"{LOCK_TIMEOUT_SECONDS:g}s; try again once it is done") from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def current_version(client, registered_name: str, alias: str = CHAMPION_ALIAS) -> str | None:
     """The version ``alias`` points to, or None when no version holds it."""
     version = client.get_registered_model(registered_name).aliases.get(alias)
@@ -211,10 +261,13 @@ def promote(client, registered_name: str, version: str | int, decision: GateDeci
             alias: str = CHAMPION_ALIAS) -> str | None:
     """Point ``alias`` at ``version`` and record who, why, the evidence and the champion it replaces.
 
-    The tags go first and the alias last, in one step; if anything fails the version's tags
-    are put back as they were and the alias stays where it was. Returns the version that held
-    the alias before (None if none). When ``version`` already holds it nothing changes, so a
-    re-run promote job is harmless.
+    The history link (the version that held the alias) is written first, with a pending mark: it is read only
+    while the version holds the alias, so it changes nothing until the move. The alias move is the one decisive
+    write; it re-reads the alias and fails (:class:`AliasMoved`) if another promotion moved it. Only then are the
+    audit tags written and an earlier rollback's tags (its bar against re-promotion) removed: a failed move leaves
+    the bar and the alias as they were, and puts the link back. Returns the version that held the alias before
+    (None if none). When ``version`` already holds it nothing changes, so a re-run promote job is harmless, except
+    that a promotion whose audit was cut short after its move is finished.
     """
     if not decision.promote:
         raise PromotionRefused(f"the gate refused version {version}: {decision.reason}")
@@ -222,17 +275,16 @@ def promote(client, registered_name: str, version: str | int, decision: GateDeci
         raise ValueError("a promotion needs an actor (who promoted)")
     version = str(version)
     previous = current_version(client, registered_name, alias)
+    audit = {ACTOR_TAG: actor, REASON_TAG: decision.reason,
+             EVIDENCE_TAG: json.dumps(decision.evidence, sort_keys=True, allow_nan=False), PROMOTED_AT_TAG: _now(),
+             PENDING_TAG: None, **{key: None for key in ROLLBACK_TAGS}}
     if previous == version:
+        if PENDING_TAG in client.get_model_version(registered_name, version).tags:
+            _write_tags(client, registered_name, version, audit)
         return previous
-    tags: dict[str, str | None] = {
-        ACTOR_TAG: actor,
-        REASON_TAG: decision.reason,
-        EVIDENCE_TAG: json.dumps(decision.evidence, sort_keys=True, allow_nan=False),
-        PROMOTED_AT_TAG: _now(),
-        PREVIOUS_CHAMPION_TAG: previous,
-        **{key: None for key in ROLLBACK_TAGS},  # an earlier rollback of this version no longer applies
-    }
-    _retag_then_move_alias(client, registered_name, version, tags, alias)
+    link = {PREVIOUS_CHAMPION_TAG: previous, PENDING_TAG: audit[PROMOTED_AT_TAG]}
+    _tag_then_move_alias(client, registered_name, version, link, alias, version, expected=previous)
+    _write_tags(client, registered_name, version, audit)
     return previous
 
 
@@ -240,8 +292,9 @@ def rollback(client, registered_name: str, actor: str, reason: str = "manual rol
              alias: str = CHAMPION_ALIAS) -> str:
     """Give ``alias`` back to the version it held before the current one, as recorded at promotion.
 
-    The demoted version is tagged with who, why and what was restored. Repeated rollbacks walk
-    back through earlier champions. Returns the restored version.
+    The demoted version is tagged with who, why and what was restored before the alias moves, so no moment leaves
+    it demoted without the bar that keeps the gate from picking it again. Repeated rollbacks walk back through
+    earlier champions; a version whose weights retention pruned is refused. Returns the restored version.
     """
     if not actor.strip():
         raise ValueError("a rollback needs an actor (who rolled back)")
@@ -251,24 +304,51 @@ def rollback(client, registered_name: str, actor: str, reason: str = "manual rol
     restored = client.get_model_version(registered_name, demoted).tags.get(PREVIOUS_CHAMPION_TAG)
     if not restored:
         raise ValueError(f"{registered_name} version {demoted} has no previous {alias} recorded")
-    client.get_model_version(registered_name, restored)  # raises before any change if it was deleted
+    _refuse_pruned(client, registered_name, restored)  # raises before any change if deleted or pruned
     tags = {ROLLBACK_ACTOR_TAG: actor, ROLLBACK_REASON_TAG: reason, ROLLBACK_AT_TAG: _now(),
             ROLLBACK_RESTORED_TAG: restored}
-    _retag_then_move_alias(client, registered_name, demoted, tags, alias, alias_version=restored)
+    _tag_then_move_alias(client, registered_name, demoted, tags, alias, restored, expected=demoted)
     return restored
 
 
-def _retag_then_move_alias(client, name: str, version: str, tags: dict[str, str | None], alias: str,
-                           alias_version: str | None = None) -> None:
-    """Set (value) or delete (None) ``tags`` on ``version``, then point ``alias`` at ``alias_version``
-    (default ``version``). On failure the tags are restored; the alias move is the registry's single write."""
+def _refuse_pruned(client, name: str, version: str) -> None:
+    """Raise unless ``version`` (and the version whose artifacts it shares, for `aligned_policy`) still has weights."""
+    entry = client.get_model_version(name, version)
+    holders = [(name, version, entry.tags)]
+    source = entry.tags.get(SOURCE_URI_TAG, "")
+    if source.startswith("models:/"):
+        source_name, _, source_version = source[len("models:/"):].rpartition("/")
+        holders.append((source_name, source_version, client.get_model_version(source_name, source_version).tags))
+    for holder_name, holder_version, tags in holders:
+        if tags.get(PRUNED_TAG) == "true":
+            raise ValueError(f"{name} version {version} cannot be restored: retention pruned the weights of "
+                             f"{holder_name} version {holder_version} on {tags.get('storage.pruned_at', '?')}; "
+                             f"nothing was changed")
+
+
+def _tag_then_move_alias(client, name: str, version: str, tags: dict[str, str | None], alias: str,
+                         alias_version: str, expected: str | None) -> None:
+    """Set (value) or delete (None) ``tags`` on ``version``, then move ``alias`` to ``alias_version``. If the move
+    fails the tags are put back as they were (as far as the registry answers) and the error is raised."""
     before = client.get_model_version(name, version).tags
+    _write_tags(client, name, version, tags)
     try:
-        _write_tags(client, name, version, tags)
-        client.set_registered_model_alias(name, alias, alias_version or version)
+        _move_alias(client, name, alias, alias_version, expected)
     except Exception:
-        _write_tags(client, name, version, {key: before.get(key) for key in tags})
+        try:
+            _write_tags(client, name, version, {key: before.get(key) for key in tags})
+        except Exception as error:  # the registry is gone: what was written stays, and is harmless (see callers)
+            log.warning("could not put back the tags of %s version %s after a failed move: %s", name, version, error)
         raise
+
+
+def _move_alias(client, name: str, alias: str, version: str, expected: str | None) -> None:
+    """Point ``alias`` at ``version`` if it still points at ``expected`` (re-read just before the move)."""
+    now = current_version(client, name, alias)
+    if now != expected:
+        raise AliasMoved(f"{name}@{alias} moved from version {expected} to {now} while this move was being "
+                         "decided; nothing was changed: decide again")
+    client.set_registered_model_alias(name, alias, version)
 
 
 def _write_tags(client, name: str, version: str, tags: dict[str, str | None]) -> None:
@@ -342,7 +422,16 @@ def promote_from_report(client, report: dict, actor: str, config: GateConfig = G
     (``seat_baseline``; it must pass the gate's absolute checks): it is what candidates were measured against, so
     serving it changes nothing the gate decided, and from then on a challenger must beat it. Returns the
     verdicts and what moved.
+
+    Serialized with every other promotion and rollback of the registry (:func:`registry_lock`), so the champion the
+    gate reads is the one it replaces.
     """
+    with registry_lock(client):
+        return _promote_from_report(client, report, actor, config, readmit_rolled_back, seat_baseline)
+
+
+def _promote_from_report(client, report: dict, actor: str, config: GateConfig, readmit_rolled_back: bool,
+                         seat_baseline: bool) -> dict:
     models, measured = report["models"], report.get("champion")
     champion_metrics = gate_metrics(models[measured["name"]]["metrics"]) if measured else None
     barred = {} if readmit_rolled_back else rolled_back_sources(client)
@@ -364,6 +453,7 @@ def promote_from_report(client, report: dict, actor: str, config: GateConfig = G
     outcome = {"verdicts": verdicts, "chosen": choice[0] if choice else None, "previous_champion": current,
                "champion": current}
     if current is not None and chosen_uri is not None and current["source_uri"] == chosen_uri:
+        promote(client, ALIGNED_MODEL, current["version"], choice[1], actor)  # finishes a cut-short audit, if any
         return outcome | {"action": "unchanged: the gate's pick already is the champion"}
     if (measured or {}).get("aligned_version") != (current or {}).get("version"):
         raise StaleEvaluation(f"the evaluation measured against champion {(measured or {}).get('aligned_version')} "
@@ -410,12 +500,14 @@ def rolled_back_sources(client) -> dict[str, str]:
 
 
 def rollback_champion(client, actor: str, reason: str = "manual rollback") -> dict:
-    """Give `champion` back to the `aligned_policy` version that held it before; returns both versions."""
-    demoted = current_champion(client)
-    if demoted is None:
-        raise ValueError(f"{ALIGNED_MODEL} has no {CHAMPION_ALIAS!r} to roll back")
-    rollback(client, ALIGNED_MODEL, actor, reason)
-    return {"demoted": demoted, "restored": current_champion(client)}
+    """Give `champion` back to the `aligned_policy` version that held it before; returns both versions. Serialized
+    with every other promotion and rollback of the registry (:func:`registry_lock`)."""
+    with registry_lock(client):
+        demoted = current_champion(client)
+        if demoted is None:
+            raise ValueError(f"{ALIGNED_MODEL} has no {CHAMPION_ALIAS!r} to roll back")
+        rollback(client, ALIGNED_MODEL, actor, reason)
+        return {"demoted": demoted, "restored": current_champion(client)}
 
 
 def _model_uri(model: dict) -> str | None:
@@ -452,7 +544,7 @@ def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision,
         version = str(existing[0].version)
     else:
         source = client.get_model_version(model["registered_name"], model["registered_version"])
-        lineage = {k: v for k, v in source.tags.items() if k.startswith("lineage.")}
+        lineage = {k: v for k, v in source.tags.items() if k.startswith("lineage.") or k == WEIGHTS_SHA256_TAG}
         version = str(client.create_model_version(ALIGNED_MODEL, source.source, run_id=source.run_id,
                                                   tags=lineage).version)
     tags = {SOURCE_URI_TAG: uri, SOURCE_PATH_TAG: model["path"], SOURCE_START_PATH_TAG: model.get("start_path"),
@@ -473,10 +565,12 @@ def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision,
 
 def registered_model_folder(client, alias: str = CHAMPION_ALIAS, name: str = ALIGNED_MODEL) -> str:
     """The local model folder behind ``name@alias``: the folder its training run wrote (the one place that
-    resolves it, until the registry's ``fetch_model`` reads the version's own artifacts)."""
+    resolves it, until the registry's ``fetch_model`` reads the version's own artifacts). A folder whose recorded
+    weights hash is not the registry's is refused; loading it checks the weights against that hash."""
     version = client.get_model_version_by_alias(name, alias)
     folder = version.tags.get(SOURCE_PATH_TAG)
     if not folder:
         raise ValueError(f"{name} version {version.version} records no {SOURCE_PATH_TAG}")
+    check_recorded_sha256(Path(folder), version.tags.get(WEIGHTS_SHA256_TAG), f"models:/{name}/{version.version}")
     return folder
 

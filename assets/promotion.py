@@ -3,6 +3,10 @@
 ``model_promotion`` runs the gate on the evaluation's report and moves `champion` on `aligned_policy`.
 The ``promote`` job re-runs it from the UI on the newest stored report; the ``rollback`` job gives
 `champion` back to the version that held it before. Each move records who, why and the evidence.
+
+All three are in the ``promotion`` pool (one step at a time: dagster.yaml's default pool limit is 1), and each
+takes the registry's lock (``alignment_pipelines.promotion.registry_lock``) that the command line takes too, so
+no two moves of `champion` interleave.
 """
 
 from dataclasses import asdict, fields
@@ -10,9 +14,10 @@ from dataclasses import asdict, fields
 import dagster as dg
 import pydantic
 
-from alignment_pipelines.promotion import GateConfig, StaleEvaluation, promote_from_report, rollback_champion
+from alignment_pipelines.promotion import GateConfig, PromotionRefused, promote_from_report, rollback_champion
 from alignment_pipelines.resources.mlflow import MlflowResource
 
+PROMOTION_POOL = "promotion"  # one move of `champion` at a time (dagster.yaml: every pool's limit is 1)
 ACTOR_HELP = "Who is promoting, recorded on the version (default: this Dagster run)."
 
 PromotionConfig = pydantic.create_model(
@@ -35,7 +40,8 @@ def _actor(context, actor: str) -> str:
     return actor or f"dagster run {context.run_id}"
 
 
-@dg.asset(group_name="evaluation", kinds={"mlflow"}, automation_condition=dg.AutomationCondition.eager())
+@dg.asset(group_name="evaluation", kinds={"mlflow"}, automation_condition=dg.AutomationCondition.eager(),
+          pool=PROMOTION_POOL)
 def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, evaluation_report: dict,
                     mlflow: MlflowResource) -> dg.MaterializeResult:
     """The gate (challenger against champion) over every evaluated candidate: at most one becomes `champion` of
@@ -44,7 +50,7 @@ def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, 
     try:
         outcome = promote_from_report(mlflow.tracker().client, evaluation_report, _actor(context, config.actor), gate,
                                       readmit_rolled_back=config.readmit_rolled_back, seat_baseline=config.seat_baseline)
-    except StaleEvaluation as error:
+    except PromotionRefused as error:  # measured against another champion, or one moved meanwhile: re-evaluate
         raise dg.Failure(str(error), allow_retries=False) from error
     context.log.info(outcome["action"])
     champion = outcome["champion"]
@@ -63,7 +69,8 @@ promote_job = dg.define_asset_job(
     description="Run the promotion gate on the newest evaluation report; its config sets the gate and the actor.")
 
 
-@dg.op(description="Give `champion` of aligned_policy back to the version that held it before the current one.")
+@dg.op(description="Give `champion` of aligned_policy back to the version that held it before the current one.",
+       pool=PROMOTION_POOL)
 def restore_previous_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MlflowResource) -> dict:
     moved = rollback_champion(mlflow.tracker().client, _actor(context, config.actor), config.reason)
     context.log.info(f"champion: version {moved['demoted']['version']} -> {moved['restored']['version']}")
