@@ -9,9 +9,9 @@
 # RERUN_SURVIVORS=1 to run the survivors again (after adding tests).
 set -euo pipefail
 module=$1
-commit=${2:-HEAD}
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(git -C "$here" rev-parse --show-toplevel)
+commit=$(git -C "$repo" rev-parse "${2:-HEAD}")
 python=${PYTHON:-$repo/.venv/bin/python}
 bin=$(dirname "$python")
 export PATH="$bin:$PATH"   # the configs run "python -m pytest"

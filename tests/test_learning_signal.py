@@ -178,3 +178,80 @@ def test_rewards_missing_eos_penalty_of_zero_is_allowed_and_costs_nothing():
     from alignment_pipelines.methods.rewards import missing_eos_reward
 
     assert missing_eos_reward(0.0, [2])(prompts=["q"], completions=["a"], completion_ids=[[7]]) == [0.0]
+
+
+# ----------------------------------------------------------------------------------------
+# Own-loop trainers (PPO, online DPO): EOS, masks, temperature and the DPO loss, one function at a time
+# ----------------------------------------------------------------------------------------
+
+
+def test_own_loop_cuts_each_answer_after_its_first_end_token():
+    import torch
+
+    from alignment_pipelines.methods.own_loop import cut_after_eos
+
+    answers = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [3, 9, 2, 9], [2, 9, 9, 9]])
+    cut, mask, has_eos = cut_after_eos(answers, eos_ids=[2, 3], pad_token_id=0)
+    assert cut.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [3, 0, 0, 0], [2, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0]]  # the EOS itself counts
+    assert has_eos.tolist() == [True, False, True, True]
+
+
+def test_own_loop_left_pads_prompts_and_masks_only_their_tokens():
+    from alignment_pipelines.methods.own_loop import left_pad
+
+    ids, mask = left_pad([[4, 5, 6], [7]], pad_token_id=0, device="cpu")
+    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_own_loop_end_tokens_are_the_tokenizers_and_the_generation_configs():
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from alignment_pipelines.methods.own_loop import eos_token_ids
+
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    assert eos_token_ids(tokenizer, SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[7, 2]))) == [2, 7]
+    assert eos_token_ids(tokenizer, SimpleNamespace(generation_config=GenerationConfig(eos_token_id=9))) == [2, 9]
+    assert eos_token_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(generation_config=GenerationConfig(
+        eos_token_id=9))) == [9]
+
+
+def test_own_loop_answer_logits_are_divided_by_the_temperature_and_ignore_left_padding(tiny_model_dir):
+    """A left-padded row predicts its answer exactly as the same row unpadded, and at temperature T the logits
+    are those at 1 divided by T (the distribution ``generate`` samples from)."""
+    import torch
+
+    from alignment_pipelines.methods.own_loop import answer_logits, left_pad
+    from alignment_pipelines.models.loading import load_causal_lm
+
+    model, _ = load_causal_lm(tiny_model_dir, dtype="float32", device="cpu")
+    model.eval()
+    prompts, answer = [[5, 6, 7, 8], [9, 10]], [11, 12, 13]
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id=0, device="cpu")
+    ids = torch.cat([prompt_ids, torch.tensor([answer, answer])], dim=1)
+    mask = torch.cat([prompt_mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        at_one, _ = answer_logits(model, ids, mask, context_length=4, temperature=1.0)
+        at_half, _ = answer_logits(model, ids, mask, context_length=4, temperature=0.5)
+        alone = model(input_ids=torch.tensor([prompts[1] + answer])).logits[0, 1:-1].float()
+    assert at_one.shape == (2, 3, alone.size(-1))
+    torch.testing.assert_close(at_half, at_one / 0.5)
+    torch.testing.assert_close(at_one[1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_own_loop_dpo_loss_rewards_the_chosen_answer_by_hand():
+    """sigmoid: -log sigmoid(beta * ((pc - pr) - (rc - rr))); ipo: (that margin - 1 / (2 beta))^2."""
+    import math
+
+    from alignment_pipelines.methods.online_dpo import dpo_losses
+
+    chosen, rejected, ref_chosen, ref_rejected = tensor([-1.0, -4.0]), tensor([-3.0, -1.0]), tensor([-2.0, -2.0]), \
+        tensor([-2.0, -3.0])
+    # margins: (-1 + 3) - 0 = 2; (-4 + 1) - (-2 + 3) = -4
+    sigmoid = dpo_losses(chosen, rejected, ref_chosen, ref_rejected, beta=0.25, loss_type="sigmoid")
+    assert sigmoid.tolist() == pytest.approx([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(1.0))])
+    ipo = dpo_losses(chosen, rejected, ref_chosen, ref_rejected, beta=0.25, loss_type="ipo")
+    assert ipo.tolist() == pytest.approx([(2 - 2) ** 2, (-4 - 2) ** 2])  # 1 / (2 beta) = 2
