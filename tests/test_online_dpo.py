@@ -11,7 +11,7 @@ from alignment_pipelines.ai_feedback import AIFeedbackStore, preference_pairs, s
 from alignment_pipelines.judges import JudgeError, ShorterJudge, Verdict
 from alignment_pipelines.judges.rule import PositionJudge
 from alignment_pipelines.methods import ConfigError, config_from_dict, run_training
-from alignment_pipelines.methods.online_dpo import OnlineDPOMethodConfig, OnlineDPOTrainer, pair_labels
+from alignment_pipelines.methods.online_dpo import OnlineDPOMethodConfig, OnlineDPOTrainer, dpo_losses, pair_labels
 from tests.chat_completions import ChatCompletionsHandler, ChatCompletionsServer
 
 QUESTIONS = ["How do I boil an egg?", "What is a prime number?", "Name a colour.", "Why is the sky blue?",
@@ -241,9 +241,18 @@ def test_the_step_size_does_not_shrink_as_ties_grow(tmp_path, tiny_model_dir, pr
     metrics = stepped.training_step(1)
     assert metrics["pairs/ties"] == 4 and metrics["pairs/trained"] > 0
 
+    # expected: the gradient of the mean DPO loss over the decided pairs of the second micro-batch
     alone = trainer(ShorterJudge(), "store-b")
     batch = alone.judged_batch(1, micro=1)  # the same samples as the step's second micro-batch
-    alone.backward(batch, batch.weighted_pairs)
+    logps = alone.answer_logps(alone.policy, batch.samples)
+    with torch.no_grad(), alone.policy.disable_adapter():
+        ref_logps = alone.answer_logps(alone.policy, batch.samples)
+    rows = torch.arange(len(batch.labels))
+    chosen = torch.where(batch.labels > 0.5, rows, rows + len(rows))
+    rejected = torch.where(batch.labels > 0.5, rows + len(rows), rows)
+    losses = dpo_losses(logps[chosen], logps[rejected], ref_logps[chosen], ref_logps[rejected], config.beta,
+                        "sigmoid")
+    losses[batch.weights > 0].mean().backward()
     grads = [p.grad for group in alone.optimizer.param_groups for p in group["params"]]
     ours = [summed[id(p)] for group in stepped.optimizer.param_groups for p in group["params"]]
     assert any(float(g.abs().max()) > 0 for g in grads)
