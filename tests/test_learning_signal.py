@@ -84,11 +84,12 @@ def test_math_value_clip_holds_both_directions_and_counts_only_where_it_raised_t
     where the clipped error is the larger one: not those where both errors are equal."""
     from alignment_pipelines.methods.rl_math import clipped_value_loss
 
-    values, old_values = tensor([[-0.5, 0.5, 0.1]]), tensor([[0.0, 0.0, 0.0]])
-    returns, mask = tensor([[-1.0, 1.0, 0.1]]), tensor([[1, 1, 1]])
+    old_values = tensor([[0.5, -0.5, 1.0]])
+    values = old_values + tensor([[-0.5, 0.5, 0.1]])
+    returns, mask = old_values + tensor([[-1.0, 1.0, 0.1]]), tensor([[1, 1, 1]])
     loss, clip_fraction = clipped_value_loss(values, old_values, returns, mask, clip_range_value=0.2)
-    # token 0 fell 0.5: clipped to -0.2 -> max(0.25, 0.64) = 0.64; token 1 rose 0.5: clipped to 0.2 ->
-    # max(0.25, 0.64) = 0.64; token 2 within the clip -> both errors 0
+    # token 0 fell 0.5: held 0.2 below the old value -> max(0.5^2, 0.8^2) = 0.64; token 1 rose 0.5: held 0.2
+    # above -> 0.64 as well; token 2 moved within the clip -> both errors 0
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64 + 0.0) / 3)
     assert clip_fraction.item() == pytest.approx(2 / 3)
 
@@ -100,10 +101,11 @@ def test_math_policy_clip_fraction_counts_only_where_the_clip_raised_the_loss():
 
     from alignment_pipelines.methods.rl_math import clipped_policy_loss
 
-    logprobs = tensor([[math.log(1.5), math.log(1.5), math.log(0.5), 0.0]])
+    old_logprobs = tensor([[-0.2, -1.5, -0.7, -3.0]])
+    logprobs = old_logprobs + tensor([[math.log(1.5), math.log(1.5), math.log(0.5), 0.0]])
     advantages = tensor([[1, -1, -1, 1]])
-    loss, clip_fraction, _ = clipped_policy_loss(logprobs, tensor([[0, 0, 0, 0]]), advantages,
-                                                 tensor([[1, 1, 1, 1]]), clip_range=0.2)
+    loss, clip_fraction, _ = clipped_policy_loss(logprobs, old_logprobs, advantages, tensor([[1, 1, 1, 1]]),
+                                                 clip_range=0.2)
     # per token max(-A * ratio, -A * clip(ratio)): max(-1.5, -1.2), max(1.5, 1.2), max(0.5, 0.8), max(-1, -1)
     assert loss.item() == pytest.approx((-1.2 + 1.5 + 0.8 - 1.0) / 4)
     assert clip_fraction.item() == pytest.approx(2 / 4)
@@ -128,6 +130,17 @@ def test_math_masked_mean_without_a_mask_keeps_the_dimension():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def tiny_reward_model(tiny_model_dir):
+    """The tiny model as a reward model (its score head is random, seeded) and its tokenizer."""
+    import torch
+
+    from alignment_pipelines.models.loading import load_model
+
+    torch.manual_seed(0)
+    return load_model(tiny_model_dir, "reward", dtype="float32", device="cpu")
+
+
 def test_rewards_rule_sources_score_one_on_a_match_and_zero_otherwise():
     from alignment_pipelines.methods.rewards import contains_code_reward, regex_reward
 
@@ -137,15 +150,13 @@ def test_rewards_rule_sources_score_one_on_a_match_and_zero_otherwise():
     assert contains_code_reward()(prompts=prompts, completions=[code, prose]) == [1.0, 0.0]
 
 
-def test_rewards_reward_model_reads_the_last_max_length_tokens(tiny_model_dir):
+def test_rewards_reward_model_reads_the_last_max_length_tokens(tiny_reward_model):
     """A text longer than ``max_length`` is scored on its end (the answer, where the model pools), not its start."""
     import torch
 
     from alignment_pipelines.methods.rewards import reward_model_reward, reward_model_text
-    from alignment_pipelines.models.loading import load_model
 
-    torch.manual_seed(0)  # the tiny model's score head is random
-    model, tokenizer = load_model(tiny_model_dir, "reward", dtype="float32", device="cpu")
+    model, tokenizer = tiny_reward_model
     prompt, answer = "Tell me about tea.", "Tea is a drink made from leaves, served hot or cold."
     ids = tokenizer(reward_model_text(tokenizer, prompt, answer), add_special_tokens=False)["input_ids"]
     assert len(ids) > 16
@@ -156,16 +167,12 @@ def test_rewards_reward_model_reads_the_last_max_length_tokens(tiny_model_dir):
     assert score(prompts=[prompt], completions=[answer]) == pytest.approx([end], abs=1e-5)
 
 
-def test_rewards_reward_model_ends_answers_at_the_end_ids_it_is_given(tiny_model_dir):
+def test_rewards_reward_model_ends_answers_at_the_end_ids_it_is_given(tiny_reward_model):
     """With the policy's end ids (here token 5, not the reward tokenizer's EOS), an answer whose last sampled
     token is 5 is finished and one ending otherwise is cut off, exactly as the ``finished`` flags say."""
-    import torch
-
     from alignment_pipelines.methods.rewards import reward_model_reward
-    from alignment_pipelines.models.loading import load_model
 
-    torch.manual_seed(0)
-    model, tokenizer = load_model(tiny_model_dir, "reward", dtype="float32", device="cpu")
+    model, tokenizer = tiny_reward_model
     prompts, answers = ["Tell me about tea."] * 2, ["Tea is a drink."] * 2
     score = reward_model_reward(model, tokenizer, end_ids=[5])
     by_ids = score(prompts=prompts, completions=answers, completion_ids=[[9, 5], [9, tokenizer.eos_token_id]])
@@ -255,3 +262,14 @@ def test_own_loop_dpo_loss_rewards_the_chosen_answer_by_hand():
     assert sigmoid.tolist() == pytest.approx([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(1.0))])
     ipo = dpo_losses(chosen, rejected, ref_chosen, ref_rejected, beta=0.25, loss_type="ipo")
     assert ipo.tolist() == pytest.approx([(2 - 2) ** 2, (-4 - 2) ** 2])  # 1 / (2 beta) = 2
+
+
+def test_rewards_refuse_ids_or_flags_that_do_not_match_the_answers(tiny_reward_model):
+    from alignment_pipelines.methods.rewards import answers_finished, reward_model_reward
+
+    for ids in ([[2]], [[2], [2], [2]]):  # one too few, one too many
+        with pytest.raises(ValueError, match="completion_ids for 2 completions"):
+            answers_finished(ids, 2, [2])
+    score = reward_model_reward(*tiny_reward_model)
+    with pytest.raises(ValueError, match="zip"):  # flags for one answer of two: never scored as the wrong answer
+        score(prompts=["q", "q"], completions=["a", "b"], finished=[True])
