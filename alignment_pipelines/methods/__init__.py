@@ -62,13 +62,16 @@ METHODS: dict[str, MethodSpec] = {
                                      "one score per answer; pairwise accuracy, margin and score plot on the eval split."),
     "ppo": MethodSpec("ppo", ppo.PPOMethodConfig, ppo.train, "prompts", "sft", needs=("reward_model",),
                       description="PPO (RLHF) from the SFT model on fresh samples scored by the reward model: KL "
-                                  "penalty to the reference, GAE, clipped policy and value losses. LoRA by default (PERL)."),
+                                  "penalty to the reference, GAE, clipped policy and value losses; the critic is a "
+                                  "value model started from the reward model, trained at its own learning rate. "
+                                  "LoRA by default (PERL)."),
     "rloo": MethodSpec("rloo", rloo.RLOOMethodConfig, rloo.train, "prompts", "sft", needs=("reward_model",),
                        description="RLOO (TRL RLOOTrainer) from the SFT model: k samples per prompt, each one's "
                                    "baseline the mean reward of the others; no critic. LoRA by default (PERL)."),
     "online_dpo": MethodSpec("online_dpo", online_dpo.OnlineDPOMethodConfig, online_dpo.train, "prompts", "sft",
                              description="Online DPO from AI feedback: two fresh samples per prompt from the current "
-                                         "policy, judged in both orders by an annotator steered by an instruction."),
+                                         "policy, judged in both orders by an annotator steered by an instruction; "
+                                         "ties dropped, down-weighted or trained as soft labels (OAIF)."),
 }
 
 
