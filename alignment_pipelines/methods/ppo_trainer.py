@@ -10,8 +10,12 @@ One training step is one rollout batch:
 4. compute, without gradients, the rollout's log-probs, the reference's log-probs and the critic's values;
 5. per-token rewards = ``-kl_coef * (logp - ref_logp)`` plus the score at the last response token;
    GAE advantages and returns; whitening;
-6. ``ppo_epochs`` passes over shuffled minibatches of ``mini_batch_size`` completions, each an optimizer step
-   on ``clipped policy loss + vf_coef * clipped value loss``.
+6. ``ppo_epochs`` passes over shuffled minibatches of ``per_device_batch_size / num_mini_batches`` completions,
+   each an optimizer step on ``clipped policy loss + vf_coef * clipped value loss`` (the policy's and the critic's
+   gradient norms each clipped to ``max_grad_norm``).
+
+Sampling, the EOS cut, log-probs, the reference, the loop and checkpoints come from ``own_loop.py``, which online
+DPO shares.
 
 Models in memory:
 
