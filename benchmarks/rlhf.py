@@ -13,6 +13,14 @@ out here to keep the benchmark within its time). The tables go to benchmarks/res
 is written by hand below them.
 
     python benchmarks/rlhf.py
+
+The critic comparison (``--critic``) runs PPO with LoRA twice on the LoRA reward model, longer, and reports the
+critic's explained variance step by step: once with this tree's critic (a value model started from the reward model,
+with its own adapter) and once with the code of ``--before-tree``, a checkout of the commit before it (the value head
+on the policy's own trunk), imported through PYTHONPATH:
+
+    git worktree add /tmp/ppo_before da8b4a2
+    python benchmarks/rlhf.py --critic --before-tree /tmp/ppo_before --work /tmp/rlhf_bench
 """
 
 import argparse
@@ -27,10 +35,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+# benchmarks/datasets.py would shadow Hugging Face's datasets package for everything this script imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
 RESULTS = HERE.parent / "results" / "rlhf.md"
 HH_PAIRS = HERE.parents[2] / "shared" / "data" / "hh-rlhf-harmless-base.jsonl.gz"
 RM_RUNS = ("reward LoRA", "reward full")
 RL_RUNS = ("PPO LoRA", "PPO full", "RLOO LoRA", "RLOO full")
+CRITIC_RUNS = ("PPO LoRA, value head on the policy (before)", "PPO LoRA, critic from the reward model")
 
 
 def run_specs(args, work: Path) -> dict[str, tuple[str, dict]]:
@@ -51,6 +62,7 @@ def run_specs(args, work: Path) -> dict[str, tuple[str, dict]]:
         "PPO full": ("ppo", online | {"lora": False}),
         "RLOO LoRA": ("rloo", online | {"lora": True, "num_generations": args.num_generations}),
         "RLOO full": ("rloo", online | {"lora": False, "num_generations": args.num_generations}),
+        **{name: ("ppo", online | {"lora": True, "max_steps": args.critic_steps}) for name in CRITIC_RUNS},
     }
 
 
@@ -67,8 +79,10 @@ def run_one(name: str, args) -> None:
     peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
         peak["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    curves = {key: [h.get(key) for h in result.history]
+              for key in ("val/explained_variance", "objective/scores", "loss/value_avg", "objective/kl")}
     print(json.dumps({"name": name, "method": method, "wall_s": time.perf_counter() - started, **peak,
-                      "metrics": result.metrics}))
+                      "metrics": result.metrics, "curves": curves}))
 
 
 def train_seconds(row: dict) -> float:
@@ -96,13 +110,18 @@ def main() -> None:
     parser.add_argument("--rl-max-length", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--critic", action="store_true", help="only the critic comparison (see above)")
+    parser.add_argument("--before-tree", help="--critic: a checkout of the code before the separate critic")
+    parser.add_argument("--critic-steps", type=int, default=8, help="--critic: PPO steps of each run")
+    parser.add_argument("--work", help="--critic: a folder kept between runs (the data and the LoRA reward model)")
     parser.add_argument("--runs", nargs="+", default=[*RM_RUNS, *RL_RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return run_one(args.one, args)
+    if args.critic:
+        return critic_comparison(args)
 
     from alignment_pipelines.data.records import write_records
     from alignment_pipelines.data.splits import split_by_prompt
@@ -119,18 +138,104 @@ def main() -> None:
         work = Path(tmp)
         write_records(train, work / "train.parquet")
         write_records(held_out, work / "eval.parquet")
-        forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                     if k not in ("runs", "one", "work", "model_dir", "model", "data") and v is not None]
         for name in args.runs:
-            out = subprocess.run([sys.executable, str(HERE), "--one", name, "--work", str(work),
-                                  "--model-dir", args.model_dir, *forwarded],
-                                 capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
-            if out.returncode:  # one failed run still leaves the others' figures
-                print(f"{name} failed:\n{out.stderr[-3000:]}", flush=True)
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1], default=str)[:1500], flush=True)
+            row = finished(name, child(name, args, work))
+            if row:
+                rows.append(row)
     write_table(rows, args, len(pairs), len(train), len(held_out), time.perf_counter() - started)
+
+
+def child(name: str, args, work: Path, code: str | None = None):
+    """Start run ``name`` in a fresh process (its peak memory its own); ``code``: import the project from there.
+    (process, its stdout file, its stderr file)."""
+    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k not in ("runs", "one", "work", "model_dir", "model", "data", "critic", "before_tree")
+                 and v is not None]
+    env = os.environ | {"TQDM_DISABLE": "1"} | ({"PYTHONPATH": code} if code else {})
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # a full pipe nobody reads would stall
+    process = subprocess.Popen([sys.executable, str(HERE), "--one", name, "--work", str(work), "--model-dir",
+                                args.model_dir, *forwarded], stdout=out, stderr=err, env=env)
+    return process, out, err
+
+
+def finished(name: str, started) -> dict | None:
+    """The run's measurements, or None (and its error printed): one failed run still leaves the others' figures."""
+    process, out_file, err_file = started
+    process.wait()
+    out, err = (stream.seek(0) or stream.read() for stream in (out_file, err_file))
+    if process.returncode:
+        print(f"{name} failed:\n{err[-3000:]}", flush=True)
+        return None
+    row = json.loads(out.strip().splitlines()[-1])
+    print(json.dumps(row, default=str)[:1500], flush=True)
+    return row
+
+
+def critic_comparison(args) -> None:
+    """PPO with LoRA before and after the separate critic, side by side (two processes at once); the section goes
+    to the end of the results file, replacing an older one."""
+    from alignment_pipelines.data.records import write_records
+    from alignment_pipelines.data.splits import split_by_prompt
+    from alignment_pipelines.data.validation import validate_file
+    from alignment_pipelines.layout import default_data_root
+    from alignment_pipelines.models.loading import resolve_model
+
+    if not args.work or not args.before_tree:
+        raise SystemExit("--critic needs --work (a folder kept between runs) and --before-tree")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    args.model_dir = str(resolve_model(args.model, default_data_root() / "models"))
+    if not (work / "train.parquet").exists():
+        train, held_out = split_by_prompt(validate_file(args.data).accepted, eval_fraction=args.eval_fraction)
+        write_records(train, work / "train.parquet")
+        write_records(held_out, work / "eval.parquet")
+    if not (work / "reward LoRA").exists() and not finished("reward LoRA", child("reward LoRA", args, work)):
+        return
+    started = time.perf_counter()
+    before, after = CRITIC_RUNS
+    processes = {before: child(before, args, work, code=str(Path(args.before_tree).resolve())),
+                 after: child(after, args, work)}
+    rows = {name: finished(name, process) for name, process in processes.items()}
+    if not all(rows.values()):
+        return
+    write_critic_section(rows, args, time.perf_counter() - started)
+
+
+CRITIC_HEADING = "## PPO's critic: a value head on the policy against a value model from the reward model"
+
+
+def write_critic_section(rows: dict, args, total_s: float) -> None:
+    steps = range(1, args.critic_steps + 1)
+    lines = [
+        CRITIC_HEADING,
+        "",
+        f"PPO with LoRA (PERL), {args.critic_steps} steps of {args.rl_batch} answers (at most {args.max_new_tokens} "
+        f"new tokens, prompts of at most {args.rl_max_length - args.max_new_tokens} tokens, 4 PPO epochs, one "
+        "minibatch), reward = the LoRA reward model (trained by this script, "
+        "`--rm-steps` as above), KL coefficient 0.05, missing-EOS penalty 1, seed 0; the policy at learning rate "
+        "1e-05 in both. Before: the code of the commit before the separate critic (`--before-tree`): a zeroed "
+        "`Linear(hidden, 1)` on the policy's last hidden state, in the policy's optimizer group. After: a value model "
+        "started from the reward model (its score head and trunk) with its own LoRA adapter, at "
+        "`value_learning_rate` 5e-4. Both ran at the same time, one process each, at `nice 10` on a 2-core CPU shared "
+        f"with other work (both took {total_s / 60:.1f} minutes); peak RSS is each process's own. "
+        f"Command: `python benchmarks/rlhf.py --critic --before-tree <checkout> --work <folder> --critic-steps "
+        f"{args.critic_steps} --rl-batch {args.rl_batch} --max-new-tokens {args.max_new_tokens} --rl-max-length "
+        f"{args.rl_max_length}`.",
+        "",
+        "| run | " + " | ".join(f"step {s}" for s in steps) + " | train s | peak RSS MiB |",
+        "|---|" + "---|" * (len(steps) + 2),
+    ]
+    for name, row in rows.items():
+        curve = row["curves"]["val/explained_variance"]
+        shown = " | ".join("n/a" if v is None or v != v else f"{v:.2f}" for v in curve)
+        lines.append(f"| {name}: explained variance | {shown} | {train_seconds(row):.0f} | {row['peak_rss_mib']:.0f} |")
+    for name, row in rows.items():
+        shown = " | ".join(f"{v:.2f}" for v in row["curves"]["objective/scores"])
+        lines.append(f"| {name}: mean score | {shown} | | |")
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    text = text.split(CRITIC_HEADING)[0].rstrip("\n")
+    RESULTS.write_text(text + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _ratio(rows: dict, a: str, b: str, key) -> str:
@@ -186,7 +291,7 @@ def write_table(rows: list[dict], args, n_pairs: int, n_train: int, n_eval: int,
         "|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     models = {"reward LoRA": "1 (adapter + score head trained)", "reward full": "1",
-              "PPO LoRA": "2 (policy = reference with adapter off, value head on its trunk; reward)",
+              "PPO LoRA": "3 (policy = reference with adapter off; reward; critic = reward model + its own adapter)",
               "PPO full": "4 (policy, reference, reward, value)", "RLOO LoRA": "2 (policy = reference; reward)",
               "RLOO full": "3 (policy, reference, reward)"}
     for name in (*RM_RUNS, *RL_RUNS):
@@ -213,7 +318,8 @@ def write_table(rows: list[dict], args, n_pairs: int, n_train: int, n_eval: int,
         f"RLOO {_ratio(by_name, 'RLOO LoRA', 'RLOO full', rss)} |",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    kept = RESULTS.read_text().partition(CRITIC_HEADING) if RESULTS.exists() else ("", "", "")
+    RESULTS.write_text("\n".join(lines) + "\n" + ("\n" + kept[1] + kept[2] if kept[1] else ""))
     print("\n".join(lines))
 
 
