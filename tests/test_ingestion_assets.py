@@ -29,6 +29,12 @@ def _ingest_inbox(instance, resources, run_config=None) -> dict[str, dg.ExecuteI
             for r in sense_inbox(instance, resources).run_requests}
 
 
+def _split_rows(built, dataset: str) -> int:
+    """A dataset's rows over its train, eval and judge splits, from its materialization."""
+    [event] = built.asset_materializations_for_node(dataset)
+    return sum(event.metadata[f"{split}_rows"].value for split in ("train", "eval", "judge"))
+
+
 def _metadata(result, asset: str) -> dict:
     [event] = [m for m in result.asset_materializations_for_node("validate_feedback_batch")
                if m.asset_key.to_user_string() == asset]
@@ -79,9 +85,8 @@ def test_binary_and_pairwise_batches_feed_the_kto_dataset_with_balancing_weights
         # 20 pairs → 20 up + 20 down; chat logs: 4 up, 12 down → 24 up : 32 down
         assert binary.balance["desirable"] == 24 and binary.balance["undesirable"] == 32
         assert binary.balance["desirable_weight"] * 24 == pytest.approx(binary.balance["undesirable_weight"] * 32)
-        assert binary.train_rows + binary.eval_rows == 56
-        prompts = built.output_for_node("prompts")
-        assert prompts.train_rows + prompts.eval_rows == 36  # 20 pair prompts + 16 chat-log prompts
+        assert _split_rows(built, "binary_feedback") == 56
+        assert _split_rows(built, "prompts") == 36  # 20 pair prompts + 16 chat-log prompts
 
 
 def test_datasets_admit_a_batch_on_its_blocking_checks_recorded_verdict(tmp_path):
@@ -116,7 +121,7 @@ def test_datasets_admit_a_batch_on_its_blocking_checks_recorded_verdict(tmp_path
         built = dg.materialize(datasets, selection=dg.AssetSelection.assets(preference_pairs), instance=instance,
                                resources=resources)
         dataset = built.output_for_node("preference_pairs")
-        assert dataset.batches == (good,) and dataset.train_rows + dataset.eval_rows == 20
+        assert dataset.batches == (good,) and _split_rows(built, "preference_pairs") == 20
         [event] = built.asset_materializations_for_node("preference_pairs")
         assert event.metadata["batches_blocked_by_checks"].value == [junk]
         assert event.metadata["batches_awaiting_checks"].value == []
