@@ -273,3 +273,15 @@ def test_rewards_refuse_ids_or_flags_that_do_not_match_the_answers(tiny_reward_m
     score = reward_model_reward(*tiny_reward_model)
     with pytest.raises(ValueError, match="zip"):  # flags for one answer of two: never scored as the wrong answer
         score(prompts=["q", "q"], completions=["a", "b"], finished=[True])
+
+
+def test_own_loop_online_dpo_penalises_whichever_answer_was_cut_off():
+    """The missing-EOS penalty moves P(a better) away from the cut-off answer, a's or b's alike: test_online_dpo
+    covers a cut b; here a is cut and b finished, so a leaning-a tie turns into b's win."""
+    from alignment_pipelines.judges import Verdict
+    from alignment_pipelines.methods.online_dpo import pair_labels
+
+    leaning_a = Verdict.from_orders((0.9, "A"), (0.7, "A"))  # both orders chose A: a tie, P(a better) = 0.6
+    assert pair_labels([leaning_a], "drop", 0.25, [True], [True], 1.0) == [(1.0, 0.0)]  # both finished: a tie
+    assert pair_labels([leaning_a], "drop", 0.25, [False], [True], 1.0) == [(0.0, 1.0)]
+    assert pair_labels([leaning_a], "average", 0.25, [False], [True], 0.3) == [(0.0, 1.0)]  # 0.6 - 0.3: b wins
