@@ -272,6 +272,41 @@ def test_long_prompts_are_left_out_and_counted_and_the_learning_rate_warms_up(tm
     assert [h["learning_rate"] for h in result.history] == pytest.approx([2.5e-3, 5e-3])
 
 
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, tiny_model_dir, prompts_path):
+    """The shared checkpoints (adapter, optimizer, warm-up schedule, RNG): killed after step 3 of 4 with a
+    checkpoint at step 2, the rerun repeats steps 3 and 4 of an uninterrupted run and ends with its adapter."""
+    from transformers import TrainerCallback
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Killed()
+
+    def config(name):
+        return config_from_dict("online_dpo", online_config(
+            tmp_path, tiny_model_dir, prompts_path, output_dir=str(tmp_path / name), max_steps=4, save_steps=2,
+            checkpoint_dir=str(tmp_path / f"{name}-ckpt"), feedback_store=str(tmp_path / f"{name}-store"),
+            warmup_ratio=0.5))
+
+    straight = run_training("online_dpo", config("straight"))
+    with pytest.raises(Killed):
+        run_training("online_dpo", config("resumed"), callbacks=[KillAfterStep3()])
+    assert [p.name for p in (tmp_path / "resumed-ckpt").glob("checkpoint-*")] == ["checkpoint-2"]
+    resumed = run_training("online_dpo", config("resumed"))
+    assert resumed.metrics["resumed_from_step"] == 2 and [h["step"] for h in resumed.history] == [3, 4]
+    for ours, theirs in zip(resumed.history, straight.history[2:]):
+        # step 3's pairs were judged (and stored) before the kill: the rerun finds them in the store
+        counts = ("ai_feedback/judged", "ai_feedback/cached")
+        assert {k: v for k, v in ours.items() if k not in counts} == pytest.approx(
+            {k: v for k, v in theirs.items() if k not in counts}, rel=1e-5, abs=1e-6)
+    assert resumed.history[0]["ai_feedback/cached"] == 4
+    ours, theirs = adapter_tensors(tmp_path / "resumed"), adapter_tensors(tmp_path / "straight")
+    assert all(ours[name].equal(theirs[name]) for name in theirs)
+
+
 def test_judgements_are_stored_and_a_rerun_judges_nothing_twice(tmp_path, tiny_model_dir, prompts_path):
     values = online_config(tmp_path, tiny_model_dir, prompts_path, instruction="helpful and very short")
     first = run_training("online_dpo", config_from_dict("online_dpo", values))
