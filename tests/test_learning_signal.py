@@ -119,6 +119,13 @@ def test_math_last_token_index_reads_the_last_dimension():
     assert last_token_index(tensor([[[1, 0, 0], [1, 1, 1]]])).tolist() == [[0, 2]]
 
 
+def test_math_gae_of_a_one_token_answer_is_its_reward_less_its_value():
+    from alignment_pipelines.methods.rl_math import gae_advantages
+
+    advantages, returns = gae_advantages(tensor([[2.0]]), tensor([[0.5]]), tensor([[1]]), gamma=0.9, lam=0.9)
+    assert advantages.tolist() == [pytest.approx([1.5])] and returns.tolist() == [pytest.approx([2.0])]
+
+
 def test_math_masked_mean_without_a_mask_keeps_the_dimension():
     from alignment_pipelines.methods.rl_math import masked_mean
 
