@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment_pipelines.models.registry import check_recorded_sha256
-from alignment_pipelines.tracking import CHAMPION_ALIAS, PRUNED_TAG, WEIGHTS_SHA256_TAG
+from alignment_pipelines.tracking import CHAMPION_ALIAS, PRUNED_AT_TAG, PRUNED_TAG, WEIGHTS_SHA256_TAG
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,8 @@ def promote(client, registered_name: str, version: str | int, decision: GateDeci
     while the version holds the alias, so it changes nothing until the move. The alias move is the one decisive
     write; it re-reads the alias and fails (:class:`AliasMoved`) if another promotion moved it. Only then are the
     audit tags written and an earlier rollback's tags (its bar against re-promotion) removed: a failed move leaves
-    the bar and the alias as they were, and puts the link back. Returns the version that held the alias before
+    the bar and the alias as they were, and puts the link back. A version whose weights retention pruned is
+    refused. Returns the version that held the alias before
     (None if none). When ``version`` already holds it nothing changes, so a re-run promote job is harmless, except
     that a promotion whose audit was cut short after its move is finished.
     """
@@ -274,6 +275,7 @@ def promote(client, registered_name: str, version: str | int, decision: GateDeci
     if not actor.strip():
         raise ValueError("a promotion needs an actor (who promoted)")
     version = str(version)
+    _refuse_pruned(client, registered_name, version)
     previous = current_version(client, registered_name, alias)
     audit = {ACTOR_TAG: actor, REASON_TAG: decision.reason,
              EVIDENCE_TAG: json.dumps(decision.evidence, sort_keys=True, allow_nan=False), PROMOTED_AT_TAG: _now(),
@@ -312,7 +314,8 @@ def rollback(client, registered_name: str, actor: str, reason: str = "manual rol
 
 
 def _refuse_pruned(client, name: str, version: str) -> None:
-    """Raise unless ``version`` (and the version whose artifacts it shares, for `aligned_policy`) still has weights."""
+    """Raise unless ``version`` (and the version whose artifacts it shares, for `aligned_policy`) still has weights:
+    `champion` never points at a version that cannot be loaded."""
     entry = client.get_model_version(name, version)
     holders = [(name, version, entry.tags)]
     source = entry.tags.get(SOURCE_URI_TAG, "")
@@ -321,9 +324,9 @@ def _refuse_pruned(client, name: str, version: str) -> None:
         holders.append((source_name, source_version, client.get_model_version(source_name, source_version).tags))
     for holder_name, holder_version, tags in holders:
         if tags.get(PRUNED_TAG) == "true":
-            raise ValueError(f"{name} version {version} cannot be restored: retention pruned the weights of "
-                             f"{holder_name} version {holder_version} on {tags.get('storage.pruned_at', '?')}; "
-                             f"nothing was changed")
+            raise PromotionRefused(f"{name} version {version} cannot hold the alias: retention pruned the weights "
+                                   f"of {holder_name} version {holder_version} on {tags.get(PRUNED_AT_TAG, '?')}; "
+                                   "nothing was changed")
 
 
 def _tag_then_move_alias(client, name: str, version: str, tags: dict[str, str | None], alias: str,

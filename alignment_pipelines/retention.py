@@ -1,13 +1,15 @@
 """Retention: what the data root and the registry keep, so storage stays flat however often the graph retrains.
 
 Every registered version of a method keeps its registry entry and lineage tags forever. Its artifacts are
-kept while it is needed: it holds an alias (``champion``, ``candidate``, ...), it is the rollback target
-(the champion's ``promotion.previous_champion``), it is among the newest ``keep_last`` versions, or a kept
-version loads onto it, was trained from it or re-registers it (``aligned_policy`` versions share their
-source's artifacts). Any other version loses its artifacts and is tagged
+kept while it is needed: it holds an alias (``champion``, ``candidate``, ...), a rollback can reach it (the
+champion's ``promotion.previous_champion``, that version's, and so on back to the first champion), it is among
+the newest ``keep_last`` versions, or a kept version loads onto it, was trained from it or re-registers it
+(``aligned_policy`` versions share their source's artifacts). Any other version loses its artifacts and is tagged
 ``storage.pruned``. Beside the registry, leftovers are swept: checkpoints of assets no run is training,
 hidden staging folders of killed runs, run folders nothing references, and dataset versions that neither
-a kept model nor the newest materializations use.
+a kept model nor the newest materializations use. A run folder holding a model that finished training but was
+not registered (the registry was down) is kept for the retry that registers it, until a newer version of its
+asset is registered.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alignment_pipelines.layout import DataRoot, folder_bytes
+from alignment_pipelines.methods.training import METRICS_FILE
 from alignment_pipelines.models.registry import artifact_location
 from alignment_pipelines.promotion import PREVIOUS_CHAMPION_TAG, SOURCE_URI_TAG
-from alignment_pipelines.tracking import BYTES_TAG, CHAMPION_ALIAS, DEPENDS_ON_TAG, PRUNED_TAG, Tracker
+from alignment_pipelines.tracking import (BYTES_TAG, CHAMPION_ALIAS, DEPENDS_ON_TAG, PRUNED_AT_TAG, PRUNED_TAG,
+                                         Tracker)
 
-PRUNED_AT_TAG = "storage.pruned_at"
 FREED_TAG = "storage.freed_bytes"
 LEFTOVER_PATTERNS = (".*.staging-*", ".*.old-*", ".*.tmp-*")  # StagingDir, its replaced output, model builds
 # Tags naming another version that a version needs, and why.
@@ -33,7 +36,8 @@ NEEDS_TAGS = {DEPENDS_ON_TAG: "loads onto it", "lineage.parent_model": "was trai
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    """How much to keep. The champion, the rollback target and every aliased version are always kept."""
+    """How much to keep. The champion, every version a rollback can reach and every aliased version are always
+    kept."""
 
     keep_last: int = field(default=3, metadata={
         "help": "Newest versions kept per registered model (one per method), champion or not."})
@@ -57,7 +61,7 @@ class VersionInfo:
     tags: dict[str, str]
     aliases: tuple[str, ...] = ()
     location: str = ""  # where its artifacts are; versions of `aligned_policy` share their source's
-
+    created_ms: int = 0  # when it was registered (milliseconds since the epoch)
 
     @property
     def key(self) -> str:
@@ -74,6 +78,7 @@ class RetentionReport:
     pruned: list[str] = field(default_factory=list)
     freed_bytes: dict[str, int] = field(default_factory=dict)  # category -> bytes
     removed: list[str] = field(default_factory=list)  # folders swept
+    awaiting_registration: list[str] = field(default_factory=list)  # trained models kept for the retry
 
     @property
     def total_freed(self) -> int:
@@ -94,9 +99,9 @@ def versions_to_keep(versions: list[VersionInfo], keep_last: int) -> dict[str, l
     for v in versions:
         for alias in v.aliases:
             reasons.setdefault(v.key, []).append(f"alias {alias}")
-        previous = v.tags.get(PREVIOUS_CHAMPION_TAG)
-        if CHAMPION_ALIAS in v.aliases and previous:
-            reasons.setdefault(f"{v.name}/{previous}", []).append("rollback target")
+        if CHAMPION_ALIAS in v.aliases:
+            for target in rollback_targets(v, by_key):
+                reasons.setdefault(target, []).append("rollback target")
     pending = list(reasons)
     while pending:  # what a kept version loads onto or was trained from stays loadable
         kept = by_key.get(pending.pop())
@@ -110,6 +115,19 @@ def versions_to_keep(versions: list[VersionInfo], keep_last: int) -> dict[str, l
     return {key: why for key, why in reasons.items() if key in by_key}
 
 
+def rollback_targets(champion: VersionInfo, by_key: dict[str, VersionInfo]) -> list[str]:
+    """Every version repeated rollbacks from ``champion`` walk back to, nearest first (a link to a version that is
+    gone ends the walk, as it ends a rollback)."""
+    targets: list[str] = []
+    current = champion
+    while (previous := current.tags.get(PREVIOUS_CHAMPION_TAG)) and f"{current.name}/{previous}" not in targets:
+        targets.append(f"{current.name}/{previous}")
+        if targets[-1] not in by_key:
+            break
+        current = by_key[targets[-1]]
+    return targets
+
+
 def registry_versions(tracker: Tracker) -> list[VersionInfo]:
     """Every version this project registered (those with lineage tags), with its aliases."""
     found = []
@@ -121,7 +139,7 @@ def registry_versions(tracker: Tracker) -> list[VersionInfo]:
             if "lineage.method" in v.tags:
                 location = artifact_location(tracker.client, model.name, str(v.version))
                 found.append(VersionInfo(model.name, str(v.version), dict(v.tags),
-                                         tuple(aliases.get(str(v.version), ())), location))
+                                         tuple(aliases.get(str(v.version), ())), location, v.creation_timestamp))
     return found
 
 
@@ -169,8 +187,21 @@ def apply_retention(tracker: Tracker, layout: DataRoot, policy: RetentionPolicy,
     if busy_assets is not None:
         report.freed_bytes["checkpoints"] = _sweep(report, _idle(layout.checkpoints, busy_assets), cutoff, in_use)
         model_runs = [p for p in _idle(layout.runs, busy_assets) if any(p.rglob("*.safetensors"))]
-        report.freed_bytes["run_folders"] = _sweep(report, model_runs, cutoff, in_use)
+        report.awaiting_registration = [str(p) for p in model_runs if awaiting_registration(p, versions)]
+        report.freed_bytes["run_folders"] = _sweep(report, [p for p in model_runs
+                                                            if str(p) not in report.awaiting_registration],
+                                                   cutoff, in_use)
     return report
+
+
+def awaiting_registration(run_folder: Path, versions: list[VersionInfo]) -> bool:
+    """Whether ``runs/<asset>/<key>`` holds a model that finished training and no version of its asset was
+    registered since: the asset's retry registers it as it is."""
+    finished = run_folder / "model" / METRICS_FILE
+    if not finished.is_file():
+        return False
+    done_ms = finished.stat().st_mtime * 1000
+    return not any(v.name == run_folder.parent.name and v.created_ms > done_ms for v in versions)
 
 
 def _children(folder: Path) -> list[Path]:

@@ -28,6 +28,7 @@ FORMAT_TAG = "storage.format"  # "adapter" or "full"
 BYTES_TAG = "storage.bytes"  # what the version's artifacts hold
 DEPENDS_ON_TAG = "storage.depends_on"  # the registered version holding the base an adapter loads onto
 PRUNED_TAG = "storage.pruned"  # "true" once retention removed the artifacts; the lineage tags stay
+PRUNED_AT_TAG = "storage.pruned_at"
 WEIGHTS_SHA256_TAG = "storage.weights_sha256"  # the registered folder's safetensors, checked at fetch and load
 # A training worker started by the orchestrator streams its step metrics into this run.
 WORKER_MLFLOW_URI_ENV = "ALIGNMENT_PIPELINES_MLFLOW_URI"

@@ -53,8 +53,9 @@ def paths_in_use(instance: dg.DagsterInstance) -> set[str]:
 @dg.asset(group_name="storage", kinds={"mlflow"})
 def storage_retention(context: dg.AssetExecutionContext, config: RetentionConfig, storage: StorageResource,
                       mlflow: MlflowResource) -> dg.MaterializeResult:
-    """Keep the champion, the rollback target and the newest versions of each method; prune the other
-    versions' artifacts (tagged `storage.pruned`, lineage kept); sweep finished runs' leftovers."""
+    """Keep the champion, every version a rollback can reach and the newest versions of each method; prune the
+    other versions' artifacts (tagged `storage.pruned`, lineage kept); sweep finished runs' leftovers, but keep a
+    model that trained and awaits registration by its retry."""
     layout = storage.layout
     report = apply_retention(mlflow.tracker(), layout, RetentionPolicy(**config.model_dump()),
                              busy_assets(context.instance, context.run_id), paths_in_use(context.instance))
@@ -68,6 +69,7 @@ def storage_retention(context: dg.AssetExecutionContext, config: RetentionConfig
         "pruned_versions": dg.MetadataValue.json(report.pruned),
         "kept_versions": dg.MetadataValue.json(report.kept),
         "removed_folders": dg.MetadataValue.json(report.removed),
+        "awaiting_registration": dg.MetadataValue.json(report.awaiting_registration),
     })
 
 

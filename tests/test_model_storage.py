@@ -17,8 +17,9 @@ from alignment_pipelines.definitions import ALL_ASSETS, build_resources
 from alignment_pipelines.layout import DataRoot
 from alignment_pipelines.models.loading import load_model
 from alignment_pipelines.models.registry import ModelPrunedError, fetch_model
-from alignment_pipelines.promotion import GateDecision, promote, rollback
-from alignment_pipelines.retention import VersionInfo, versions_to_keep
+from alignment_pipelines.promotion import GateDecision, PromotionRefused, current_version, promote, rollback
+from alignment_pipelines.retention import (RetentionPolicy, VersionInfo, apply_retention, prune_versions,
+                                           registry_versions, versions_to_keep)
 from alignment_pipelines.runs import ingest_batch, sense_inbox
 from alignment_pipelines.tracking import Lineage, Tracker
 
@@ -141,3 +142,48 @@ def test_what_a_kept_version_needs_is_kept_too():
     assert kept["sft_model/2"] == ["policy_dpo/2 was trained from it"]
     assert sorted(set(v.key for v in versions) - set(kept)) == []  # reward_model/1 is its model's newest
     assert sorted(versions_to_keep(versions[4:], keep_last=1)) == ["sft_model/3"]
+
+
+def test_every_version_a_rollback_can_reach_is_kept():
+    """Champion 4 was promoted over 3, 3 over 2, 2 over 1: three rollbacks walk back to 1, so all four are kept."""
+    chain = [VersionInfo("policy_x", str(v), {"promotion.previous_champion": str(v - 1)} if v > 1 else {},
+                         ("champion",) if v == 4 else (), f"loc-{v}") for v in range(1, 6)]
+    chain[4] = VersionInfo("policy_x", "5", {"promotion.previous_champion": "4"}, (), "loc-5")  # demoted: not a start
+    kept = versions_to_keep(chain, keep_last=1)
+    assert sorted(kept) == ["policy_x/1", "policy_x/2", "policy_x/3", "policy_x/4", "policy_x/5"]
+    assert kept["policy_x/1"] == kept["policy_x/2"] == kept["policy_x/3"] == ["rollback target"]
+    assert kept["policy_x/5"] == ["among the newest 1"]
+    looped = [VersionInfo("m", "1", {"promotion.previous_champion": "2"}, ("champion",)),  # re-promoted after 2
+              VersionInfo("m", "2", {"promotion.previous_champion": "1"})]
+    assert sorted(versions_to_keep(looped, keep_last=1)) == ["m/1", "m/2"]
+
+
+def test_retention_keeps_the_rollback_chain_and_rollback_refuses_a_pruned_version(tmp_path, tiny_model_dir):
+    layout = DataRoot(tmp_path / "data").ensure()
+    tracker = Tracker(layout.local_tracking_uri, artifact_root=layout.mlflow_artifacts)
+    for version in range(1, 5):
+        lineage = Lineage(method="x", base_model="tiny", dataset_version=f"d{version}", batches=("b",))
+        tracker.register_model(tracker.start_run(f"r{version}"), _adapter(tiny_model_dir, tmp_path / f"a{version}",
+                                                                          version), "policy_x", lineage)
+        promote(tracker.client, "policy_x", str(version), GateDecision(True, "test", {}), actor="test")
+    # a model that trained but did not register (the registry was down), and one a newer version superseded
+    waiting, superseded = layout.runs / "policy_x" / "waiting", layout.runs / "policy_x" / "superseded"
+    for folder in (waiting, superseded):
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+        (folder / "model" / "metrics.json").write_text("{}")
+    _age(superseded, 12)  # finished before every registered version
+
+    report = apply_retention(tracker, layout, RetentionPolicy(keep_last=1, min_age_hours=0), busy_assets=set())
+    assert report.pruned == []  # keep_last=1, yet 1, 2 and 3 are where rollbacks from 4 lead
+    assert all("rollback target" in report.kept[f"policy_x/{v}"] for v in ("1", "2", "3"))
+    assert report.awaiting_registration == [str(waiting)] and waiting.is_dir() and not superseded.exists()
+
+    # Version 1 pruned as retention did before it kept the whole chain (only the first rollback target)
+    prune_versions(tracker, [v for v in registry_versions(tracker) if v.key == "policy_x/1"])
+    assert rollback(tracker.client, "policy_x", actor="test") == "3"
+    assert rollback(tracker.client, "policy_x", actor="test") == "2"
+    with pytest.raises(PromotionRefused, match="retention pruned the weights of policy_x version 1"):
+        rollback(tracker.client, "policy_x", actor="test")
+    assert current_version(tracker.client, "policy_x") == "2"
+    load_model(fetch_model("models:/policy_x/2", tracker.tracking_uri), device="cpu")  # the champion still loads
