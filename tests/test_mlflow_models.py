@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -22,7 +23,7 @@ from alignment_pipelines.layout import DataRoot
 from alignment_pipelines.methods import run_training
 from alignment_pipelines.methods.dpo import DPOMethodConfig
 from alignment_pipelines.methods.sft import SFTMethodConfig
-from alignment_pipelines.models.loading import load_model, read_model_card
+from alignment_pipelines.models.loading import WeightsMismatchError, load_model, read_model_card, safetensors_sha256
 from alignment_pipelines.models.registry import export_model, fetch_model, weights_sha256
 from alignment_pipelines.tracking import Lineage, Tracker
 
@@ -189,3 +190,38 @@ def test_reward_model_scores_chosen_above_rejected_through_pyfunc(registry, tmp_
     wins = (chosen.to_numpy() > rejected.to_numpy()).mean()
     print(f"reward model: chosen above rejected on {wins:.0%} of held-out pairs")
     assert wins >= 0.875
+
+
+def test_export_and_load_refuse_weights_that_changed_after_registration(registry, tmp_path):
+    tracker = registry["tracker"]
+    copy = tracker.register_model(tracker.start_run("copy"), registry["root"] / "sft", "sft_copy", lineage("sft"))
+    uri, folder = f"models:/sft_copy/{copy.version}", Path(copy.path)
+    recorded = tracker.client.get_model_version("sft_copy", copy.version).tags["storage.weights_sha256"]
+    assert recorded == safetensors_sha256(folder) == read_model_card(folder)["weights_sha256"]
+    assert read_model_card(folder)["parent_sha256"] == weights_sha256(registry["base"])
+    load_model(fetch_model(uri, tracker.tracking_uri), device="cpu")  # as registered, it loads
+
+    weights = folder / "adapter_model.safetensors"
+    flipped = bytearray(weights.read_bytes())
+    flipped[-1] ^= 0x01  # one bit of the last tensor: still a valid safetensors file
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(WeightsMismatchError, match=f"recorded {recorded}"):
+        load_model(folder, device="cpu")
+    with pytest.raises(WeightsMismatchError, match=f"recorded {recorded}"):
+        export_model(uri, tmp_path / "export", tracker.tracking_uri)
+    assert not (tmp_path / "export" / "model.safetensors").exists()
+
+    card = read_model_card(folder) | {"weights_sha256": safetensors_sha256(folder)}  # the card rewritten to match
+    (folder / "alignment_model.json").write_text(json.dumps(card))
+    load_model(folder, device="cpu")  # the folder agrees with itself now, but not with the registry
+    with pytest.raises(WeightsMismatchError, match=f"registry recorded weights sha256 {recorded}"):
+        fetch_model(uri, tracker.tracking_uri)
+    with pytest.raises(WeightsMismatchError):
+        export_model(uri, tmp_path / "export", tracker.tracking_uri)
+
+
+def test_an_export_records_the_hash_of_its_own_weights(registry, tmp_path):
+    exported = export_model("models:/policy_dpo@candidate", tmp_path / "export", registry["tracker"].tracking_uri)
+    card = read_model_card(exported)
+    assert card["weights_sha256"] == safetensors_sha256(exported) and "parent_sha256" not in card
+    load_model(exported, device="cpu")

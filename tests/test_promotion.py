@@ -261,6 +261,40 @@ def test_a_failed_alias_move_leaves_alias_and_tags_as_they_were(client, register
     assert {version: tags(client, registered, version) for version in ("1", "2", "3")} == before
 
 
+def test_a_promotion_cut_short_after_its_move_keeps_the_history_and_the_bar_and_a_rerun_finishes_it(
+        client, registered, monkeypatch):
+    promote(client, registered, "1", PASSED, actor="alice")
+    promote(client, registered, "2", PASSED, actor="bob")
+    rollback(client, registered, actor="carol", reason="complaints")  # champion 1; 2 carries the rollback bar
+    move, tag = client.set_registered_model_alias, client.set_model_version_tag
+    moved = []
+
+    def move_and_remember(*args):
+        move(*args)
+        moved.append(args)
+
+    def tag_until_the_move(*args):
+        if moved:
+            raise RuntimeError("registry went away")
+        return tag(*args)
+
+    monkeypatch.setattr(client, "set_registered_model_alias", move_and_remember)
+    monkeypatch.setattr(client, "set_model_version_tag", tag_until_the_move)
+    with pytest.raises(RuntimeError, match="went away"):
+        promote(client, registered, "2", PASSED, actor="dave")  # readmitted, but the audit never gets written
+    monkeypatch.undo()
+    assert current_version(client, registered) == "2"
+    cut_short = tags(client, registered, "2")
+    assert cut_short["promotion.previous_champion"] == "1" and "promotion.pending" in cut_short
+    assert cut_short["promotion.actor"] == "bob" and cut_short["rollback.reason"] == "complaints"  # stale, marked
+
+    assert promote(client, registered, "2", PASSED, actor="dave") == "2"  # the re-run finishes the audit
+    finished = tags(client, registered, "2")
+    assert finished["promotion.actor"] == "dave" and finished["promotion.previous_champion"] == "1"
+    assert "promotion.pending" not in finished and not any(key.startswith("rollback.") for key in finished)
+    assert rollback(client, registered, actor="erin") == "1"
+
+
 # --------------------------------------------------------------------------------------
 # One champion for the project: the gate on evaluation reports, through the CLI and the jobs
 # --------------------------------------------------------------------------------------
