@@ -266,9 +266,9 @@ def promote(client, registered_name: str, version: str | int, decision: GateDeci
     write; it re-reads the alias and fails (:class:`AliasMoved`) if another promotion moved it. Only then are the
     audit tags written and an earlier rollback's tags (its bar against re-promotion) removed: a failed move leaves
     the bar and the alias as they were, and puts the link back. A version whose weights retention pruned is
-    refused. Returns the version that held the alias before
-    (None if none). When ``version`` already holds it nothing changes, so a re-run promote job is harmless, except
-    that a promotion whose audit was cut short after its move is finished.
+    refused. Returns the version that held the alias before (None if none). When ``version`` already holds it
+    nothing changes, so a re-run promote job is harmless, except that a promotion whose audit was cut short after
+    its move is finished.
     """
     if not decision.promote:
         raise PromotionRefused(f"the gate refused version {version}: {decision.reason}")
@@ -547,9 +547,9 @@ def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision,
         version = str(existing[0].version)
     else:
         source = client.get_model_version(model["registered_name"], model["registered_version"])
-        lineage = {k: v for k, v in source.tags.items() if k.startswith("lineage.") or k == WEIGHTS_SHA256_TAG}
+        inherited = {k: v for k, v in source.tags.items() if k.startswith("lineage.") or k == WEIGHTS_SHA256_TAG}
         version = str(client.create_model_version(ALIGNED_MODEL, source.source, run_id=source.run_id,
-                                                  tags=lineage).version)
+                                                  tags=inherited).version)
     tags = {SOURCE_URI_TAG: uri, SOURCE_PATH_TAG: model["path"], SOURCE_START_PATH_TAG: model.get("start_path"),
             "source.method": model.get("method"), GATE_VERDICT_TAG: "passed", GATE_REASON_TAG: decision.reason,
             EVIDENCE_RUN_TAG: evidence.get("mlflow_run_id"), EVIDENCE_DAGSTER_RUN_TAG: evidence.get("dagster_run_id"),

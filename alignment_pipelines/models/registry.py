@@ -5,6 +5,10 @@ project's model folder inside it (``peft/`` for an adapter, ``model/`` for full 
 for a scorer). With a local artifact store the folder is returned where it lies: the registry's copy is the
 only copy. With a remote store the version is downloaded once into a cache, and an adapter's start model
 (``parent_uri`` in its card) is fetched the same way, so the folder always loads with ``load_model``.
+
+Weights are checked against registration: the registry's ``storage.weights_sha256`` must be what the folder's
+card records (``fetch_model``), and loading hashes the safetensors against the card (``loading.verify_weights``),
+so a changed or corrupt version is refused by every load and export, whichever way its folder was found.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from alignment_pipelines.tracking import WEIGHTS_SHA256_TAG
+
 from .loading import (MODEL_CARD, PARENT_SHA256_KEY, WEIGHTS_SHA256_KEY, ModelFolderError, WeightsMismatchError,
                       load_tokenizer, load_weights, model_role, read_model_card, safetensors_sha256)
-
-from alignment_pipelines.tracking import WEIGHTS_SHA256_TAG
 
 if TYPE_CHECKING:  # pragma: no cover
     from alignment_pipelines.refs import ModelRef
