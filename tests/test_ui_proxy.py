@@ -5,19 +5,22 @@ The attacks are the ones a page in the operator's browser can make (the browser 
 a GraphQL mutation as a bodyless GET, as a text/plain POST with the query in the URL, a form POST, a JSON POST from
 a foreign Origin or marked cross-site, and a DNS-rebound Host. Each is refused and the mutation did not run (the
 dynamic partition it adds is absent), while the same GET sent to the webserver directly does add one: the proxy is
-what stops them. The viewer's read-only webserver refuses the mutation even from its own user.
+what stops them. The viewer's read-only webserver refuses the mutation even from its own user. And the guard lets
+the real UI through: headless Chromium, logged in, loads it with no request refused.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import textwrap
+import time
 
 import dagster as dg
 import pytest
 import requests
 
-from tests.production_services import DEPLOY, BIN, Service, free_port, http_ok, require
+from tests.production_services import BIN, DEPLOY, Service, free_port, http_ok, require, wait_until
 
 LOCATION = "ui_proxy_test"
 OPERATOR = ("operator", "operator-password-1")
@@ -119,6 +122,11 @@ def test_cross_site_requests_are_refused_and_the_mutation_does_not_run(ui):
             headers={"Content-Type": "text/plain"}),
         "text/plain POST, query in the body": lambda: requests.post(
             graphql, data=add_partition("via-text-body"), auth=OPERATOR, headers={"Content-Type": "text/plain"}),
+        "JSON hidden in a text/plain type": lambda: requests.post(
+            graphql, data=json.dumps({"query": add_partition("via-text-json")}), auth=OPERATOR,
+            headers={"Content-Type": "text/plain; x=application/json"}),
+        "GET with the UI's ?op=": lambda: requests.get(
+            graphql, params={"op": "Add", "query": add_partition("via-get-op")}, auth=OPERATOR),
         "form POST to a report endpoint": lambda: requests.post(
             f"{url}/report_asset_materialization/batch", data={"partition": "via-form"}, auth=OPERATOR),
         "foreign Origin": lambda: requests.post(
@@ -134,7 +142,8 @@ def test_cross_site_requests_are_refused_and_the_mutation_does_not_run(ui):
     }
     statuses = {name: attack().status_code for name, attack in attacks.items()}
     assert statuses == {"bodyless GET": 403, "text/plain POST, query in the URL": 403,
-                        "text/plain POST, query in the body": 415, "form POST to a report endpoint": 415,
+                        "text/plain POST, query in the body": 415, "JSON hidden in a text/plain type": 415,
+                        "GET with the UI's ?op=": 403, "form POST to a report endpoint": 415,
                         "foreign Origin": 403, "marked cross-site": 403, "rebound Host": 421}
     # The same bodyless GET straight to the webserver runs: the proxy is what refused them.
     direct = requests.get(f"{ui['direct']}/graphql", params={"query": add_partition("direct-get")}, timeout=30)
@@ -155,7 +164,41 @@ def test_viewers_get_a_read_only_webserver(ui):
 
 
 def test_the_operator_can_mutate_from_the_ui_itself(ui):
-    reply = requests.post(f"{ui['operator']}/graphql", json={"query": add_partition("by-operator")}, auth=OPERATOR,
-                          headers=same_origin(ui["operator"]), timeout=30)
+    reply = requests.post(f"{ui['operator']}/graphql", params={"op": "AddDynamicPartition"}, auth=OPERATOR,
+                          json={"query": add_partition("by-operator")}, headers=same_origin(ui["operator"]),
+                          timeout=30)
     assert reply.json()["data"]["addDynamicPartition"]["__typename"] == "AddDynamicPartitionSuccess"
     assert "by-operator" in partitions(ui)
+
+
+def test_the_dagster_ui_works_through_the_proxy_in_a_browser(ui, tmp_path):
+    """The guard lets the real UI through: headless Chromium logs in and the UI lists the asset and its partition
+    (its GraphQL POSTs and subscriptions pass the Host, Origin and content-type rules)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    require(bool(chromium and chromedriver), "no chromium / chromedriver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                 "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=ChromeService(executable_path=chromedriver), options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        # Log in once, as a person does: the browser caches the login for the origin (a page URL that keeps the
+        # credentials would break the UI's fetch calls), then open the UI's own address.
+        driver.get(ui["operator"].replace("http://", "http://%s:%s@" % OPERATOR) + "/server_info")
+        driver.get(f"{ui['operator']}/assets/batch")
+        def page() -> str:
+            return driver.find_element("tag name", "body").text
+
+        wait_until(lambda: LOCATION in page(), 90, "the asset page to show its code location through the proxy",
+                   on_timeout=lambda: f"{page()[:1000]}\n{driver.get_log('browser')}")
+        time.sleep(3)  # the subscriptions' WebSocket and the polling queries
+        errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
