@@ -292,3 +292,48 @@ def test_own_loop_online_dpo_penalises_whichever_answer_was_cut_off():
     assert pair_labels([leaning_a], "drop", 0.25, [True], [True], 1.0) == [(1.0, 0.0)]  # both finished: a tie
     assert pair_labels([leaning_a], "drop", 0.25, [False], [True], 1.0) == [(0.0, 1.0)]
     assert pair_labels([leaning_a], "average", 0.25, [False], [True], 0.3) == [(0.0, 1.0)]  # 0.6 - 0.3: b wins
+
+
+def test_own_loop_online_dpo_log_probs_are_at_temperature_one_and_each_label_trains_one_direction(
+        tmp_path, tiny_model_dir, one_thread):
+    """DPO's implicit reward is defined on the policy's own distribution: the summed answer log-probs are those of
+    softmax(logits) at temperature 1 (the answers were sampled at 0.9), over the answer tokens only. Under the
+    start LoRA adapter policy and reference agree, so each pair's loss is log 2 whichever answer its label picks,
+    and the step's loss is their mean: a label that counted both directions at once would double it."""
+    import json
+    import math
+
+    import torch
+    from peft import get_peft_model
+
+    from alignment_pipelines.ai_feedback import AIFeedbackStore
+    from alignment_pipelines.judges import ShorterJudge
+    from alignment_pipelines.methods.online_dpo import JudgedBatch, OnlineDPOMethodConfig, OnlineDPOTrainer
+    from alignment_pipelines.methods.training import load_start_model, lora_config
+
+    prompts = ["Name a colour.", "Say hello."]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    config = OnlineDPOMethodConfig(
+        model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "out"),
+        judge="shorter", max_steps=1, per_device_batch_size=2, max_new_tokens=8, max_length=64, temperature=0.9,
+        gradient_checkpointing=False, memory_budget_gb=0, feedback_store=str(tmp_path / "store")).validate()
+    policy, tokenizer = load_start_model(config, "policy")
+    policy = get_peft_model(policy, lora_config(config, "policy"))
+    trainer = OnlineDPOTrainer(config, policy, tokenizer, None, ShorterJudge(), AIFeedbackStore(tmp_path / "store"),
+                               prompts, [])
+    torch.manual_seed(0)
+    samples = trainer.sample(trainer.prompt_indices(1), 1)
+    with torch.no_grad():
+        logps = trainer.answer_logps(trainer.policy, samples)
+        positions = (samples.attention_mask.cumsum(1) - 1).clamp(min=0)
+        logits = trainer.policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask,
+                                position_ids=positions).logits[:, samples.prompt_length - 1:-1].float()
+    answers = samples.input_ids[:, samples.prompt_length:]
+    per_token = torch.log_softmax(logits, dim=-1).gather(-1, answers[..., None]).squeeze(-1)
+    torch.testing.assert_close(logps, (per_token * samples.answer_mask).sum(1), rtol=1e-4, atol=1e-4)
+
+    stats = {"agree": 2, "position_biased": 0, "preferences": 2, "ties": 0, "judged": 2, "cached": 0}
+    for labels in ([1.0, 0.0], [0.5, 0.5]):
+        batch = JudgedBatch(samples, torch.tensor(labels), torch.tensor([1.0, 1.0]), stats)
+        assert trainer.backward(batch, weighted_pairs=2)["loss"] == pytest.approx(math.log(2), abs=1e-4)
