@@ -84,14 +84,15 @@ def test_math_value_clip_holds_both_directions_and_counts_only_where_it_raised_t
     where the clipped error is the larger one: not those where both errors are equal."""
     from alignment_pipelines.methods.rl_math import clipped_value_loss
 
-    old_values = tensor([[0.5, -0.5, 1.0]])
-    values = old_values + tensor([[-0.5, 0.5, 0.1]])
-    returns, mask = old_values + tensor([[-1.0, 1.0, 0.1]]), tensor([[1, 1, 1]])
+    old_values = tensor([[0.5, -0.5, 1.0, 0.0]])
+    values = old_values + tensor([[-0.5, 0.5, 0.1, 0.5]])
+    returns, mask = old_values + tensor([[-1.0, 1.0, 0.1, 0.0]]), tensor([[1, 1, 1, 1]])
     loss, clip_fraction = clipped_value_loss(values, old_values, returns, mask, clip_range_value=0.2)
     # token 0 fell 0.5: held 0.2 below the old value -> max(0.5^2, 0.8^2) = 0.64; token 1 rose 0.5: held 0.2
-    # above -> 0.64 as well; token 2 moved within the clip -> both errors 0
-    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64 + 0.0) / 3)
-    assert clip_fraction.item() == pytest.approx(2 / 3)
+    # above -> 0.64 as well; token 2 moved within the clip -> both errors 0; token 3 rose 0.5 away from its
+    # return: the clip would shrink the error (0.2^2) -> the unclipped 0.5^2 counts, not the clip
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64 + 0.0 + 0.25) / 4)
+    assert clip_fraction.item() == pytest.approx(2 / 4)
 
 
 def test_math_policy_clip_fraction_counts_only_where_the_clip_raised_the_loss():
