@@ -1,18 +1,35 @@
-"""Evaluation of every model that exists, on the same held-out data; it measures, promotion decides."""
+"""Evaluation of every model that exists, on the same held-out data; it measures, promotion decides.
 
-import json
+The judge of the win-rates is ``evaluation_reward_model`` when it exists: the project's reward method (LoRA) trained
+on the judge split of the pairs, which no policy and no training reward model sees, so PPO and RLOO are never judged
+by the reward model they optimised. Without it (or with ``judge: resource``), the judge resource judges, and a
+heuristic one says so on the report's first line. The report is an
+:class:`~alignment_pipelines.evaluation.schema.EvaluationReport` written as ``evaluation.json``.
+"""
+
+import dataclasses
+from typing import Literal
 
 import dagster as dg
+import pydantic
 
-from alignment_pipelines.assets.training import SFT_ASSET, TRAINING_POOL
+from alignment_pipelines.assets.datasets import ON_NEW_DATA
+from alignment_pipelines.assets.training import (SFT_ASSET, TRAINING_POOL, TRAINING_RETRIES, launchpad_config,
+                                                 train_and_register)
+from alignment_pipelines.data.dataset_sql import judge_path_beside
 from alignment_pipelines.data.records import head_records
-from alignment_pipelines.evaluation.compare import CHAMPION, ModelUnderTest, evaluate_models
+from alignment_pipelines.evaluation.compare import BASELINE, CHAMPION, ModelUnderTest, evaluate_models
 from alignment_pipelines.evaluation.report import REPORT_FILE, comparison_table, evaluation_plots, render_report
+from alignment_pipelines.evaluation.schema import (ChampionRef, EvaluationReport, Evidence, JudgeIdentity,
+                                                   ModelEvaluation, WinRate, optimisation_targets)
+from alignment_pipelines.judges.reward_model import RewardModelJudge
 from alignment_pipelines.methods import METHODS
-from alignment_pipelines.promotion import current_champion
+from alignment_pipelines.promotion import ALIGNED_MODEL, current_champion
 from alignment_pipelines.refs import DatasetRef, ModelRef
 from alignment_pipelines.resources.judge import JudgeResource
+from alignment_pipelines.resources.launcher import TrainingLauncher
 from alignment_pipelines.resources.mlflow import MlflowResource
+from alignment_pipelines.resources.models import BaseModelResource
 from alignment_pipelines.resources.storage import StorageResource
 
 # Re-evaluate when any model's data version changed, even while another method has never trained:
@@ -20,6 +37,9 @@ from alignment_pipelines.resources.storage import StorageResource
 ON_ANY_NEW_MODEL = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing()).replace(
     "any_deps_updated", dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed()))
 TRAINING_CURVE_METRIC = "loss"
+EVALUATION_REWARD_MODEL = "evaluation_reward_model"
+JUDGE_TAG = "alignment.judge"  # "evaluation" on every version of evaluation_reward_model: a judge, never a reward
+REWARD_METHOD = METHODS["reward"]
 
 
 class EvaluationConfig(dg.Config):
@@ -28,7 +48,47 @@ class EvaluationConfig(dg.Config):
     max_new_tokens: int = 64
     beta: float = 0.1  # scale of the implicit reward
     batch_size: int = 8
-    judge_by_reward_model: bool = False  # judge the win-rates by the reward model's scores, not the judge resource
+    judge: Literal["evaluation_reward_model", "resource"] = pydantic.Field(
+        EVALUATION_REWARD_MODEL, description="Who judges the win-rates: the reward model trained on the judge split "
+        "(the judge resource until one exists), or the judge resource.")
+
+
+EvaluationRewardModelConfig = pydantic.create_model(
+    "EvaluationRewardModelConfig", __base__=launchpad_config(REWARD_METHOD),
+    __doc__="The reward method's settings for the evaluation's judge (LoRA by default).")
+
+
+@dg.asset(name=EVALUATION_REWARD_MODEL, ins={"preference_pairs": dg.AssetIn(), "sft_model": dg.AssetIn(SFT_ASSET)},
+          group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL, retry_policy=TRAINING_RETRIES,
+          automation_condition=ON_NEW_DATA, tags={"method": REWARD_METHOD.name, "role": "reward"})
+def evaluation_reward_model(context: dg.AssetExecutionContext, config: EvaluationRewardModelConfig,
+                            preference_pairs: DatasetRef, sft_model: ModelRef, base_model: BaseModelResource,
+                            storage: StorageResource, mlflow: MlflowResource,
+                            launcher: TrainingLauncher) -> dg.Output[ModelRef]:
+    """The evaluation's judge: a Bradley-Terry reward model (the reward method, through the launcher like every
+    training asset) trained on the judge split of the pairs, which no policy and no training reward model sees, and
+    scored on the eval split after training (its eval_accuracy is the judge's own accuracy in the report). Registered
+    with role reward and the tag alignment.judge=evaluation."""
+    judge_split = judge_path_beside(preference_pairs.train_path)
+    rows = _parquet_rows(judge_split)
+    if not rows:
+        raise dg.Failure(f"{EVALUATION_REWARD_MODEL}: preference_pairs version {preference_pairs.version} has no "
+                         f"judge split ({judge_split}); build preference_pairs with judge_fraction > 0",
+                         allow_retries=False)
+    judge_pairs = dataclasses.replace(preference_pairs, train_path=str(judge_split), train_rows=rows)
+    trained = train_and_register(context, REWARD_METHOD, config.model_dump(), judge_pairs, sft_model, {}, base_model,
+                                 storage, mlflow, launcher)
+    ref = trained.value
+    client = mlflow.tracker().client
+    for key, value in ((JUDGE_TAG, "evaluation"), ("lineage.split", "judge")):
+        client.set_model_version_tag(ref.registered_name, ref.registered_version, key, value)
+    return dg.Output(ref, metadata={**trained.metadata, "judge_pairs": rows})
+
+
+def _parquet_rows(path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows if path.is_file() else 0
 
 
 def latest_model_refs(instance: dg.DagsterInstance, asset_names: list[str]) -> dict[str, ModelRef]:
@@ -55,18 +115,41 @@ def training_history(tracker, run_id: str | None) -> list[dict]:
             for m in tracker.client.get_metric_history(run_id, TRAINING_CURVE_METRIC)]
 
 
+def evaluation_judge(choice: str, judge_model: ModelRef | None, resource: JudgeResource,
+                     batch_size: int) -> tuple[object, JudgeIdentity, list[str]]:
+    """The judge, its identity and a note on the choice: the evaluation reward model when asked for and trained,
+    else the judge resource."""
+    if choice == EVALUATION_REWARD_MODEL and judge_model is not None:
+        judge = RewardModelJudge(judge_model.path, judge_model.uri, batch_size)
+        accuracy = {k: v for k, v in judge_model.metrics.items()
+                    if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return judge, JudgeIdentity.of(judge, EVALUATION_REWARD_MODEL, accuracy), []
+    judge = resource.build()
+    notes = [] if choice == "resource" else [
+        f"No {EVALUATION_REWARD_MODEL} has been trained yet (it trains on the judge split of preference_pairs): "
+        "the judge resource judged."]
+    return judge, JudgeIdentity.of(judge, "resource"), notes
+
+
+def version_tags(client, name: str | None, version: str | None) -> dict[str, str]:
+    """A registered version's tags (lineage among them); none for a model that is not registered."""
+    return dict(client.get_model_version(name, version).tags) if name and version else {}
+
+
 def build_evaluation_asset(policy_names: list[str], reward_names: list[str] | None = None) -> dg.AssetsDefinition:
     """The evaluation of the SFT model and ``policy_names`` (generated from the registry), with the reward
-    models in ``reward_names`` (default: the registry's) as scorers."""
+    models in ``reward_names`` (default: the registry's) as scorers and ``evaluation_reward_model`` as the judge."""
     reward_names = reward_model_asset_names() if reward_names is None else reward_names
 
-    @dg.asset(name="evaluation_report", deps=[SFT_ASSET, *policy_names, *reward_names], group_name="evaluation",
-              kinds={"mlflow"}, pool=TRAINING_POOL, automation_condition=ON_ANY_NEW_MODEL)
+    @dg.asset(name="evaluation_report", deps=[SFT_ASSET, *policy_names, *reward_names, EVALUATION_REWARD_MODEL],
+              group_name="evaluation", kinds={"mlflow"}, pool=TRAINING_POOL, automation_condition=ON_ANY_NEW_MODEL)
     def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfig, preference_pairs: DatasetRef,
                           judge: JudgeResource, storage: StorageResource, mlflow: MlflowResource) -> dg.Output[dict]:
         """Every model present (and the champion) on the same held-out prompts and pairs: preference accuracy,
         win-rates against the SFT model and the champion with 95% intervals, reward, KL, lengths, broken answers,
-        plots and samples. Logged to an MLflow evaluation run (the evidence promotion cites); no alias moves."""
+        plots and samples. Judged by evaluation_reward_model (else the judge resource; never a reward model a
+        policy optimised). Logged to an MLflow evaluation run (the evidence promotion cites); no alias moves. Its
+        value is the EvaluationReport as a dict (evaluation.json)."""
         found = latest_model_refs(context.instance, [SFT_ASSET, *policy_names])
         if SFT_ASSET not in found:
             raise dg.Failure("evaluation_report needs a trained sft_model as its baseline; materialize it first")
@@ -77,34 +160,39 @@ def build_evaluation_asset(policy_names: list[str], reward_names: list[str] | No
         reward_name = next(iter(reward_models), None)
         tracker = mlflow.tracker()
         champion = current_champion(tracker.client)
-        models = [ModelUnderTest(name, ref.path, ref.start_path) for name, ref in found.items()]
         entries = {name: ref.to_dict() for name, ref in found.items()}
+        targets = {name: optimisation_targets(ref.path, version_tags(tracker.client, ref.registered_name,
+                                                                     ref.registered_version))
+                   for name, ref in found.items()}
+        starts = {name: ref.start_path for name, ref in found.items()}
         champion_name = None
         if champion is not None:
             champion_name = next((name for name, ref in found.items() if ref.uri == champion["source_uri"]), CHAMPION)
             if champion_name == CHAMPION:  # a champion no method's newest model is: measured alongside them
-                models.append(ModelUnderTest(CHAMPION, champion["path"], champion["start_path"]))
                 entries[CHAMPION] = {"path": champion["path"], "start_path": champion["start_path"],
                                      "uri": champion["source_uri"]}
+                starts[CHAMPION] = champion["start_path"]
+                targets[CHAMPION] = optimisation_targets(champion["path"], version_tags(
+                    tracker.client, ALIGNED_MODEL, champion["version"]))
+        models = [ModelUnderTest(name, entry["path"], starts[name], targets[name]) for name, entry in entries.items()]
 
-        if config.judge_by_reward_model and not reward_name:
-            raise dg.Failure("judge_by_reward_model needs a trained reward model "
-                             f"({reward_names or 'none is registered'})")
+        judge_model = latest_model_refs(context.instance, [EVALUATION_REWARD_MODEL]).get(EVALUATION_REWARD_MODEL)
+        the_judge, judge_identity, notes = evaluation_judge(config.judge, judge_model, judge, config.batch_size)
         # the eval split only, its first max_pairs rows only, and only the columns scored
         pairs = head_records(preference_pairs.eval_path, config.max_pairs, columns=["prompt", "chosen", "rejected"])
-        the_judge = None if config.judge_by_reward_model else judge.build()
         evaluation = evaluate_models(
             models, SFT_ASSET, pairs, list(pairs["prompt"].head(config.max_prompts)), the_judge,
             champion=champion_name, reward_model_path=reward_models[reward_name].path if reward_name else None,
-            max_new_tokens=config.max_new_tokens, beta=config.beta, batch_size=config.batch_size)
+            max_new_tokens=config.max_new_tokens, beta=config.beta, batch_size=config.batch_size,
+            judge_identity=judge_identity)
 
         histories = {name: training_history(tracker, ref.mlflow_run_id) for name, ref in found.items()}
         plots = evaluation_plots(evaluation, histories)
-        notes = [f"Not evaluated (never trained): {', '.join(missing)}"] if missing else []
+        notes += [f"Not evaluated (never trained): {', '.join(missing)}"] if missing else []
         if reward_name:
-            notes.append(f"Reward model: `{reward_name}` ({reward_models[reward_name].uri})")
+            notes.append(f"Training reward model: `{reward_name}` ({reward_models[reward_name].uri})")
         if champion is not None:
-            notes.append(f"Champion: {champion_name}, `aligned_policy` version {champion['version']} "
+            notes.append(f"Champion: {champion_name}, `{ALIGNED_MODEL}` version {champion['version']} "
                          f"({champion['source_uri']})")
         markdown = render_report(evaluation, plots, notes=notes)
         report_dir = storage.layout.training_dir("evaluation_report", context.run_id)
@@ -114,24 +202,26 @@ def build_evaluation_asset(policy_names: list[str], reward_names: list[str] | No
         (report_dir / "report.md").write_text(markdown)
 
         run_id = tracker.start_run(f"evaluation-{context.run_id[:8]}",
-                                   tags={"dagster_run_id": context.run_id, "alignment.kind": "evaluation"})
-        report = {
-            "baseline": SFT_ASSET,
-            "champion": None if champion is None else {"name": champion_name, "aligned_version": champion["version"],
-                                                       "source_uri": champion["source_uri"]},
-            "candidates": sorted(found),
-            "models": {name: {"model": entries[name], "metrics": result.metrics}
-                       for name, result in evaluation.results.items()},
-            "reward_model": evaluation.reward_model,
-            "judge": evaluation.judge,
-            "evidence": {"mlflow_run_id": run_id, "dagster_run_id": context.run_id, "path": str(report_dir)},
-            "not_evaluated": missing,
-        }
+                                   tags={"dagster_run_id": context.run_id, "alignment.kind": "evaluation",
+                                         "evaluation.judge": judge_identity.id[:5000],
+                                         "evaluation.judge_heuristic": str(judge_identity.heuristic).lower()})
+        report = EvaluationReport(
+            judge=judge_identity, baseline=SFT_ASSET,
+            champion=None if champion is None else ChampionRef(champion_name, champion["version"],
+                                                               champion["source_uri"]),
+            candidates=tuple(sorted(found)),
+            models={name: ModelEvaluation(entries[name], result.metrics, win_rates={
+                label: rate for label in (BASELINE, CHAMPION) if (rate := WinRate.from_metrics(result.metrics, label))},
+                optimised_against=targets[name]) for name, result in evaluation.results.items()},
+            evidence=Evidence(mlflow_run_id=run_id, dagster_run_id=context.run_id, path=str(report_dir)),
+            not_evaluated=tuple(missing),
+            training_reward_model=None if reward_name is None else {
+                "asset": reward_name, "uri": reward_models[reward_name].uri, **(evaluation.reward_model or {})})
         try:
             tracker.log_metrics(run_id, {f"{name}/{key}": value for name, result in evaluation.results.items()
                                          for key, value in result.metrics.items()})
             tracker.client.log_artifacts(run_id, str(report_dir), "evaluation")
-            tracker.client.log_dict(run_id, report, f"evaluation/{REPORT_FILE}")
+            tracker.client.log_dict(run_id, report.to_dict(), f"evaluation/{REPORT_FILE}")
             for name, ref in found.items():
                 if ref.mlflow_run_id:
                     tracker.log_metrics(ref.mlflow_run_id,
@@ -140,11 +230,12 @@ def build_evaluation_asset(policy_names: list[str], reward_names: list[str] | No
             tracker.end_run(run_id, succeeded=False)
             raise
         tracker.end_run(run_id, succeeded=True)
-        (report_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))  # last: only on success
-        return dg.Output(report, metadata={
+        (report_dir / REPORT_FILE).write_text(report.to_json())  # last: only on success
+        return dg.Output(report.to_dict(), metadata={
             "report": dg.MetadataValue.md(markdown),
             "comparison": dg.MetadataValue.md(comparison_table(evaluation)),
-            "champion": dg.MetadataValue.json(report["champion"]),
+            "judge": dg.MetadataValue.json(report.to_dict()["judge"]),
+            "champion": dg.MetadataValue.json(report.to_dict()["champion"]),
             "not_evaluated": dg.MetadataValue.json(missing),
             "mlflow_run_id": run_id,
             "path": dg.MetadataValue.path(str(report_dir)),

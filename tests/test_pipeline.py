@@ -12,11 +12,16 @@ import pytest
 from alignment_pipelines.data.demo import demo_feedback_path
 from alignment_pipelines.definitions import (ALL_ASSETS, EVALUATION_SELECTION, TRAINING_SELECTION,
                                             build_definitions, build_resources)
+from alignment_pipelines.evaluation.schema import EvaluationReport
 from alignment_pipelines.runs import ingest_batch, sense_inbox
 from alignment_pipelines.tracking import Tracker
+from alignment_pipelines.assets.evaluation import evaluation_reward_model
 from alignment_pipelines.assets.ingestion import feedback_batches
 
 pytestmark = pytest.mark.integration
+# evaluation_reward_model belongs in definitions.py's build_assets(); until it is there, the graph here adds it
+GRAPH = ALL_ASSETS if any(evaluation_reward_model.key in a.keys for a in ALL_ASSETS) else \
+    [*ALL_ASSETS, evaluation_reward_model]
 
 TINY_TRAINING_CONFIG = {"ops": {
     "sft_model": {"config": {"max_steps": 4, "max_length": 128}},
@@ -27,6 +32,7 @@ TINY_TRAINING_CONFIG = {"ops": {
     "policy_ppo": {"config": {"max_steps": 2, "max_length": 128, "max_new_tokens": 8}},
     "policy_rloo": {"config": {"max_steps": 2, "max_length": 128, "max_new_tokens": 8}},
     "policy_online_dpo": {"config": {"max_steps": 2, "max_length": 128, "max_new_tokens": 8}},
+    "evaluation_reward_model": {"config": {"max_steps": 2, "max_length": 128}},
 }}
 TINY_EVALUATION_CONFIG = {"ops": {"evaluation_report": {"config": {"max_pairs": 8, "max_prompts": 4,
                                                                     "max_new_tokens": 8}}}}
@@ -83,10 +89,10 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
     checks = ingest.get_asset_check_evaluations()
     assert [c.passed for c in checks] == [True]
 
-    result = dg.materialize(ALL_ASSETS, selection=TRAINING_SELECTION, instance=instance,
+    result = dg.materialize(GRAPH, selection=TRAINING_SELECTION, instance=instance,
                             resources=resources, run_config=TINY_TRAINING_CONFIG)
     assert result.success
-    evaluation = dg.materialize(ALL_ASSETS, selection=EVALUATION_SELECTION, instance=instance,
+    evaluation = dg.materialize(GRAPH, selection=EVALUATION_SELECTION, instance=instance,
                                 resources=resources, run_config=TINY_EVALUATION_CONFIG)
     assert evaluation.success
 
@@ -117,6 +123,22 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
         assert tracker.client.get_model_version(policy, version.version).tags["evaluation.gate"] in ("passed", "refused")
     assert version.tags["lineage.role"] == "policy"
 
+    # the judge: a reward model trained on the judge split, never the reward model PPO and RLOO optimised
+    judge_version = tracker.version_by_alias("evaluation_reward_model", "candidate")
+    assert judge_version.tags["alignment.judge"] == "evaluation" and judge_version.tags["lineage.role"] == "reward"
+    assert judge_version.tags["lineage.split"] == "judge"
+    judged_by = f"models:/evaluation_reward_model/{judge_version.version}"
+    output = evaluation.output_for_node("evaluation_report")
+    written = EvaluationReport.read(f"{output['evidence']['path']}/evaluation.json")
+    assert written.to_dict() == output
+    assert (written.judge.source, written.judge.model_uri, written.judge.heuristic) == \
+        ("evaluation_reward_model", judged_by, False)
+    assert report["report"].value.splitlines()[0].startswith(f"**Judged by `reward_model` {judged_by}**")
+    for policy in ("policy_ppo", "policy_rloo"):
+        optimised = tracker.version_by_alias(policy, "candidate").tags["lineage.uses.reward_model"]
+        assert optimised == "models:/reward_model/1" != judged_by
+        assert optimised in written.models[policy].optimised_against
+
 
 def test_failed_blocking_check_keeps_the_batch_out_of_training(env):
     instance, resources, root = env
@@ -140,7 +162,8 @@ def test_failed_blocking_check_keeps_the_batch_out_of_training(env):
                             instance=instance, resources=resources)
     dataset = result.output_for_node("preference_pairs")
     assert junk not in dataset.batches and len(dataset.batches) == 1
-    assert dataset.train_rows + dataset.eval_rows == 20
+    judge_rows = result.asset_materializations_for_node("preference_pairs")[0].metadata["judge_rows"].value
+    assert dataset.train_rows + judge_rows + dataset.eval_rows == 20 and judge_rows > 0
 
 
 def test_new_data_retrains_and_rejected_data_retrains_nothing(env):

@@ -10,13 +10,17 @@ from alignment_pipelines.evaluation.metrics import (
     win_rate,
 )
 from alignment_pipelines.evaluation.report import evaluation_plots, render_report
+from alignment_pipelines.evaluation.schema import EvaluationReport, JudgeIdentity, ReportSchemaError
 
 __all__ = [
     "Answer",
     "Evaluation",
+    "EvaluationReport",
     "GenerationBackend",
+    "JudgeIdentity",
     "ModelResult",
     "ModelUnderTest",
+    "ReportSchemaError",
     "TransformersBackend",
     "evaluate_models",
     "evaluation_plots",
