@@ -322,6 +322,7 @@ def test_a_prompt_without_room_for_the_answer_is_refused_not_cut(tiny_model_dir)
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"missing_eos_penalty": -1.0}, "missing_eos_penalty"),
         ({"value_learning_rate": 0.0}, "value_learning_rate"),
+        ({"value_warmup_steps": 30, "max_steps": 30}, "value_warmup_steps=30: must be below max_steps=30"),
         ({"reward_funcs": ["length", "contains_code"], "reward_weights": [1.0]}, "one weight per reward source"),
         ({"reward_funcs": ["length"], "reward_weights": [math.nan]}, r"reward_weights\[0\]"),
     ],

@@ -153,6 +153,9 @@ class PPOMethodConfig(OnlineMethodConfig):
                               "must be 1 for PPO, which takes one optimizer step per minibatch (see num_mini_batches)")
         if self.use_vllm:
             raise ConfigError("use_vllm", True, "PPO samples with transformers generate for now; vLLM serves RLOO")
+        if self.value_warmup_steps >= self.max_steps:
+            raise ConfigError("value_warmup_steps", self.value_warmup_steps,
+                              f"must be below max_steps={self.max_steps}: the policy would never be trained")
 
 
 def value_model_for(config: PPOMethodConfig, tokenizer):
