@@ -237,3 +237,25 @@ def test_the_evaluation_refuses_a_judge_that_a_policy_optimised(lineage, tmp_pat
                                          heuristic=False, source="explicit",
                                          model_uri="models:/evaluation_reward_model/1", model_path=lineage["reward"])
     assert judged.results["policy_ppo"].metrics["judged_vs_sft"] == 3
+
+
+def test_the_evaluation_reward_model_judges_when_it_exists_else_the_judge_resource():
+    from alignment_pipelines.assets.evaluation import evaluation_judge
+    from alignment_pipelines.judges.reward_model import RewardModelJudge
+    from alignment_pipelines.refs import ModelRef
+    from alignment_pipelines.resources.judge import JudgeResource
+
+    trained = ModelRef(path="/models/erm", method="reward", base_model="tiny", role="reward",
+                       registered_name="evaluation_reward_model", registered_version="2",
+                       metrics={"eval_accuracy": 0.8, "eval_pairs_scored": 17, "train_loss": 0.4})
+    judge, identity, notes = evaluation_judge("evaluation_reward_model", trained, JudgeResource(), batch_size=4)
+    assert isinstance(judge, RewardModelJudge) and judge.model_dir == "/models/erm" and notes == []
+    assert (identity.source, identity.model_uri, identity.heuristic) == \
+        ("evaluation_reward_model", "models:/evaluation_reward_model/2", False)
+    assert identity.metrics == {"eval_accuracy": 0.8, "eval_pairs_scored": 17}  # its accuracy on held-out pairs
+    judge, identity, notes = evaluation_judge("evaluation_reward_model", None, JudgeResource(), batch_size=4)
+    assert isinstance(judge, RuleJudge) and identity.heuristic and identity.source == "resource"
+    assert "No evaluation_reward_model has been trained yet" in notes[0]
+    assert identity.headline().startswith("**Judged by a heuristic judge (`rule`)**")
+    judge, identity, notes = evaluation_judge("resource", trained, JudgeResource(kind="shorter"), batch_size=4)
+    assert identity.kind == "shorter" and identity.heuristic and notes == []
