@@ -338,3 +338,37 @@ def test_own_loop_online_dpo_log_probs_are_at_temperature_one_and_each_label_tra
     for labels in ([1.0, 0.0], [0.5, 0.5]):
         batch = JudgedBatch(samples, torch.tensor(labels), torch.tensor([1.0, 1.0]), stats)
         assert trainer.backward(batch, weighted_pairs=2)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_own_loop_ppo_rollout_weighs_scores_penalises_cut_answers_and_zeroes_padding(tiny_model_dir, one_thread):
+    """One rollout: each score is the weighted reward less ``missing_eos_penalty`` where the answer has no EOS,
+    and the stored log-probs, reference log-probs and values are 0 after the EOS. Token ids 100-199 end an answer
+    here (a fifth of the vocabulary), so most answers end within 6 tokens and some are cut."""
+    import torch
+
+    from alignment_pipelines.methods.ppo import PPOMethodConfig, value_model_for
+    from alignment_pipelines.methods.ppo_trainer import PPOTrainer
+    from alignment_pipelines.methods.rewards import length_reward
+    from alignment_pipelines.models.loading import load_causal_lm
+
+    config = PPOMethodConfig(model=str(tiny_model_dir), data="unused", output_dir="unused", reward_funcs=["length"],
+                             reward_weights=[0.5], per_device_batch_size=8, max_new_tokens=6, max_length=128,
+                             max_steps=1, seed=0, missing_eos_penalty=2.0)
+    torch.manual_seed(0)
+    policy, tokenizer = load_causal_lm(tiny_model_dir, padding_side="left", dtype="float32", device="cpu")
+    policy.generation_config.eos_token_id = list(range(100, 200))
+    prompts = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in TOPICS[:8]]
+    trainer = PPOTrainer(config, policy, tokenizer, prompts, [length_reward(40)], value_model_for(config, tokenizer))
+    rollout = trainer._rollout(step=1)
+
+    has_eos = rollout.has_eos
+    assert 0 < int(has_eos.sum()) < len(has_eos)  # both kinds in the batch
+    completions = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                   for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
+    lengths = torch.tensor(length_reward(40)(prompts=prompts, completions=completions))
+    torch.testing.assert_close(rollout.scores, 0.5 * lengths - 2.0 * (~has_eos).float())
+    padding = rollout.response_mask == 0
+    assert bool(padding.any())
+    for stored in (rollout.logprobs, rollout.ref_logprobs, rollout.values):  # values: the fresh critic says 0
+        assert bool((stored[padding] == 0).all())
+    assert bool((rollout.logprobs[~padding] < 0).all()) and bool((rollout.ref_logprobs[~padding] < 0).all())
