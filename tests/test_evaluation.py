@@ -150,7 +150,8 @@ def test_each_model_is_loaded_once_and_serves_every_role(lineage, monkeypatch):
     evaluation = evaluate_models(models, "sft_model", PAIRS, list(PAIRS["prompt"]), RuleJudge(),
                                  champion="policy_dpo", max_new_tokens=6, batch_size=2)
 
-    assert sorted(loads) == sorted(lineage[k] for k in ("base", "sft", "dpo", "kto"))  # four models, four loads: sft served as policy and reference
+    # four models, four loads: sft served as policy and reference
+    assert sorted(loads) == sorted(lineage[k] for k in ("base", "sft", "dpo", "kto"))
     assert loads.index(lineage["dpo"]) < loads.index(lineage["sft"]) < loads.index(lineage["base"])
     dpo, kto, sft = (evaluation.results[name].metrics for name in ("policy_dpo", "policy_kto", "sft_model"))
     # kto's weights equal its reference's: zero implicit reward, zero log-ratio, same greedy answers as sft

@@ -205,7 +205,7 @@ def test_a_malformed_report_is_refused_naming_the_field(breakage, message):
 def test_a_report_judged_by_a_reward_model_a_policy_optimised_is_refused():
     training_rm = JudgeIdentity.of(RewardModelJudge("/models/reward_model/2", model_uri="models:/reward_model/2"),
                                    source="explicit")
-    with pytest.raises(JudgeIsOptimisationTarget, match="models:/reward_model/2, the reward model policy_ppo optimised"):
+    with pytest.raises(JudgeIsOptimisationTarget, match="reward_model/2, the reward model policy_ppo optimised"):
         report_of(evaluation_of(["policy_dpo", "policy_ppo"], judge=training_rm))
     data = report_of(evaluation_of(["policy_dpo", "policy_ppo"], judge=EVALUATION_RM)).to_dict()
     data["judge"] |= {"model_uri": "models:/reward_model/2"}  # a report edited to say so is refused on reading
