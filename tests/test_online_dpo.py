@@ -275,15 +275,7 @@ def test_long_prompts_are_left_out_and_counted_and_the_learning_rate_warms_up(tm
 def test_a_killed_run_resumes_where_it_stopped(tmp_path, tiny_model_dir, prompts_path):
     """The shared checkpoints (adapter, optimizer, warm-up schedule, RNG): killed after step 3 of 4 with a
     checkpoint at step 2, the rerun repeats steps 3 and 4 of an uninterrupted run and ends with its adapter."""
-    from transformers import TrainerCallback
-
-    class Killed(Exception):
-        pass
-
-    class KillAfterStep3(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise Killed()
+    from tests.test_ppo_trainer import Crash, crash_after_step
 
     def config(name):
         return config_from_dict("online_dpo", online_config(
@@ -292,8 +284,8 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, tiny_model_dir, prompts
             warmup_ratio=0.5))
 
     straight = run_training("online_dpo", config("straight"))
-    with pytest.raises(Killed):
-        run_training("online_dpo", config("resumed"), callbacks=[KillAfterStep3()])
+    with pytest.raises(Crash):
+        run_training("online_dpo", config("resumed"), callbacks=[crash_after_step(3)])
     assert [p.name for p in (tmp_path / "resumed-ckpt").glob("checkpoint-*")] == ["checkpoint-2"]
     resumed = run_training("online_dpo", config("resumed"))
     assert resumed.metrics["resumed_from_step"] == 2 and [h["step"] for h in resumed.history] == [3, 4]
