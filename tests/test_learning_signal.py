@@ -127,6 +127,24 @@ def test_math_gae_of_a_one_token_answer_is_its_reward_less_its_value():
     assert advantages.tolist() == [pytest.approx([1.5])] and returns.tolist() == [pytest.approx([2.0])]
 
 
+def test_math_guards_and_reductions_on_the_smallest_inputs():
+    """Two values are enough for an unbiased variance; an empty row is refused even where every column has a
+    token; a 2-D reward tensor is refused; entropy is taken over the vocabulary of each row."""
+    import math
+
+    from alignment_pipelines.methods.rl_math import entropy_from_logits, last_token_index, leave_one_out_baseline, \
+        masked_var
+
+    assert masked_var(tensor([1.0, 3.0])).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="at least one"):
+        last_token_index(tensor([[1, 1], [0, 0]]))
+    with pytest.raises(ValueError, match="flat tensor"):
+        leave_one_out_baseline(tensor([[1.0, 2.0], [3.0, 4.0]]), k=2)
+    skewed = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    logits = tensor([[0.0, math.log(3)], [math.log(3), 0.0]])
+    assert entropy_from_logits(logits).tolist() == pytest.approx([skewed, skewed])
+
+
 def test_math_masked_mean_without_a_mask_keeps_the_dimension():
     from alignment_pipelines.methods.rl_math import masked_mean
 
