@@ -1,13 +1,16 @@
 """Counts and survivors of cosmic-ray sessions, as the Markdown of benchmarks/results/mutation.md.
 
-Usage: ``python mutation/summarize.py SESSION...`` prints, per session, the mutants generated, skipped
-(by the operator or focus filters), killed (timeouts counted apart), survived, and a table of every
-survivor with its line. ``--forget-survivors SESSION`` drops the survivors' results so that the next
-``cosmic-ray exec`` runs them again (after new tests were added).
+Usage: ``python mutation/summarize.py [--new-tests FILE] SESSION...`` prints, per session, the mutants
+generated, skipped (by the operator or focus filters), killed (timeouts counted apart), survived, and a table
+of every survivor with its line. With ``--new-tests``, the table also holds the mutants that a test of FILE
+killed (the first pass's survivors, run again after FILE's tests were written), with the test that failed.
+``--forget-survivors SESSION`` drops the survivors' results so that the next ``cosmic-ray exec`` runs them
+again.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -38,16 +41,25 @@ def mutated_line(diff: str | None) -> str:
     return ""
 
 
-def summarize(session: str) -> str:
+def failed_test(output: str | None) -> str:
+    """The test that failed first (pytest runs with -x, so the only one), from a mutant's stored output."""
+    found = re.search(r"FAILED (\S+?)(?: - |\s|$)", output or "")
+    return found.group(1) if found else ""
+
+
+def summarize(session: str, new_tests: str | None = None) -> str:
     with use_db(session) as db:
         results = dict(db.results)
         items = db.work_items
     counts = Counter(outcome(results.get(item.job_id)) for item in items)
-    survivors = sorted(
-        ((item.mutations[0], results[item.job_id]) for item in items
-         if outcome(results.get(item.job_id)) == "survived"),
-        key=lambda pair: (pair[0].start_pos, pair[0].operator_name, pair[0].occurrence),
-    )
+    listed = []
+    for item in items:
+        result = results.get(item.job_id)
+        if outcome(result) == "survived":
+            listed.append((item.mutations[0], result, "survives"))
+        elif new_tests and outcome(result) == "killed" and failed_test(result.output).startswith(new_tests):
+            listed.append((item.mutations[0], result, f"killed by `{failed_test(result.output).split('::')[-1]}`"))
+    listed.sort(key=lambda row: (row[0].start_pos, row[0].operator_name, row[0].occurrence))
     module = items[0].mutations[0].module_path if items else Path(session).stem
     run = counts["killed"] + counts["timeout"] + counts["survived"]
     lines = [
@@ -60,12 +72,12 @@ def summarize(session: str) -> str:
                   if name not in {"killed", "timeout", "survived", "skipped"}),
         "",
     ]
-    if survivors:
-        lines += ["| line | operator | mutated to |", "|---|---|---|"]
-        for mutation, result in survivors:
+    if listed:
+        lines += ["| line | operator | mutated to | now |", "|---|---|---|---|"]
+        for mutation, result, fate in listed:
             operator = mutation.operator_name.removeprefix("core/")
             mutated = mutated_line(result.diff).replace("|", "\\|")
-            lines.append(f"| {mutation.module_path.name}:{mutation.start_pos[0]} | {operator} | `{mutated}` |")
+            lines.append(f"| {mutation.module_path.name}:{mutation.start_pos[0]} | {operator} | `{mutated}` | {fate} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -82,8 +94,12 @@ def forget_survivors(session: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--forget-survivors":
-        for path in sys.argv[2:]:
+    args = sys.argv[1:]
+    if args[0] == "--forget-survivors":
+        for path in args[1:]:
             forget_survivors(path)
     else:
-        print("\n".join(summarize(path) for path in sys.argv[1:]))
+        new_tests = None
+        if args[0] == "--new-tests":
+            new_tests, args = args[1], args[2:]
+        print("\n".join(summarize(path, new_tests) for path in args))
