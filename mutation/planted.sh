@@ -23,9 +23,9 @@ plant() {  # plant NAME FILE OLD NEW TEST_ARGS...
 # 1. PPO's log-probs without "/ temperature" (own_loop.answer_logits, which PPO uses for policy and reference)
 plant "log-probs without / temperature" alignment_pipelines/methods/own_loop.py \
     'context_length - 1:-1].float() / temperature' 'context_length - 1:-1].float()' \
-    tests/test_ppo_trainer.py -k "temperature or raises_a_rule_reward"
+    tests/test_ppo_trainer.py tests/test_learning_signal.py -k "temperature or raises_a_rule_reward"
 # 2. online DPO with chosen and rejected swapped: each pair trained towards the answer the annotator rejected
 plant "online DPO chosen/rejected swapped" alignment_pipelines/methods/online_dpo.py \
     'losses = batch.labels * a_wins + (1 - batch.labels) * b_wins' \
     'losses = batch.labels * b_wins + (1 - batch.labels) * a_wins' \
-    tests/test_online_dpo.py -k "shorter or step_size or ties_are"
+    tests/test_online_dpo.py tests/test_learning_signal.py -k "shorter or step_size or ties_are or online_dpo_"
