@@ -141,8 +141,8 @@ def test_math_guards_and_reductions_on_the_smallest_inputs():
     with pytest.raises(ValueError, match="flat tensor"):
         leave_one_out_baseline(tensor([[1.0, 2.0], [3.0, 4.0]]), k=2)
     skewed = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    logits = tensor([[0.0, math.log(3)], [math.log(3), 0.0]])
-    assert entropy_from_logits(logits).tolist() == pytest.approx([skewed, skewed])
+    logits = tensor([[1.0, 1.0 + math.log(3)], [2.0, 2.0]])
+    assert entropy_from_logits(logits).tolist() == pytest.approx([skewed, math.log(2)])
 
 
 def test_math_masked_mean_without_a_mask_keeps_the_dimension():
