@@ -390,3 +390,37 @@ def test_own_loop_ppo_rollout_weighs_scores_penalises_cut_answers_and_zeroes_pad
     for stored in (rollout.logprobs, rollout.ref_logprobs, rollout.values):  # values: the fresh critic says 0
         assert bool((stored[padding] == 0).all())
     assert bool((rollout.logprobs[~padding] < 0).all()) and bool((rollout.ref_logprobs[~padding] < 0).all())
+
+
+def test_own_loop_ppo_whitened_rewards_keep_their_mean(tiny_model_dir, one_thread, monkeypatch):
+    """With ``whiten_rewards`` the per-token rewards that reach GAE have unit variance but keep their mean, so their
+    sign still says good or bad. A spy on the real ``gae_advantages`` and ``_rollout`` records what one step used."""
+    import torch
+
+    from alignment_pipelines.methods import ppo_trainer
+    from alignment_pipelines.methods.ppo import PPOMethodConfig, value_model_for
+    from alignment_pipelines.methods.rewards import length_reward
+    from alignment_pipelines.methods.rl_math import kl_penalty_rewards, masked_mean, masked_var
+    from alignment_pipelines.models.loading import load_causal_lm
+
+    config = PPOMethodConfig(model=str(tiny_model_dir), data="unused", output_dir="unused", reward_funcs=["length"],
+                             per_device_batch_size=4, num_mini_batches=1, ppo_epochs=1, max_new_tokens=6,
+                             max_length=128, max_steps=1, seed=0, whiten_rewards=True, missing_eos_penalty=None)
+    torch.manual_seed(0)
+    policy, tokenizer = load_causal_lm(tiny_model_dir, padding_side="left", dtype="float32", device="cpu")
+    prompts = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in TOPICS[:4]]
+    trainer = ppo_trainer.PPOTrainer(config, policy, tokenizer, prompts, [length_reward(40)],
+                                     value_model_for(config, tokenizer))
+    seen = {}
+    real_rollout, real_gae = trainer._rollout, ppo_trainer.gae_advantages
+    monkeypatch.setattr(trainer, "_rollout", lambda step: seen.setdefault("rollout", real_rollout(step)))
+    monkeypatch.setattr(ppo_trainer, "gae_advantages",
+                        lambda rewards, *args: real_gae(seen.setdefault("rewards", rewards), *args))
+    trainer.training_step(1)
+
+    rollout = seen["rollout"]
+    mask = rollout.response_mask
+    raw = kl_penalty_rewards(rollout.logprobs, rollout.ref_logprobs, rollout.scores, mask, config.kl_coef)
+    assert masked_mean(raw, mask).item() > 0.05  # "shorter is better" scores are positive here
+    assert masked_mean(seen["rewards"], mask).item() == pytest.approx(masked_mean(raw, mask).item(), abs=1e-5)
+    assert masked_var(seen["rewards"], mask).item() == pytest.approx(1.0, abs=1e-4)
