@@ -7,6 +7,7 @@ export ALIGNMENT_PIPELINES_HOME ?= $(CURDIR)/.data
 export HF_HUB_OFFLINE ?= 1
 export MLFLOW_ENABLE_TELEMETRY ?= false
 DAGSTER_PORT ?= 3000
+DAGSTER_VIEWER_PORT ?= 3001
 MLFLOW_PORT ?= 5000
 
 .PHONY: install demo test ui clean deploy deploy-down deploy-logs deploy-backup
@@ -41,11 +42,11 @@ test: install
 ## Production on one host (docs/production.md): Postgres, MLflow server, Dagster code server, webserver, daemon.
 COMPOSE := docker compose -f deploy/docker-compose.yaml
 deploy:
-	@test -f deploy/.env || { echo "deploy/.env is missing: cp deploy/.env.example deploy/.env and set POSTGRES_PASSWORD"; exit 1; }
+	@test -f deploy/.env || { echo "deploy/.env is missing: cp deploy/.env.example deploy/.env, set POSTGRES_PASSWORD, DAGSTER_UI_PASSWORD, DAGSTER_VIEWER_PASSWORD, MLFLOW_PIPELINE_PASSWORD and MLFLOW_SECRET_KEY, then run deploy/pin-images.sh to pin the base images by digest"; exit 1; }
 	mkdir -p deploy/inbox
 	$(COMPOSE) build code
 	$(COMPOSE) up -d --wait
-	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   inbox: deploy/inbox/"
+	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT) (operators), http://127.0.0.1:$(DAGSTER_VIEWER_PORT) (read-only viewers)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   all three ask for a login   inbox: deploy/inbox/"
 
 deploy-down:
 	$(COMPOSE) down
