@@ -62,7 +62,9 @@ def run_specs(args, work: Path) -> dict[str, tuple[str, dict]]:
         "PPO full": ("ppo", online | {"lora": False}),
         "RLOO LoRA": ("rloo", online | {"lora": True, "num_generations": args.num_generations}),
         "RLOO full": ("rloo", online | {"lora": False, "num_generations": args.num_generations}),
-        **{name: ("ppo", online | {"lora": True, "max_steps": args.critic_steps}) for name in CRITIC_RUNS},
+        CRITIC_RUNS[0]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps}),
+        CRITIC_RUNS[1]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps,
+                                          "value_warmup_steps": args.value_warmup_steps}),
     }
 
 
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--critic", action="store_true", help="only the critic comparison (see above)")
     parser.add_argument("--before-tree", help="--critic: a checkout of the code before the separate critic")
     parser.add_argument("--critic-steps", type=int, default=8, help="--critic: PPO steps of each run")
+    parser.add_argument("--value-warmup-steps", type=int, default=0, help="--critic: critic-only steps (after)")
     parser.add_argument("--work", help="--critic: a folder kept between runs (the data and the LoRA reward model)")
     parser.add_argument("--runs", nargs="+", default=[*RM_RUNS, *RL_RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
