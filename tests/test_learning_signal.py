@@ -81,35 +81,38 @@ def tensor(values):
 
 def test_math_value_clip_holds_both_directions_and_counts_only_where_it_raised_the_error():
     """Values may move at most ``clip_range_value`` down as well as up, and the clip fraction counts the tokens
-    where the clipped error is the larger one: not those where both errors are equal."""
+    where the clipped error is the larger one: 3 of 5 here, where one token has equal errors and one a smaller
+    clipped error, so that no other comparison gives the same count."""
     from alignment_pipelines.methods.rl_math import clipped_value_loss
 
-    old_values = tensor([[0.5, -0.5, 1.0, 0.0]])
-    values = old_values + tensor([[-0.5, 0.5, 0.1, 0.5]])
-    returns, mask = old_values + tensor([[-1.0, 1.0, 0.1, 0.0]]), tensor([[1, 1, 1, 1]])
+    old_values = tensor([[0.5, -0.5, 1.0, 0.0, 0.2]])
+    values = old_values + tensor([[-0.5, 0.5, 0.1, 0.5, 0.6]])
+    returns, mask = old_values + tensor([[-1.0, 1.0, 0.1, 0.0, 1.0]]), tensor([[1, 1, 1, 1, 1]])
     loss, clip_fraction = clipped_value_loss(values, old_values, returns, mask, clip_range_value=0.2)
     # token 0 fell 0.5: held 0.2 below the old value -> max(0.5^2, 0.8^2) = 0.64; token 1 rose 0.5: held 0.2
     # above -> 0.64 as well; token 2 moved within the clip -> both errors 0; token 3 rose 0.5 away from its
-    # return: the clip would shrink the error (0.2^2) -> the unclipped 0.5^2 counts, not the clip
-    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64 + 0.0 + 0.25) / 4)
-    assert clip_fraction.item() == pytest.approx(2 / 4)
+    # return: the clip would shrink the error -> the unclipped 0.5^2 counts; token 4: max(0.4^2, 0.8^2) = 0.64
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64 + 0.0 + 0.25 + 0.64) / 5)
+    assert clip_fraction.item() == pytest.approx(3 / 5)
 
 
 def test_math_policy_clip_fraction_counts_only_where_the_clip_raised_the_loss():
-    """Four tokens, one of each case: clip holds a gain (counted), clip would lower a loss (not counted: the
-    unclipped term is the max), clip holds a loss (counted), ratio 1 (both terms equal, not counted)."""
+    """Clip holds a gain (counted), clip would lower a loss (not counted: the unclipped term is the max), clip
+    holds a loss (counted, twice), ratio 1 (both terms equal, not counted): 3 of 5, which no other comparison
+    gives."""
     import math
 
     from alignment_pipelines.methods.rl_math import clipped_policy_loss
 
-    old_logprobs = tensor([[-0.2, -1.5, -0.7, -3.0]])
-    logprobs = old_logprobs + tensor([[math.log(1.5), math.log(1.5), math.log(0.5), 0.0]])
-    advantages = tensor([[1, -1, -1, 1]])
-    loss, clip_fraction, _ = clipped_policy_loss(logprobs, old_logprobs, advantages, tensor([[1, 1, 1, 1]]),
+    old_logprobs = tensor([[-0.2, -1.5, -0.7, -3.0, -2.0]])
+    logprobs = old_logprobs + tensor([[math.log(1.5), math.log(1.5), math.log(0.5), 0.0, math.log(0.5)]])
+    advantages = tensor([[1, -1, -1, 1, -1]])
+    loss, clip_fraction, _ = clipped_policy_loss(logprobs, old_logprobs, advantages, tensor([[1, 1, 1, 1, 1]]),
                                                  clip_range=0.2)
-    # per token max(-A * ratio, -A * clip(ratio)): max(-1.5, -1.2), max(1.5, 1.2), max(0.5, 0.8), max(-1, -1)
-    assert loss.item() == pytest.approx((-1.2 + 1.5 + 0.8 - 1.0) / 4)
-    assert clip_fraction.item() == pytest.approx(2 / 4)
+    # per token max(-A * ratio, -A * clip(ratio)): max(-1.5, -1.2), max(1.5, 1.2), max(0.5, 0.8), max(-1, -1),
+    # max(0.5, 0.8)
+    assert loss.item() == pytest.approx((-1.2 + 1.5 + 0.8 - 1.0 + 0.8) / 5)
+    assert clip_fraction.item() == pytest.approx(3 / 5)
 
 
 def test_math_last_token_index_reads_the_last_dimension():
