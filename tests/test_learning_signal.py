@@ -397,7 +397,8 @@ def test_own_loop_ppo_rollout_weighs_scores_penalises_cut_answers_and_zeroes_pad
 
 def test_own_loop_ppo_whitened_rewards_keep_their_mean(tiny_model_dir, one_thread, monkeypatch):
     """With ``whiten_rewards`` the per-token rewards that reach GAE have unit variance but keep their mean, so their
-    sign still says good or bad. A spy on the real ``gae_advantages`` and ``_rollout`` records what one step used."""
+    sign still says good or bad; the step reports the KL it penalised. A spy on the real ``gae_advantages`` and
+    ``_rollout`` records what one step used."""
     import torch
 
     from alignment_pipelines.methods import ppo_trainer
@@ -414,12 +415,14 @@ def test_own_loop_ppo_whitened_rewards_keep_their_mean(tiny_model_dir, one_threa
     prompts = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in TOPICS[:4]]
     trainer = ppo_trainer.PPOTrainer(config, policy, tokenizer, prompts, [length_reward(40)],
                                      value_model_for(config, tokenizer))
+    with torch.no_grad():  # the policy moves away from its frozen copy, the reference: a KL to report
+        trainer.policy.lm_head.weight.mul_(1.5)
     seen = {}
     real_rollout, real_gae = trainer._rollout, ppo_trainer.gae_advantages
     monkeypatch.setattr(trainer, "_rollout", lambda step: seen.setdefault("rollout", real_rollout(step)))
     monkeypatch.setattr(ppo_trainer, "gae_advantages",
                         lambda rewards, *args: real_gae(seen.setdefault("rewards", rewards), *args))
-    trainer.training_step(1)
+    metrics = trainer.training_step(1)
 
     rollout = seen["rollout"]
     mask = rollout.response_mask
@@ -427,3 +430,8 @@ def test_own_loop_ppo_whitened_rewards_keep_their_mean(tiny_model_dir, one_threa
     assert masked_mean(raw, mask).item() > 0.05  # "shorter is better" scores are positive here
     assert masked_mean(seen["rewards"], mask).item() == pytest.approx(masked_mean(raw, mask).item(), abs=1e-5)
     assert masked_var(seen["rewards"], mask).item() == pytest.approx(1.0, abs=1e-4)
+    # the reported KL is the mean over answers of each answer's summed per-token KL
+    sequence_kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(dim=1).mean().item()
+    assert abs(sequence_kl) > 0.1
+    assert metrics["objective/kl"] == pytest.approx(sequence_kl, rel=1e-4)
+    assert metrics["objective/non_score_reward"] == pytest.approx(-config.kl_coef * sequence_kl, rel=1e-4)
