@@ -131,14 +131,15 @@ def test_math_gae_of_a_one_token_answer_is_its_reward_less_its_value():
 
 
 def test_math_guards_and_reductions_on_the_smallest_inputs():
-    """Two values are enough for an unbiased variance; an empty row is refused even where every column has a
-    token; a 2-D reward tensor is refused; entropy is taken over the vocabulary of each row."""
+    """Two values are enough for an unbiased variance; equal values whiten to themselves; an empty row is refused
+    even where every column has a token; a 2-D reward tensor is refused; entropy is taken over each row."""
     import math
 
     from alignment_pipelines.methods.rl_math import entropy_from_logits, last_token_index, leave_one_out_baseline, \
-        masked_var
+        masked_var, whiten
 
     assert masked_var(tensor([1.0, 3.0])).item() == pytest.approx(2.0)
+    assert whiten(tensor([2.0, 2.0, 2.0]), shift_mean=False).tolist() == [2.0, 2.0, 2.0]  # no variance: no NaN
     with pytest.raises(ValueError, match="at least one"):
         last_token_index(tensor([[1, 1], [0, 0]]))
     with pytest.raises(ValueError, match="flat tensor"):
