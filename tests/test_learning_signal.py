@@ -413,6 +413,7 @@ def test_own_loop_ppo_whitened_rewards_keep_their_mean(tiny_model_dir, one_threa
                              max_length=128, max_steps=1, seed=0, whiten_rewards=True, missing_eos_penalty=None)
     torch.manual_seed(0)
     policy, tokenizer = load_causal_lm(tiny_model_dir, padding_side="left", dtype="float32", device="cpu")
+    policy.generation_config.eos_token_id = list(range(100, 200))  # answers of several lengths: padding
     prompts = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in TOPICS[:4]]
     trainer = ppo_trainer.PPOTrainer(config, policy, tokenizer, prompts, [length_reward(40)],
                                      value_model_for(config, tokenizer))
@@ -431,6 +432,7 @@ def test_own_loop_ppo_whitened_rewards_keep_their_mean(tiny_model_dir, one_threa
     assert masked_mean(raw, mask).item() > 0.05  # "shorter is better" scores are positive here
     assert masked_mean(seen["rewards"], mask).item() == pytest.approx(masked_mean(raw, mask).item(), abs=1e-5)
     assert masked_var(seen["rewards"], mask).item() == pytest.approx(1.0, abs=1e-4)
+    assert bool((mask == 0).any()) and bool((seen["rewards"][mask == 0] == 0).all())  # nothing after the EOS
     # the reported KL is the mean over answers of each answer's summed per-token KL
     sequence_kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(dim=1).mean().item()
     assert abs(sequence_kl) > 0.1
