@@ -18,7 +18,7 @@ import dagster as dg
 
 from alignment_pipelines.assets.ai_feedback import ai_feedback
 from alignment_pipelines.assets.datasets import binary_feedback, preference_pairs, prompts
-from alignment_pipelines.assets.evaluation import build_evaluation_asset
+from alignment_pipelines.assets.evaluation import build_evaluation_asset, build_evaluation_judge_assets
 from alignment_pipelines.assets.ingestion import (feedback_inbox_sensor, raw_feedback, validate_feedback_batch,
                                                   validated_feedback_expectations)
 from alignment_pipelines.assets.promotion import model_promotion, promote_job, rollback_job
@@ -46,7 +46,8 @@ EVALUATION_SELECTION = dg.AssetSelection.groups("evaluation")
 def build_assets() -> list[dg.AssetsDefinition]:
     """Every asset, the training ones and the evaluation's inputs generated from the methods registered now."""
     return [raw_feedback, validate_feedback_batch, *DATASETS, *build_training_assets(),
-            build_evaluation_asset(policy_asset_names()), model_promotion, ai_feedback, storage_retention]
+            *build_evaluation_judge_assets(), build_evaluation_asset(policy_asset_names()), model_promotion,
+            ai_feedback, storage_retention]
 
 
 ALL_ASSETS = build_assets()

@@ -56,6 +56,9 @@ DEMO_METHOD_CONFIG = {
 DEMO_RUN_CONFIG = {"ops": {
     **{spec.asset: {"config": DEMO_COMMON | DEMO_METHOD_CONFIG.get(name, {"max_steps": 10})}
        for name, spec in METHODS.items()},
+    # the evaluation's judge is the reward method on the judge split, with the demo's reward settings
+    **({"evaluation_reward_model": {"config": DEMO_COMMON | DEMO_METHOD_CONFIG["reward"]}}
+       if any(spec.produces == "reward" for spec in METHODS.values()) else {}),
     "evaluation_report": {"config": {"max_pairs": 32, "max_prompts": 64, "max_new_tokens": 48}},
 }}
 

@@ -39,7 +39,6 @@ ON_ANY_NEW_MODEL = dg.AutomationCondition.eager().without(~dg.AutomationConditio
 TRAINING_CURVE_METRIC = "loss"
 EVALUATION_REWARD_MODEL = "evaluation_reward_model"
 JUDGE_TAG = "alignment.judge"  # "evaluation" on every version of evaluation_reward_model: a judge, never a reward
-REWARD_METHOD = METHODS["reward"]
 
 
 class EvaluationConfig(dg.Config):
@@ -53,36 +52,41 @@ class EvaluationConfig(dg.Config):
         "(the judge resource until one exists), or the judge resource.")
 
 
-EvaluationRewardModelConfig = pydantic.create_model(
-    "EvaluationRewardModelConfig", __base__=launchpad_config(REWARD_METHOD),
-    __doc__="The reward method's settings for the evaluation's judge (LoRA by default).")
+def build_evaluation_reward_model_asset(reward_method) -> dg.AssetsDefinition:
+    """The evaluation's judge as an asset: ``reward_method`` (the registry's reward method) on the judge split. A
+    registry without a reward method has no such asset, and the judge resource judges."""
+    config_cls = pydantic.create_model(
+        "EvaluationRewardModelConfig", __base__=launchpad_config(reward_method),
+        __doc__="The reward method's settings for the evaluation's judge (LoRA by default).")
 
+    @dg.asset(name=EVALUATION_REWARD_MODEL,
+              ins={"preference_pairs": dg.AssetIn(), "sft_model": dg.AssetIn(SFT_ASSET)},
+              group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL, retry_policy=TRAINING_RETRIES,
+              automation_condition=ON_NEW_DATA, tags={"method": reward_method.name, "role": "reward"})
+    def evaluation_reward_model(context: dg.AssetExecutionContext, config: config_cls,
+                                preference_pairs: DatasetRef, sft_model: ModelRef, base_model: BaseModelResource,
+                                storage: StorageResource, mlflow: MlflowResource,
+                                launcher: TrainingLauncher) -> dg.Output[ModelRef]:
+        """The evaluation's judge: a Bradley-Terry reward model (the reward method, through the launcher like every
+        training asset) trained on the judge split of the pairs, which no policy and no training reward model sees,
+        and scored on the eval split after training (its eval_accuracy is the judge's own accuracy in the report).
+        Registered with role reward and the tag alignment.judge=evaluation."""
+        judge_split = judge_path_beside(preference_pairs.train_path)
+        rows = _parquet_rows(judge_split)
+        if not rows:
+            raise dg.Failure(f"{EVALUATION_REWARD_MODEL}: preference_pairs version {preference_pairs.version} has no "
+                             f"judge split ({judge_split}); build preference_pairs with judge_fraction > 0",
+                             allow_retries=False)
+        judge_pairs = dataclasses.replace(preference_pairs, train_path=str(judge_split), train_rows=rows)
+        trained = train_and_register(context, reward_method, config.model_dump(), judge_pairs, sft_model, {},
+                                     base_model, storage, mlflow, launcher)
+        ref = trained.value
+        client = mlflow.tracker().client
+        for key, value in ((JUDGE_TAG, "evaluation"), ("lineage.split", "judge")):
+            client.set_model_version_tag(ref.registered_name, ref.registered_version, key, value)
+        return dg.Output(ref, metadata={**trained.metadata, "judge_pairs": rows})
 
-@dg.asset(name=EVALUATION_REWARD_MODEL, ins={"preference_pairs": dg.AssetIn(), "sft_model": dg.AssetIn(SFT_ASSET)},
-          group_name="training", kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL, retry_policy=TRAINING_RETRIES,
-          automation_condition=ON_NEW_DATA, tags={"method": REWARD_METHOD.name, "role": "reward"})
-def evaluation_reward_model(context: dg.AssetExecutionContext, config: EvaluationRewardModelConfig,
-                            preference_pairs: DatasetRef, sft_model: ModelRef, base_model: BaseModelResource,
-                            storage: StorageResource, mlflow: MlflowResource,
-                            launcher: TrainingLauncher) -> dg.Output[ModelRef]:
-    """The evaluation's judge: a Bradley-Terry reward model (the reward method, through the launcher like every
-    training asset) trained on the judge split of the pairs, which no policy and no training reward model sees, and
-    scored on the eval split after training (its eval_accuracy is the judge's own accuracy in the report). Registered
-    with role reward and the tag alignment.judge=evaluation."""
-    judge_split = judge_path_beside(preference_pairs.train_path)
-    rows = _parquet_rows(judge_split)
-    if not rows:
-        raise dg.Failure(f"{EVALUATION_REWARD_MODEL}: preference_pairs version {preference_pairs.version} has no "
-                         f"judge split ({judge_split}); build preference_pairs with judge_fraction > 0",
-                         allow_retries=False)
-    judge_pairs = dataclasses.replace(preference_pairs, train_path=str(judge_split), train_rows=rows)
-    trained = train_and_register(context, REWARD_METHOD, config.model_dump(), judge_pairs, sft_model, {}, base_model,
-                                 storage, mlflow, launcher)
-    ref = trained.value
-    client = mlflow.tracker().client
-    for key, value in ((JUDGE_TAG, "evaluation"), ("lineage.split", "judge")):
-        client.set_model_version_tag(ref.registered_name, ref.registered_version, key, value)
-    return dg.Output(ref, metadata={**trained.metadata, "judge_pairs": rows})
+    return evaluation_reward_model
 
 
 def _parquet_rows(path) -> int:
@@ -105,6 +109,12 @@ def latest_model_refs(instance: dg.DagsterInstance, asset_names: list[str]) -> d
 def reward_model_asset_names() -> list[str]:
     """The registry's reward models: when one exists, every answer also gets its score."""
     return [spec.asset for spec in METHODS.values() if spec.produces == "reward"]
+
+
+def build_evaluation_judge_assets() -> list[dg.AssetsDefinition]:
+    """``evaluation_reward_model`` from the registry's reward method, or nothing when the registry has none."""
+    reward_method = next((spec for spec in METHODS.values() if spec.produces == "reward"), None)
+    return [build_evaluation_reward_model_asset(reward_method)] if reward_method else []
 
 
 def training_history(tracker, run_id: str | None) -> list[dict]:
@@ -140,8 +150,9 @@ def build_evaluation_asset(policy_names: list[str], reward_names: list[str] | No
     """The evaluation of the SFT model and ``policy_names`` (generated from the registry), with the reward
     models in ``reward_names`` (default: the registry's) as scorers and ``evaluation_reward_model`` as the judge."""
     reward_names = reward_model_asset_names() if reward_names is None else reward_names
+    judge_names = [EVALUATION_REWARD_MODEL] if reward_names else []  # the judge exists where a reward method does
 
-    @dg.asset(name="evaluation_report", deps=[SFT_ASSET, *policy_names, *reward_names, EVALUATION_REWARD_MODEL],
+    @dg.asset(name="evaluation_report", deps=[SFT_ASSET, *policy_names, *reward_names, *judge_names],
               group_name="evaluation", kinds={"mlflow"}, pool=TRAINING_POOL, automation_condition=ON_ANY_NEW_MODEL)
     def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfig, preference_pairs: DatasetRef,
                           judge: JudgeResource, storage: StorageResource, mlflow: MlflowResource) -> dg.Output[dict]:

@@ -15,13 +15,9 @@ from alignment_pipelines.definitions import (ALL_ASSETS, EVALUATION_SELECTION, T
 from alignment_pipelines.evaluation.schema import EvaluationReport
 from alignment_pipelines.runs import ingest_batch, sense_inbox
 from alignment_pipelines.tracking import Tracker
-from alignment_pipelines.assets.evaluation import evaluation_reward_model
 from alignment_pipelines.assets.ingestion import feedback_batches
 
 pytestmark = pytest.mark.integration
-# evaluation_reward_model belongs in definitions.py's build_assets(); until it is there, the graph here adds it
-GRAPH = ALL_ASSETS if any(evaluation_reward_model.key in a.keys for a in ALL_ASSETS) else \
-    [*ALL_ASSETS, evaluation_reward_model]
 
 TINY_TRAINING_CONFIG = {"ops": {
     "sft_model": {"config": {"max_steps": 4, "max_length": 128}},
@@ -89,10 +85,10 @@ def test_feedback_becomes_a_registered_evaluated_policy(env):
     checks = ingest.get_asset_check_evaluations()
     assert [c.passed for c in checks] == [True]
 
-    result = dg.materialize(GRAPH, selection=TRAINING_SELECTION, instance=instance,
+    result = dg.materialize(ALL_ASSETS, selection=TRAINING_SELECTION, instance=instance,
                             resources=resources, run_config=TINY_TRAINING_CONFIG)
     assert result.success
-    evaluation = dg.materialize(GRAPH, selection=EVALUATION_SELECTION, instance=instance,
+    evaluation = dg.materialize(ALL_ASSETS, selection=EVALUATION_SELECTION, instance=instance,
                                 resources=resources, run_config=TINY_EVALUATION_CONFIG)
     assert evaluation.success
 
