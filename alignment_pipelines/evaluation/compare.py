@@ -184,7 +184,7 @@ def _score_with_reward_model(path: str, prompts, pairs, answers, models, results
     model, tokenizer = load_for_evaluation(path, "reward")
     score = reward_model_reward(model, tokenizer, batch_size)
     for m in models:
-        rewards = score(prompts, [a.text for a in answers[m.path]])
+        rewards = score(prompts, [a.text for a in answers[m.path]], finished=[a.finished for a in answers[m.path]])
         metrics = results[m.name].metrics
         metrics["reward_mean"] = statistics.fmean(rewards) if rewards else math.nan
         metrics["reward_mean_ci_low"], metrics["reward_mean_ci_high"] = bootstrap_interval(rewards)
