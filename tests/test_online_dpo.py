@@ -115,6 +115,13 @@ def test_the_policy_may_not_be_its_own_annotator(tmp_path, tiny_model_dir, promp
         config_from_dict("online_dpo", base | {"judge_model": str(tiny_model_dir)})
     with pytest.raises(ConfigError, match="judge_base_url"):
         config_from_dict("online_dpo", base | {"judge": "openai", "judge_model": "m"})
+    for foreign in ("http://attacker.example/v1", "https://attacker.example/v1"):  # not on the allow-list
+        with pytest.raises(ConfigError, match="judge_base_url"):
+            config_from_dict("online_dpo", base | {"judge": "openai", "judge_model": "m", "judge_base_url": foreign})
+    with pytest.raises(ConfigError, match="judge_api_key_env"):  # the key's variable is the deployment's, not config's
+        config_from_dict("online_dpo", base | {"judge": "openai", "judge_model": "m",
+                                                "judge_base_url": "http://127.0.0.1:9/v1",
+                                                "judge_api_key_env": "DAGSTER_PG_PASSWORD"})
     with pytest.raises(ConfigError, match="instruction"):
         config_from_dict("online_dpo", base | {"judge": "shorter", "instruction": "  "})
     config = config_from_dict("online_dpo", base | {"judge": "openai", "judge_model": "m",

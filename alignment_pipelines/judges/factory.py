@@ -28,9 +28,6 @@ JUDGE_ENV = "ALIGNMENT_PIPELINES_JUDGE"
 ``_INSTRUCTION`` and, for ``llm``, ``_MODEL_DIR``. The key: ``ALIGNMENT_PIPELINES_JUDGE_API_KEY``."""
 JUDGE_ENV_OPTIONS = {"base_url": "BASE_URL", "model": "MODEL", "instruction": "INSTRUCTION", "model_dir": "MODEL_DIR",
                      "pattern": "PATTERN"}
-LEGACY_KEY_ENV = "OPENAI_API_KEY"
-"""Online DPO's config still passes this old default as ``api_key_env``; it has no effect (the key comes from
-``ALIGNMENT_PIPELINES_JUDGE_API_KEY``). Any other variable is refused. Goes once online DPO stops passing it."""
 
 
 def build_judge(spec: dict[str, Any] | str) -> PairwiseJudge:
@@ -48,7 +45,7 @@ def build_judge(spec: dict[str, Any] | str) -> PairwiseJudge:
     if "api_key" in params:
         raise ValueError(f"a judge config must not hold an API key; the deployment sets it in the environment variable "
                          f"{JUDGE_API_KEY_ENV}")
-    if params.pop("api_key_env", LEGACY_KEY_ENV) not in (LEGACY_KEY_ENV, JUDGE_API_KEY_ENV):
+    if "api_key_env" in params:
         raise ValueError(f"a judge config cannot name the variable its key is read from: the key comes only from "
                          f"{JUDGE_API_KEY_ENV}")
     judge_class = JUDGE_KINDS[kind]

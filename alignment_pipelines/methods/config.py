@@ -443,6 +443,9 @@ class MethodConfig:
                 kwargs["choices"] = list(typing.get_args(inner))
             elif typing.get_origin(inner) is list:
                 kwargs["nargs"] = "+"
+                item = typing.get_args(inner)[0]
+                if item in (int, float):  # e.g. --reward-weights 1 0.5: numbers, not strings
+                    kwargs["type"] = item
             elif inner in (int, float):
                 kwargs["type"] = inner
             parser.add_argument(*flags, **kwargs)

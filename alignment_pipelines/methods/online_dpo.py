@@ -65,8 +65,9 @@ class OnlineDPOMethodConfig(MethodConfig):
     judge_model: str | None = option(
         None, "'llm': the annotator's model folder (default: the base model the start model was trained from, e.g. "
               "SmolLM2 from the model store); 'openai': the served model's name")
-    judge_base_url: str | None = option(None, "'openai': the endpoint, e.g. http://127.0.0.1:8000/v1")
-    judge_api_key_env: str = option("OPENAI_API_KEY", "'openai': the environment variable holding the API key")
+    judge_base_url: str | None = option(
+        None, "'openai': the endpoint, e.g. http://127.0.0.1:8000/v1: loopback, or https on a host in "
+        "ALIGNMENT_PIPELINES_JUDGE_ALLOWED_HOSTS; the key comes only from ALIGNMENT_PIPELINES_JUDGE_API_KEY")
     judge_timeout_s: float = option(30.0, "'openai': seconds a request may take before it is retried", minimum=0,
                                     exclusive_minimum=True)
     judge_max_retries: int = option(3, "'openai': retries of a failed request (with exponential backoff)", minimum=0)
@@ -110,8 +111,12 @@ class OnlineDPOMethodConfig(MethodConfig):
         if not self.instruction.strip():
             raise ConfigError("instruction", self.instruction, "must not be empty: it is the annotator's criterion")
         if self.judge == "openai":
-            if not self.judge_base_url or not self.judge_base_url.startswith(("http://", "https://")):
-                raise ConfigError("judge_base_url", self.judge_base_url, "judge 'openai' needs an http(s) URL")
+            from alignment_pipelines.judges.endpoints import EndpointNotAllowed, check_endpoint
+
+            try:
+                check_endpoint(self.judge_base_url or "")
+            except EndpointNotAllowed as error:
+                raise ConfigError("judge_base_url", self.judge_base_url, str(error)) from None
             if not self.judge_model:
                 raise ConfigError("judge_model", self.judge_model, "judge 'openai' needs the served model's name")
         if self.judge == "regex" and not self.judge_pattern:
@@ -157,7 +162,7 @@ class OnlineDPOMethodConfig(MethodConfig):
                     "batch_size": self.judge_batch_size, "max_length": self.max_length * 2 + 256}
         if self.judge == "openai":
             return {"kind": "openai", "base_url": self.judge_base_url, "model": self.judge_model,
-                    "instruction": self.instruction, "api_key_env": self.judge_api_key_env,
+                    "instruction": self.instruction,
                     "timeout_s": self.judge_timeout_s, "max_retries": self.judge_max_retries,
                     "max_concurrency": self.judge_max_concurrency}
         if self.judge == "regex":
