@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of one module (issue 24): mutation/run.sh MODULE [COMMIT]
+#   needs cosmic-ray in the venv: .venv/bin/pip install -e ".[mutation]"
 #   MODULE is a config beside this script (rl_math, rewards, ppo_trainer, online_dpo, own_loop);
 #   COMMIT defaults to HEAD. cosmic-ray rewrites the module in place while it runs each mutant's tests,
 #   so the run happens in a throwaway git worktree of COMMIT ($MUTATION_ROOT/worktree-MODULE), never in
