@@ -222,6 +222,7 @@ def _actor(args: argparse.Namespace) -> str:
 def _promote(args: argparse.Namespace) -> int:
     """The gate on the newest evaluation (or --report), as the `promote` job runs it."""
     from alignment_pipelines.evaluation.report import newest_report
+    from alignment_pipelines.evaluation.schema import EvaluationReport, ReportSchemaError
     from alignment_pipelines.promotion import PromotionRefused, promote_from_report
 
     every_evaluation = DataRoot(default_data_root()).training_dir("evaluation_report", "*").parent
@@ -231,7 +232,11 @@ def _promote(args: argparse.Namespace) -> int:
                          "or give --report")
     gate = GateConfig(**{f.name: getattr(args, f.name) for f in fields(GateConfig)})
     try:
-        outcome = promote_from_report(_registry(args), json.loads(report.read_text()), _actor(args), gate,
+        evaluation = EvaluationReport.read(report)
+    except ReportSchemaError as error:  # another schema version, a missing field: nothing is read, nothing moves
+        raise SystemExit(f"alignment-pipelines promote: {error}") from None
+    try:
+        outcome = promote_from_report(_registry(args), evaluation, _actor(args), gate,
                                       readmit_rolled_back=args.readmit_rolled_back, seat_baseline=not args.no_incumbent)
     except PromotionRefused as error:
         raise SystemExit(f"alignment-pipelines promote: {error}") from None

@@ -2,9 +2,15 @@
 
 Evaluation measures; this module decides. The gate is pure functions over the metrics
 dicts an evaluation produces, so it can be tested on synthetic numbers and re-run from
-the CLI or a manual job on stored metrics. The registry layer works on a plain
-``mlflow.MlflowClient`` and writes who, why and the evidence onto the model version, so
-the registry itself answers "why is this the champion?" and "what was it before?".
+the CLI or a manual job on stored metrics; :func:`promote_from_report` runs it on the typed
+``EvaluationReport`` (never an untyped dict). The registry layer works on a plain
+``mlflow.MlflowClient`` and writes who, why, the evidence and the judge onto the model version,
+so the registry itself answers "why is this the champion?" and "what was it before?".
+
+"Champion" means one thing, as in the report's schema: the `aligned_policy` version that holds
+the `champion` alias (the gate's ``champion`` argument is that version's metrics, as measured).
+What the gate picks among the candidates is its pick (:func:`choose_candidate`), which becomes
+the champion only when the alias moves.
 
 Metrics read from each model's dict: ``win_rate_vs_champion`` and
 ``win_rate_vs_champion_ci_low`` (``_ci_high`` optional), the same with ``_vs_sft`` for
@@ -22,10 +28,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignment_pipelines.models.registry import check_recorded_sha256
 from alignment_pipelines.tracking import CHAMPION_ALIAS, PRUNED_AT_TAG, PRUNED_TAG, WEIGHTS_SHA256_TAG
+
+if TYPE_CHECKING:  # importing it loads the evaluation package (plots, torch): the CLI's promote loads it itself
+    from alignment_pipelines.evaluation.schema import EvaluationReport
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +127,12 @@ def decide_all(candidates: dict[str, dict], champion: dict | None,
     return {name: decide(metrics, champion, config) for name, metrics in sorted(candidates.items())}
 
 
-def choose_champion(candidates: dict[str, dict], champion: dict | None,
-                    config: GateConfig = GateConfig()) -> tuple[str, GateDecision] | None:
-    """The passing candidate with the highest win-rate lower bound against the champion (against
-    SFT when there is none), then the highest win-rate, then the first name; None when none passes.
-    One champion for the whole project, whichever method trained it."""
+def choose_candidate(candidates: dict[str, dict], champion: dict | None,
+                     config: GateConfig = GateConfig()) -> tuple[str, GateDecision] | None:
+    """The gate's pick: the passing candidate with the highest win-rate lower bound against the champion
+    (against SFT when there is none), then the highest win-rate, then the first name; None when none passes.
+    At most one pick for the whole project, whichever method trained it; it becomes the champion only when
+    :func:`promote` moves the alias."""
     baseline = "champion" if champion is not None else "sft"
     passing = [(name, decision) for name, decision in decide_all(candidates, champion, config).items()
                if decision.promote]
@@ -384,6 +394,8 @@ GATE_VERDICT_TAG = "gate.verdict"
 GATE_REASON_TAG = "gate.reason"
 EVIDENCE_RUN_TAG = "evidence.mlflow_run_id"
 EVIDENCE_DAGSTER_RUN_TAG = "evidence.dagster_run_id"
+EVIDENCE_JUDGE_TAG = "evidence.judge"  # the judge whose win-rates the gate read (JudgeIdentity.id)
+EVIDENCE_JUDGE_HEURISTIC_TAG = "evidence.judge_heuristic"  # "true" when that judge is a rule of thumb
 CANDIDATE_GATE_TAG = "evaluation.gate"
 CANDIDATE_GATE_REASON_TAG = "evaluation.gate_reason"
 TAG_LIMIT = 5000  # the registry's column width for tag values (enforced by Postgres, not by SQLite)
@@ -410,77 +422,83 @@ def gate_metrics(metrics: dict) -> dict:
             if key in GATE_KEYS or key.startswith(("win_rate_vs_", "wins_vs_", "losses_vs_", "ties_vs_"))}
 
 
-def promote_from_report(client, report: dict, actor: str, config: GateConfig = GateConfig(),
+def promote_from_report(client, report: EvaluationReport, actor: str, config: GateConfig = GateConfig(),
                         readmit_rolled_back: bool = False, seat_baseline: bool = True) -> dict:
     """Run the gate on an evaluation report and, when a candidate passes, make it the project's champion.
 
-    ``report`` is what the evaluation wrote (``evaluation.json``): ``models`` (name → ``model``, a
-    ModelRef dict, and ``metrics``), ``candidates`` (names the gate may pick), ``champion`` (the entry
-    that was champion when it was measured, and its ``aligned_version``) and ``evidence`` (its MLflow and
-    Dagster runs). Every candidate's registered version gets the gate's verdict as tags. A report measured
-    against another champion than today's moves nothing (:class:`StaleEvaluation`), unless its pick
-    already is the champion. A model that was rolled back is refused until someone readmits it
-    (``readmit_rolled_back``), so the next evaluation does not quietly undo a rollback. While the project has
-    no champion and no candidate beats the baseline, the baseline itself is seated as the incumbent
-    (``seat_baseline``; it must pass the gate's absolute checks): it is what candidates were measured against, so
-    serving it changes nothing the gate decided, and from then on a challenger must beat it. Returns the
-    verdicts and what moved.
+    ``report`` is the typed :class:`EvaluationReport` the evaluation wrote (``evaluation.json``; read it with
+    ``EvaluationReport.read`` or ``from_dict``, which refuse another schema version or a missing field): its
+    ``candidates`` are the entries the gate may pick, its ``champion`` the ``aligned_policy`` version that held
+    `champion` when it measured, its ``judge`` who judged and its ``evidence`` the MLflow and Dagster runs. Every
+    candidate's registered version gets the gate's verdict as tags. A report measured against another champion than
+    today's moves nothing (:class:`StaleEvaluation`), unless its pick already is the champion. A model that was
+    rolled back is refused until someone readmits it (``readmit_rolled_back``), so the next evaluation does not
+    quietly undo a rollback. While the project has no champion and no candidate beats the baseline, the baseline
+    itself is seated as the incumbent (``seat_baseline``; it must pass the gate's absolute checks): it is what
+    candidates were measured against, so serving it changes nothing the gate decided, and from then on a challenger
+    must beat it. The promoted version's tags name the judge that decided. Returns the verdicts and what moved.
 
     Serialized with every other promotion and rollback of the registry (:func:`registry_lock`), so the champion the
     gate reads is the one it replaces.
     """
+    from alignment_pipelines.evaluation.schema import EvaluationReport
+
+    if not isinstance(report, EvaluationReport):
+        raise TypeError(f"promotion reads an EvaluationReport, got {type(report).__name__}: read evaluation.json with "
+                        "EvaluationReport.read or EvaluationReport.from_dict")
     with registry_lock(client):
         return _promote_from_report(client, report, actor, config, readmit_rolled_back, seat_baseline)
 
 
-def _promote_from_report(client, report: dict, actor: str, config: GateConfig, readmit_rolled_back: bool,
-                         seat_baseline: bool) -> dict:
-    models, measured = report["models"], report.get("champion")
-    champion_metrics = gate_metrics(models[measured["name"]]["metrics"]) if measured else None
+def _promote_from_report(client, report: EvaluationReport, actor: str, config: GateConfig,
+                         readmit_rolled_back: bool, seat_baseline: bool) -> dict:
+    models, measured = report.models, report.champion
+    champion_metrics = gate_metrics(models[measured.name].metrics) if measured else None
     barred = {} if readmit_rolled_back else rolled_back_sources(client)
-    barred_names = {name: barred[_model_uri(models[name]["model"])] for name in report["candidates"]
-                    if _model_uri(models[name]["model"]) in barred}
-    candidates = {name: gate_metrics(models[name]["metrics"]) for name in report["candidates"]
+    barred_names = {name: barred[_model_uri(models[name].model)] for name in report.candidates
+                    if _model_uri(models[name].model) in barred}
+    candidates = {name: gate_metrics(models[name].metrics) for name in report.candidates
                   if name not in barred_names}
     decisions = decide_all(candidates, champion_metrics, config) | {
         name: GateDecision(False, f"refused: {why}; readmit it to let the gate pick it again", {})
         for name, why in barred_names.items()}
-    choice = choose_champion(candidates, champion_metrics, config)
+    choice = choose_candidate(candidates, champion_metrics, config)
     current = current_champion(client)
     if choice is None and current is None and seat_baseline:
         choice = _incumbent(report, config)
         if choice is not None:  # its verdict as incumbent replaces "no win-rate against itself"
             decisions[choice[0]] = choice[1]
     verdicts = {name: {"promote": d.promote, "reason": d.reason} for name, d in decisions.items()}
-    chosen_uri = _model_uri(models[choice[0]]["model"]) if choice else None
+    chosen_uri = _model_uri(models[choice[0]].model) if choice else None
     outcome = {"verdicts": verdicts, "chosen": choice[0] if choice else None, "previous_champion": current,
                "champion": current}
     if current is not None and chosen_uri is not None and current["source_uri"] == chosen_uri:
         promote(client, ALIGNED_MODEL, current["version"], choice[1], actor)  # finishes a cut-short audit, if any
         return outcome | {"action": "unchanged: the gate's pick already is the champion"}
-    if (measured or {}).get("aligned_version") != (current or {}).get("version"):
-        raise StaleEvaluation(f"the evaluation measured against champion {(measured or {}).get('aligned_version')} "
+    measured_version = measured.aligned_version if measured else None
+    if measured_version != (current or {}).get("version"):
+        raise StaleEvaluation(f"the evaluation measured against champion {measured_version} "
                               f"but the champion is now {(current or {}).get('version')}: re-run the evaluation")
     for name, decision in decisions.items():
-        _tag_candidate(client, models[name]["model"], decision)
+        _tag_candidate(client, models[name].model, decision)
     if choice is None:
         return outcome | {"action": "none passed the gate"}
     name, decision = choice
-    evidence = report.get("evidence", {})
-    decision = GateDecision(decision.promote, decision.reason, decision.evidence | {"evaluation": evidence})
-    version = _aligned_version(client, models[name]["model"], models[name]["metrics"], decision, evidence)
+    decision = GateDecision(decision.promote, decision.reason, decision.evidence | {
+        "evaluation": asdict(report.evidence), "judge": {"id": report.judge.id, "heuristic": report.judge.heuristic}})
+    version = _aligned_version(client, models[name].model, models[name].metrics, decision, report)
     promote(client, ALIGNED_MODEL, version, decision, actor)
-    moved = "seated the baseline" if name == report.get("baseline") else "promoted"
+    moved = "seated the baseline" if name == report.baseline else "promoted"
     return outcome | {"action": f"{moved} {name} as {ALIGNED_MODEL} version {version}",
                       "champion": current_champion(client)}
 
 
-def _incumbent(report: dict, config: GateConfig) -> tuple[str, GateDecision] | None:
+def _incumbent(report: EvaluationReport, config: GateConfig) -> tuple[str, GateDecision] | None:
     """The baseline as the first champion when no candidate beat it, if it passes the absolute checks itself."""
-    name = report.get("baseline")
-    if name not in report["models"] or _model_uri(report["models"][name]["model"]) is None:
+    name = report.baseline
+    if _model_uri(report.models[name].model) is None:
         return None
-    metrics = gate_metrics(report["models"][name]["metrics"])
+    metrics = gate_metrics(report.models[name].metrics)
     skipped: list[str] = []
     checks = _absolute_checks(metrics, config, skipped)
     if not all(c["passed"] for c in checks):
@@ -527,9 +545,10 @@ def _tag_candidate(client, model: dict, decision: GateDecision) -> None:
     client.set_model_version_tag(name, version, CANDIDATE_GATE_REASON_TAG, decision.reason[:TAG_LIMIT])
 
 
-def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision, evidence: dict) -> str:
+def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision, report: EvaluationReport) -> str:
     """The `aligned_policy` version of ``model`` (created on its first promotion, reused after), tagged with
-    where it came from, this evaluation's metrics, the gate's verdict and the evidence run."""
+    where it came from, this evaluation's metrics, the gate's verdict, the evidence run and the judge that
+    decided (a heuristic judge says so)."""
     from mlflow.exceptions import MlflowException
 
     uri = _model_uri(model)
@@ -552,7 +571,8 @@ def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision,
                                                   tags=inherited).version)
     tags = {SOURCE_URI_TAG: uri, SOURCE_PATH_TAG: model["path"], SOURCE_START_PATH_TAG: model.get("start_path"),
             "source.method": model.get("method"), GATE_VERDICT_TAG: "passed", GATE_REASON_TAG: decision.reason,
-            EVIDENCE_RUN_TAG: evidence.get("mlflow_run_id"), EVIDENCE_DAGSTER_RUN_TAG: evidence.get("dagster_run_id"),
+            EVIDENCE_RUN_TAG: report.evidence.mlflow_run_id, EVIDENCE_DAGSTER_RUN_TAG: report.evidence.dagster_run_id,
+            EVIDENCE_JUDGE_TAG: report.judge.id, EVIDENCE_JUDGE_HEURISTIC_TAG: str(report.judge.heuristic).lower(),
             **{f"eval.{key}": f"{value:.6g}" for key, value in metrics.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}}
     for key, value in tags.items():

@@ -14,6 +14,7 @@ from dataclasses import asdict, fields
 import dagster as dg
 import pydantic
 
+from alignment_pipelines.evaluation.schema import EvaluationReport, ReportSchemaError
 from alignment_pipelines.promotion import GateConfig, PromotionRefused, promote_from_report, rollback_champion
 from alignment_pipelines.resources.mlflow import MlflowResource
 
@@ -45,10 +46,16 @@ def _actor(context, actor: str) -> str:
 def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, evaluation_report: dict,
                     mlflow: MlflowResource) -> dg.MaterializeResult:
     """The gate (challenger against champion) over every evaluated candidate: at most one becomes `champion` of
-    `aligned_policy`; every candidate's version gets the verdict as tags. A failed evaluation never gets here."""
+    `aligned_policy`; every candidate's version gets the verdict as tags. A failed evaluation never gets here; a
+    report of another schema version, or one missing a field, fails before anything moves (not retried: the same
+    report would fail again)."""
     gate = GateConfig(**{f.name: getattr(config, f.name) for f in fields(GateConfig)})
     try:
-        outcome = promote_from_report(mlflow.tracker().client, evaluation_report, _actor(context, config.actor), gate,
+        report = EvaluationReport.from_dict(evaluation_report, source="evaluation_report")
+    except ReportSchemaError as error:
+        raise dg.Failure(str(error), allow_retries=False) from error
+    try:
+        outcome = promote_from_report(mlflow.tracker().client, report, _actor(context, config.actor), gate,
                                       readmit_rolled_back=config.readmit_rolled_back, seat_baseline=config.seat_baseline)
     except PromotionRefused as error:  # measured against another champion, or one moved meanwhile: re-evaluate
         raise dg.Failure(str(error), allow_retries=False) from error
@@ -58,9 +65,11 @@ def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, 
         "action": outcome["action"],
         "verdicts": dg.MetadataValue.json(outcome["verdicts"]),
         "champion": dg.MetadataValue.json(champion),
-        "promoted_to_champion": champion["source_uri"] if champion else "none",
+        "champion_source_uri": champion["source_uri"] if champion else "none",
         "gate": dg.MetadataValue.json(asdict(gate)),
-        "evidence_mlflow_run_id": evaluation_report["evidence"]["mlflow_run_id"],
+        "evidence_mlflow_run_id": report.evidence.mlflow_run_id,
+        "judge": report.judge.id,
+        "judge_heuristic": report.judge.heuristic,
     })
 
 

@@ -3,6 +3,8 @@ Dagster jobs and after a real evaluation; and the exported champion."""
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import fields
 
 import dagster as dg
@@ -10,13 +12,20 @@ import pandas as pd
 import pytest
 
 from alignment_pipelines.cli import main
+from alignment_pipelines.evaluation.schema import (
+    ChampionRef,
+    EvaluationReport,
+    Evidence,
+    JudgeIdentity,
+    ModelEvaluation,
+)
 from alignment_pipelines.promotion import (
     ALIGNED_MODEL,
     GateConfig,
     GateDecision,
     PromotionRefused,
     StaleEvaluation,
-    choose_champion,
+    choose_candidate,
     current_champion,
     current_version,
     decide,
@@ -122,25 +131,25 @@ def test_gate_config_is_validated_and_documented():
     assert all(f.metadata.get("help") for f in fields(GateConfig))
 
 
-def test_choose_champion_picks_the_strongest_passing_candidate():
+def test_choose_candidate_picks_the_strongest_passing_candidate():
     candidates = {
         "dpo": candidate(vs_champion=(0.70, 0.58, 0.80)),
         "kto": candidate(vs_champion=(0.80, 0.66, 0.90)),
         "orpo": candidate(vs_champion=(0.90, 0.80, 0.95), degenerate_rate=0.3),  # strongest, but degenerate
         "ppo": candidate(vs_champion=(0.55, 0.45, 0.65)),
     }
-    name, decision = choose_champion(candidates, CHAMPION)
+    name, decision = choose_candidate(candidates, CHAMPION)
     assert name == "kto" and decision.promote
     assert [n for n, d in decide_all(candidates, CHAMPION).items() if d.promote] == ["dpo", "kto"]
 
 
-def test_choose_champion_ranks_against_sft_when_there_is_no_champion_and_may_find_none():
+def test_choose_candidate_ranks_against_sft_when_there_is_no_champion_and_may_find_none():
     candidates = {"dpo": candidate(vs_champion=None, vs_sft=(0.80, 0.70, 0.88)),
                   "kto": candidate(vs_champion=None, vs_sft=(0.75, 0.62, 0.85))}
-    assert choose_champion(candidates, None)[0] == "dpo"
+    assert choose_candidate(candidates, None)[0] == "dpo"
     ties = {name: candidate(vs_champion=(0.5, 0.4, 0.6)) for name in ("dpo", "kto")}
-    assert choose_champion(ties, CHAMPION) is None
-    assert choose_champion({}, None) is None
+    assert choose_candidate(ties, CHAMPION) is None
+    assert choose_candidate({}, None) is None
 
 
 # --------------------------------------------------------------------------------------
@@ -344,13 +353,19 @@ def versions(tracker, tmp_path):
     return refs
 
 
+REWARD_MODEL_JUDGE = JudgeIdentity(kind="reward_model", id="models:/evaluation_reward_model/1", heuristic=False,
+                                   source="evaluation_reward_model", model_uri="models:/evaluation_reward_model/1")
+RULE_JUDGE = JudgeIdentity(kind="rule", id="rule", heuristic=True, source="resource")
+
+
 def report(refs: dict, metrics: dict, champion: str | None = None, aligned_version: str | None = None,
-           run: str = "evaluation-run-1") -> dict:
-    """An evaluation report as the evaluation writes it."""
-    return {"baseline": "sft_model", "candidates": sorted(refs),
-            "champion": {"name": champion, "aligned_version": aligned_version} if champion else None,
-            "models": {name: {"model": refs[name], "metrics": metrics.get(name, {})} for name in refs},
-            "evidence": {"mlflow_run_id": run, "dagster_run_id": "dagster-1"}}
+           run: str = "evaluation-run-1", judge: JudgeIdentity = REWARD_MODEL_JUDGE) -> EvaluationReport:
+    """An evaluation report as the evaluation writes it (``champion``: the entry holding the alias when measured)."""
+    return EvaluationReport(
+        judge=judge, baseline="sft_model", candidates=tuple(sorted(refs)),
+        champion=ChampionRef(champion, aligned_version, f"models:/{champion}/1") if champion else None,
+        models={name: ModelEvaluation(refs[name], metrics.get(name, {})) for name in refs},
+        evidence=Evidence(mlflow_run_id=run, dagster_run_id="dagster-1", path=f"/runs/evaluation_report/{run}"))
 
 
 FIRST = {"sft_model": {"preference_accuracy": 0.6, "degenerate_rate": 0.0},
@@ -379,6 +394,9 @@ def test_the_first_champion_is_the_best_passing_candidate_and_the_registry_says_
     assert aligned.tags["eval.win_rate_vs_sft_ci_low"] == "0.62" and aligned.tags["eval.preference_accuracy"] == "0.72"
     assert aligned.tags["evidence.mlflow_run_id"] == "evaluation-run-1" and aligned.tags["promotion.actor"] == "alice"
     assert json.loads(aligned.tags["promotion.evidence"])["evaluation"]["mlflow_run_id"] == "evaluation-run-1"
+    assert json.loads(aligned.tags["promotion.evidence"])["judge"] == {"id": REWARD_MODEL_JUDGE.id, "heuristic": False}
+    assert (aligned.tags["evidence.judge"], aligned.tags["evidence.judge_heuristic"]) == \
+        ("models:/evaluation_reward_model/1", "false")  # which judge decided
     assert {name: tags(client, name, "1")["evaluation.gate"] for name in POLICIES} == \
         {"sft_model": "refused", "policy_dpo": "passed", "policy_kto": "passed"}
     assert client.get_registered_model("policy_kto").aliases == {"candidate": 1}  # candidates keep theirs
@@ -402,13 +420,14 @@ def test_when_no_candidate_beats_the_baseline_it_is_seated_and_a_challenger_must
     client = tracker.client
     ties = {**{name: candidate(vs_champion=None, vs_sft=(0.5, 0.3, 0.7)) for name in POLICIES},
             "sft_model": {"preference_accuracy": 0.6, "degenerate_rate": 0.05}}
-    outcome = promote_from_report(client, report(versions, ties), actor="alice")
+    outcome = promote_from_report(client, report(versions, ties, judge=RULE_JUDGE), actor="alice")
     assert outcome["chosen"] == "sft_model" and outcome["action"] == "seated the baseline sft_model as aligned_policy version 1"
     assert champions(client) == [(ALIGNED_MODEL, "1")]
     seated = client.get_model_version(ALIGNED_MODEL, "1")
     assert seated.tags["source.uri"] == "models:/sft_model/1"
     assert seated.tags["gate.reason"].startswith("incumbent: no candidate beat the baseline sft_model")
     assert json.loads(seated.tags["promotion.evidence"])["role"] == "incumbent"
+    assert (seated.tags["evidence.judge"], seated.tags["evidence.judge_heuristic"]) == ("rule", "true")
     assert tags(client, "sft_model", "1")["evaluation.gate"] == "passed"
     assert tags(client, "policy_dpo", "1")["evaluation.gate"] == "refused"
 
@@ -441,9 +460,9 @@ def test_when_no_candidate_passes_and_the_baseline_is_not_seated_nothing_is_crea
 def test_promote_rollback_promote_through_the_command_line(tracker, versions, tmp_path, capsys):
     uri = tracker.tracking_uri
     first, second = tmp_path / "first.json", tmp_path / "second.json"
-    first.write_text(json.dumps(report(versions, FIRST)))
-    second.write_text(json.dumps(report(versions, SECOND, champion="policy_dpo", aligned_version="1",
-                                        run="evaluation-run-2")))
+    first.write_text(report(versions, FIRST).to_json())
+    second.write_text(report(versions, SECOND, champion="policy_dpo", aligned_version="1",
+                             run="evaluation-run-2").to_json())
 
     def cli(*args) -> dict:
         assert main([*args, "--tracking-uri", uri]) == 0
@@ -470,22 +489,24 @@ def test_promote_rollback_promote_through_the_command_line(tracker, versions, tm
         main(["rollback", "--tracking-uri", uri])
 
 
+class StoredReport(dg.Config):
+    path: str
+
+
+@dg.asset(name="evaluation_report")
+def stored_evaluation(config: StoredReport) -> dict:
+    """Stands in for the evaluation: the report it would have produced, as stored (a dict)."""
+    return json.loads(open(config.path).read())
+
+
 def test_promote_rollback_promote_through_the_dagster_jobs(tracker, versions, tmp_path):
     from alignment_pipelines.assets.promotion import model_promotion, promote_job, rollback_job
     from alignment_pipelines.resources.mlflow import MlflowResource
     from alignment_pipelines.resources.storage import StorageResource
 
-    class StoredReport(dg.Config):
-        path: str
-
-    @dg.asset(name="evaluation_report")
-    def stored_evaluation(config: StoredReport) -> dict:
-        """Stands in for the evaluation: the report it would have produced."""
-        return json.loads(open(config.path).read())
-
     first, second = tmp_path / "first.json", tmp_path / "second.json"
-    first.write_text(json.dumps(report(versions, FIRST)))
-    second.write_text(json.dumps(report(versions, SECOND, champion="policy_dpo", aligned_version="1")))
+    first.write_text(report(versions, FIRST).to_json())
+    second.write_text(report(versions, SECOND, champion="policy_dpo", aligned_version="1").to_json())
     mlflow = MlflowResource(storage=StorageResource(root=str(tmp_path / "data")), tracking_uri=tracker.tracking_uri)
     defs = dg.Definitions(assets=[stored_evaluation, model_promotion], jobs=[promote_job, rollback_job],
                           resources={"mlflow": mlflow})
@@ -510,6 +531,66 @@ def test_promote_rollback_promote_through_the_dagster_jobs(tracker, versions, tm
             run_config={"ops": {"model_promotion": {"config": {"min_win_rate_lower_bound": 0.7}}}})
         assert not strict.success  # measured against version 1, but version 2 is champion now: refused
     assert champions(tracker.client) == [(ALIGNED_MODEL, "2")]
+
+
+def unreadable_reports(refs: dict) -> dict[str, dict]:
+    """Reports promotion must refuse, by the words that say why: one of a schema version this code does not read,
+    and one missing a field. Both would otherwise promote policy_kto over the champion policy_dpo version 1."""
+    newer = report(refs, SECOND, "policy_dpo", "1").to_dict() | {"schema_version": 2}
+    no_metrics = report(refs, SECOND, "policy_dpo", "1").to_dict()
+    del no_metrics["models"]["policy_kto"]["metrics"]
+    return {"has schema_version 2": newer, "missing field 'metrics'": no_metrics}
+
+
+def registry_state(client) -> tuple[dict, dict]:
+    """Every alias of every registered model, and the tags of every version: what a refused promotion leaves."""
+    return ({m.name: dict(m.aliases) for m in client.search_registered_models()},
+            {(v.name, str(v.version)): v.tags for m in client.search_registered_models()
+             for v in client.search_model_versions(f"name='{m.name}'")})
+
+
+@pytest.mark.parametrize("flaw", ["has schema_version 2", "missing field 'metrics'"])
+def test_promote_refuses_a_report_it_cannot_read_in_one_line_and_moves_no_alias(tracker, versions, tmp_path, flaw):
+    promote_from_report(tracker.client, report(versions, FIRST), actor="alice")
+    before = registry_state(tracker.client)
+    unreadable = tmp_path / "evaluation.json"
+    unreadable.write_text(json.dumps(unreadable_reports(versions)[flaw]))
+    refused = subprocess.run([sys.executable, "-m", "alignment_pipelines.cli", "promote", "--report", str(unreadable),
+                              "--actor", "bob", "--tracking-uri", tracker.tracking_uri], capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stdout == ""
+    said = [line for line in refused.stderr.splitlines() if line.startswith("alignment-pipelines promote:")]
+    assert len(said) == 1 and str(unreadable) in said[0] and flaw in said[0], refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert registry_state(tracker.client) == before
+    readable = tmp_path / "readable.json"  # the same evaluation, as this code writes it, does promote
+    readable.write_text(report(versions, SECOND, "policy_dpo", "1").to_json())
+    assert main(["promote", "--report", str(readable), "--actor", "bob", "--tracking-uri", tracker.tracking_uri]) == 0
+    assert current_champion(tracker.client)["source_uri"] == "models:/policy_kto/1"
+
+
+def test_the_promotion_asset_fails_without_retrying_on_a_report_it_cannot_read(tracker, versions, tmp_path):
+    from alignment_pipelines.assets.promotion import model_promotion
+    from alignment_pipelines.resources.mlflow import MlflowResource
+    from alignment_pipelines.resources.storage import StorageResource
+
+    promote_from_report(tracker.client, report(versions, FIRST), actor="alice")
+    before = registry_state(tracker.client)
+    mlflow = MlflowResource(storage=StorageResource(root=str(tmp_path / "data")), tracking_uri=tracker.tracking_uri)
+    retrying = dg.define_asset_job("gate_with_retries", selection=[stored_evaluation, model_promotion],
+                                   op_retry_policy=dg.RetryPolicy(max_retries=2))  # retries anything not marked final
+    job = dg.Definitions(assets=[stored_evaluation, model_promotion], jobs=[retrying],
+                         resources={"mlflow": mlflow}).resolve_job_def("gate_with_retries")
+    stored = tmp_path / "stored.json"
+    with dg.instance_for_test() as instance:
+        for flaw, unreadable in unreadable_reports(versions).items():
+            stored.write_text(json.dumps(unreadable))
+            result = job.execute_in_process(instance=instance, raise_on_error=False, run_config={
+                "ops": {"evaluation_report": {"config": {"path": str(stored)}}}})
+            failures = [e for e in result.all_events if e.is_step_failure]
+            assert [e.step_key for e in failures] == ["model_promotion"]
+            assert flaw in failures[0].step_failure_data.user_failure_data.description
+            assert not [e for e in result.all_events if e.is_step_up_for_retry]  # the same report would fail again
+    assert registry_state(tracker.client) == before
 
 
 # --------------------------------------------------------------------------------------
@@ -563,7 +644,10 @@ def test_the_evaluation_feeds_the_gate_and_a_failed_evaluation_moves_no_alias(tr
             "evaluation/report.md", "evaluation/evaluation.json", "evaluation/win_rate_vs_sft.png"}
         champion = current_champion(tracker.client)
         assert champions(tracker.client) == [(ALIGNED_MODEL, "1")]
-        assert tags(tracker.client, ALIGNED_MODEL, "1")["evidence.mlflow_run_id"] == evidence.info.run_id
+        promoted = tags(tracker.client, ALIGNED_MODEL, "1")
+        assert promoted["evidence.mlflow_run_id"] == evidence.info.run_id
+        assert promoted["evidence.judge"] == metadata["judge"].value["id"]
+        assert promoted["evidence.judge_heuristic"] == str(metadata["judge"].value["heuristic"]).lower()
 
         aliases = {m.name: dict(m.aliases) for m in tracker.client.search_registered_models()}
         shutil.rmtree(models["policy_kto"])  # a model that cannot be loaded: the evaluation fails
