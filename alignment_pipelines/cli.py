@@ -232,13 +232,9 @@ def _promote(args: argparse.Namespace) -> int:
                          "or give --report")
     gate = GateConfig(**{f.name: getattr(args, f.name) for f in fields(GateConfig)})
     try:
-        evaluation = EvaluationReport.read(report)
-    except ReportSchemaError as error:  # another schema version, a missing field: nothing is read, nothing moves
-        raise SystemExit(f"alignment-pipelines promote: {error}") from None
-    try:
-        outcome = promote_from_report(_registry(args), evaluation, _actor(args), gate,
+        outcome = promote_from_report(_registry(args), EvaluationReport.read(report), _actor(args), gate,
                                       readmit_rolled_back=args.readmit_rolled_back, seat_baseline=not args.no_incumbent)
-    except PromotionRefused as error:
+    except (ReportSchemaError, PromotionRefused) as error:  # a report this code cannot read moves nothing either
         raise SystemExit(f"alignment-pipelines promote: {error}") from None
     print(json.dumps(outcome | {"report": str(report)}, indent=2, default=str))
     return 0

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignment_pipelines.models.registry import check_recorded_sha256
+from alignment_pipelines.refs import ModelRef
 from alignment_pipelines.tracking import CHAMPION_ALIAS, PRUNED_AT_TAG, PRUNED_TAG, WEIGHTS_SHA256_TAG
 
 if TYPE_CHECKING:  # importing it loads the evaluation package (plots, torch): the CLI's promote loads it itself
@@ -446,17 +447,32 @@ def promote_from_report(client, report: EvaluationReport, actor: str, config: Ga
     if not isinstance(report, EvaluationReport):
         raise TypeError(f"promotion reads an EvaluationReport, got {type(report).__name__}: read evaluation.json with "
                         "EvaluationReport.read or EvaluationReport.from_dict")
+    refs = _pickable_refs(report)  # a malformed entry is refused before the lock, and before any move
     with registry_lock(client):
-        return _promote_from_report(client, report, actor, config, readmit_rolled_back, seat_baseline)
+        return _promote_from_report(client, report, refs, actor, config, readmit_rolled_back, seat_baseline)
 
 
-def _promote_from_report(client, report: EvaluationReport, actor: str, config: GateConfig,
-                         readmit_rolled_back: bool, seat_baseline: bool) -> dict:
+def _pickable_refs(report: EvaluationReport) -> dict[str, ModelRef]:
+    """The ModelRef of every entry the gate may pick (the candidates and the baseline); raises
+    ``ReportSchemaError`` naming the entry whose ``model`` is not one."""
+    from alignment_pipelines.evaluation.schema import ReportSchemaError
+
+    refs = {}
+    for name in (*report.candidates, report.baseline):
+        try:
+            refs[name] = ModelRef.from_dict(report.models[name].model)
+        except TypeError as error:
+            raise ReportSchemaError(f"the evaluation report of {report.evidence.path}: models.{name}.model is not a "
+                                    f"model reference ({error}); re-run evaluation_report") from None
+    return refs
+
+
+def _promote_from_report(client, report: EvaluationReport, refs: dict[str, ModelRef], actor: str,
+                         config: GateConfig, readmit_rolled_back: bool, seat_baseline: bool) -> dict:
     models, measured = report.models, report.champion
     champion_metrics = gate_metrics(models[measured.name].metrics) if measured else None
     barred = {} if readmit_rolled_back else rolled_back_sources(client)
-    barred_names = {name: barred[_model_uri(models[name].model)] for name in report.candidates
-                    if _model_uri(models[name].model) in barred}
+    barred_names = {name: barred[refs[name].uri] for name in report.candidates if refs[name].uri in barred}
     candidates = {name: gate_metrics(models[name].metrics) for name in report.candidates
                   if name not in barred_names}
     decisions = decide_all(candidates, champion_metrics, config) | {
@@ -465,11 +481,11 @@ def _promote_from_report(client, report: EvaluationReport, actor: str, config: G
     choice = choose_candidate(candidates, champion_metrics, config)
     current = current_champion(client)
     if choice is None and current is None and seat_baseline:
-        choice = _incumbent(report, config)
+        choice = _incumbent(report, refs[report.baseline], config)
         if choice is not None:  # its verdict as incumbent replaces "no win-rate against itself"
             decisions[choice[0]] = choice[1]
     verdicts = {name: {"promote": d.promote, "reason": d.reason} for name, d in decisions.items()}
-    chosen_uri = _model_uri(models[choice[0]].model) if choice else None
+    chosen_uri = refs[choice[0]].uri if choice else None
     outcome = {"verdicts": verdicts, "chosen": choice[0] if choice else None, "previous_champion": current,
                "champion": current}
     if current is not None and chosen_uri is not None and current["source_uri"] == chosen_uri:
@@ -480,23 +496,23 @@ def _promote_from_report(client, report: EvaluationReport, actor: str, config: G
         raise StaleEvaluation(f"the evaluation measured against champion {measured_version} "
                               f"but the champion is now {(current or {}).get('version')}: re-run the evaluation")
     for name, decision in decisions.items():
-        _tag_candidate(client, models[name].model, decision)
+        _tag_candidate(client, refs[name], decision)
     if choice is None:
         return outcome | {"action": "none passed the gate"}
     name, decision = choice
     decision = GateDecision(decision.promote, decision.reason, decision.evidence | {
         "evaluation": asdict(report.evidence), "judge": {"id": report.judge.id, "heuristic": report.judge.heuristic}})
-    version = _aligned_version(client, models[name].model, models[name].metrics, decision, report)
+    version = _aligned_version(client, refs[name], models[name].metrics, decision, report)
     promote(client, ALIGNED_MODEL, version, decision, actor)
     moved = "seated the baseline" if name == report.baseline else "promoted"
     return outcome | {"action": f"{moved} {name} as {ALIGNED_MODEL} version {version}",
                       "champion": current_champion(client)}
 
 
-def _incumbent(report: EvaluationReport, config: GateConfig) -> tuple[str, GateDecision] | None:
+def _incumbent(report: EvaluationReport, baseline: ModelRef, config: GateConfig) -> tuple[str, GateDecision] | None:
     """The baseline as the first champion when no candidate beat it, if it passes the absolute checks itself."""
     name = report.baseline
-    if _model_uri(report.models[name].model) is None:
+    if baseline.uri is None:
         return None
     metrics = gate_metrics(report.models[name].metrics)
     skipped: list[str] = []
@@ -531,29 +547,24 @@ def rollback_champion(client, actor: str, reason: str = "manual rollback") -> di
         return {"demoted": demoted, "restored": current_champion(client)}
 
 
-def _model_uri(model: dict) -> str | None:
-    name, version = model.get("registered_name"), model.get("registered_version")
-    return f"models:/{name}/{version}" if name and version else None
-
-
-def _tag_candidate(client, model: dict, decision: GateDecision) -> None:
+def _tag_candidate(client, model: ModelRef, decision: GateDecision) -> None:
     """The verdict on the candidate's own registered version, so `policy_kto` shows why it was not picked."""
-    if _model_uri(model) is None:
+    if model.uri is None:
         return
-    name, version = model["registered_name"], model["registered_version"]
+    name, version = model.registered_name, model.registered_version
     client.set_model_version_tag(name, version, CANDIDATE_GATE_TAG, "passed" if decision.promote else "refused")
     client.set_model_version_tag(name, version, CANDIDATE_GATE_REASON_TAG, decision.reason[:TAG_LIMIT])
 
 
-def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision, report: EvaluationReport) -> str:
+def _aligned_version(client, model: ModelRef, metrics: dict, decision: GateDecision, report: EvaluationReport) -> str:
     """The `aligned_policy` version of ``model`` (created on its first promotion, reused after), tagged with
     where it came from, this evaluation's metrics, the gate's verdict, the evidence run and the judge that
     decided (a heuristic judge says so)."""
     from mlflow.exceptions import MlflowException
 
-    uri = _model_uri(model)
+    uri = model.uri
     if uri is None:
-        raise PromotionRefused(f"{model.get('path')} is not a registered model version; only those can be champion")
+        raise PromotionRefused(f"{model.path} is not a registered model version; only those can be champion")
     try:
         client.create_registered_model(ALIGNED_MODEL, description="The project's champion, whichever method "
                                                                   "trained it: the gate's pick among candidates.")
@@ -565,12 +576,12 @@ def _aligned_version(client, model: dict, metrics: dict, decision: GateDecision,
     if existing:
         version = str(existing[0].version)
     else:
-        source = client.get_model_version(model["registered_name"], model["registered_version"])
+        source = client.get_model_version(model.registered_name, model.registered_version)
         inherited = {k: v for k, v in source.tags.items() if k.startswith("lineage.") or k == WEIGHTS_SHA256_TAG}
         version = str(client.create_model_version(ALIGNED_MODEL, source.source, run_id=source.run_id,
                                                   tags=inherited).version)
-    tags = {SOURCE_URI_TAG: uri, SOURCE_PATH_TAG: model["path"], SOURCE_START_PATH_TAG: model.get("start_path"),
-            "source.method": model.get("method"), GATE_VERDICT_TAG: "passed", GATE_REASON_TAG: decision.reason,
+    tags = {SOURCE_URI_TAG: uri, SOURCE_PATH_TAG: model.path, SOURCE_START_PATH_TAG: model.start_path,
+            "source.method": model.method, GATE_VERDICT_TAG: "passed", GATE_REASON_TAG: decision.reason,
             EVIDENCE_RUN_TAG: report.evidence.mlflow_run_id, EVIDENCE_DAGSTER_RUN_TAG: report.evidence.dagster_run_id,
             EVIDENCE_JUDGE_TAG: report.judge.id, EVIDENCE_JUDGE_HEURISTIC_TAG: str(report.judge.heuristic).lower(),
             **{f"eval.{key}": f"{value:.6g}" for key, value in metrics.items()

@@ -50,14 +50,13 @@ def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, 
     report of another schema version, or one missing a field, fails before anything moves (not retried: the same
     report would fail again)."""
     gate = GateConfig(**{f.name: getattr(config, f.name) for f in fields(GateConfig)})
+    # A report this code cannot read, one measured against another champion, or a move that raced another one: the
+    # same run would fail the same way, so it is not retried (re-evaluate instead).
     try:
         report = EvaluationReport.from_dict(evaluation_report, source="evaluation_report")
-    except ReportSchemaError as error:
-        raise dg.Failure(str(error), allow_retries=False) from error
-    try:
         outcome = promote_from_report(mlflow.tracker().client, report, _actor(context, config.actor), gate,
                                       readmit_rolled_back=config.readmit_rolled_back, seat_baseline=config.seat_baseline)
-    except PromotionRefused as error:  # measured against another champion, or one moved meanwhile: re-evaluate
+    except (ReportSchemaError, PromotionRefused) as error:
         raise dg.Failure(str(error), allow_retries=False) from error
     context.log.info(outcome["action"])
     champion = outcome["champion"]

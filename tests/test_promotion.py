@@ -535,11 +535,15 @@ def test_promote_rollback_promote_through_the_dagster_jobs(tracker, versions, tm
 
 def unreadable_reports(refs: dict) -> dict[str, dict]:
     """Reports promotion must refuse, by the words that say why: one of a schema version this code does not read,
-    and one missing a field. Both would otherwise promote policy_kto over the champion policy_dpo version 1."""
+    one missing a field, and one whose candidate is not a model reference. Each would otherwise promote policy_kto
+    over the champion policy_dpo version 1."""
     newer = report(refs, SECOND, "policy_dpo", "1").to_dict() | {"schema_version": 2}
     no_metrics = report(refs, SECOND, "policy_dpo", "1").to_dict()
     del no_metrics["models"]["policy_kto"]["metrics"]
-    return {"has schema_version 2": newer, "missing field 'metrics'": no_metrics}
+    no_path = report(refs, SECOND, "policy_dpo", "1").to_dict()
+    del no_path["models"]["policy_kto"]["model"]["path"]
+    return {"has schema_version 2": newer, "missing field 'metrics'": no_metrics,
+            "models.policy_kto.model is not a model reference": no_path}
 
 
 def registry_state(client) -> tuple[dict, dict]:
