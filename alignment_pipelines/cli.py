@@ -232,9 +232,10 @@ def _promote(args: argparse.Namespace) -> int:
                          "or give --report")
     gate = GateConfig(**{f.name: getattr(args, f.name) for f in fields(GateConfig)})
     try:
-        outcome = promote_from_report(_registry(args), EvaluationReport.read(report), _actor(args), gate,
+        evaluation = EvaluationReport.read(report)  # first: a report this code cannot read touches no registry
+        outcome = promote_from_report(_registry(args), evaluation, _actor(args), gate,
                                       readmit_rolled_back=args.readmit_rolled_back, seat_baseline=not args.no_incumbent)
-    except (ReportSchemaError, PromotionRefused) as error:  # a report this code cannot read moves nothing either
+    except (ReportSchemaError, PromotionRefused) as error:
         raise SystemExit(f"alignment-pipelines promote: {error}") from None
     print(json.dumps(outcome | {"report": str(report)}, indent=2, default=str))
     return 0
