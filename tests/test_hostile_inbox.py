@@ -236,21 +236,23 @@ def _gzip_bomb(path: Path, head: bytes, filler: bytes, inflated: int) -> Path:
 
 
 _VALIDATE_AND_MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from alignment_pipelines.data.validation import validate_file_to_parquet
     try:
         summary = validate_file_to_parquet(sys.argv[1], sys.argv[2] + "/a.parquet", sys.argv[2] + "/q.parquet")
         outcome = {"rows": summary["rows"], "accepted": summary["accepted"], "by_reason": summary["by_reason"]}
     except Exception as exc:
         outcome = {"error": f"{type(exc).__name__}: {exc}"}
-    outcome["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process image's own peak. ru_maxrss is not: Linux carries the peak of the memory an exec
+    # replaced into it, and a vforked child's was the parent's (a test process grown past 1 GB by earlier tests).
+    status = open("/proc/self/status").read()
+    outcome["peak_rss_bytes"] = int(status.split("VmHWM:")[1].split()[0]) * 1024
     print(json.dumps(outcome))
 """)
 
 
 def _validate_in_child(path: Path, out: Path, **caps: int) -> dict:
-    """`validate_file_to_parquet` in a fresh process, with its own peak RSS (this process's children may
-    include others, so the child reports its own `ru_maxrss`)."""
+    """`validate_file_to_parquet` in a fresh process, which reports its own peak RSS (VmHWM)."""
     out.mkdir(exist_ok=True)
     env = {**os.environ, **{f"ALIGNMENT_PIPELINES_MAX_{k.upper()}_BYTES": str(v) for k, v in caps.items()}}
     done = subprocess.run([sys.executable, "-c", _VALIDATE_AND_MEASURE, str(path), str(out)], env=env,
