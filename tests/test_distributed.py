@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 import pytest
 
 from alignment_pipelines.assets.training import build_training_asset
 from alignment_pipelines.definitions import build_resources
 from alignment_pipelines.methods import METHODS, run_training
 from alignment_pipelines.methods.sft import SFTMethodConfig
-from alignment_pipelines.refs import DatasetRef
 from alignment_pipelines.resources.launcher import TrainingLauncher
 from alignment_pipelines.tracking import Tracker
+from pairs_dataset import write_pairs_dataset
 
-TOPICS = ["tea", "rain", "maps", "bread", "owls", "glass", "rivers", "chess", "salt", "kites", "moss", "bells"]
 SMALL = {"max_steps": 3, "max_length": 64, "learning_rate": 1e-3, "gradient_checkpointing": False, "save_steps": 0,
          "seed": 3}
 
@@ -35,23 +32,11 @@ class RecordingLauncher(TrainingLauncher):
         return super().run_worker(context, method, command, env, config, root)
 
 
-def _pairs(root: Path) -> DatasetRef:
-    folder = root / "datasets" / "preference_pairs" / "v1"
-    folder.mkdir(parents=True)
-    rows = [{"prompt": [{"role": "user", "content": f"Tell me about {t} number {i}."}],
-             "chosen": f"{t.title()} {i} is a fine thing to learn about.", "rejected": "No."}
-            for i in range(3) for t in TOPICS]
-    pd.DataFrame(rows[:32]).to_parquet(folder / "train.parquet")
-    pd.DataFrame(rows[32:]).to_parquet(folder / "eval.parquet")
-    return DatasetRef(name="preference_pairs", version="v1", train_path=str(folder / "train.parquet"),
-                      eval_path=str(folder / "eval.parquet"), batches=("b1",), train_rows=32, eval_rows=4)
-
-
 @pytest.mark.timeout(240)
 def test_two_cpu_processes_train_the_sft_asset_with_ddp_like_one_process_on_the_same_global_batch(
         tmp_path, tiny_model_dir):
     root = tmp_path / "data"
-    dataset = _pairs(root)
+    dataset = write_pairs_dataset(root, topics=12, repeats=3)
     base = root / "models" / "tiny"  # under the data root: every path travels relative to it
     shutil.copytree(tiny_model_dir, base)
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 import pytest
 
 from alignment_pipelines import tracking
@@ -17,15 +15,14 @@ from alignment_pipelines.definitions import build_resources
 from alignment_pipelines.methods import METHODS
 from alignment_pipelines.models.loading import load_model, safetensors_sha256
 from alignment_pipelines.models.registry import fetch_model
-from alignment_pipelines.refs import DatasetRef
 from alignment_pipelines.resources.mlflow import MlflowResource
 from alignment_pipelines.tracking import Backoff, Tracker
 from mlflow_server import FAIL_FAST_ENV, MlflowServer
+from pairs_dataset import write_pairs_dataset
 
 STEPS = 3
 SMALL = {"max_steps": STEPS, "max_length": 64, "learning_rate": 1e-3, "gradient_checkpointing": False,
          "save_steps": 0, "logging_steps": 1}
-TOPICS = ["tea", "rain", "maps", "bread", "owls", "glass", "rivers", "chess"]
 
 
 @pytest.fixture
@@ -37,18 +34,6 @@ def server(tmp_path, monkeypatch):
     server.stop()
 
 
-def _pairs(root: Path) -> DatasetRef:
-    folder = root / "datasets" / "preference_pairs" / "v1"
-    folder.mkdir(parents=True)
-    rows = [{"prompt": [{"role": "user", "content": f"Tell me about {t} number {i}."}],
-             "chosen": f"{t.title()} {i} is a fine thing to learn about.", "rejected": "No."}
-            for i in range(2) for t in TOPICS]
-    pd.DataFrame(rows[:12]).to_parquet(folder / "train.parquet")
-    pd.DataFrame(rows[12:]).to_parquet(folder / "eval.parquet")
-    return DatasetRef(name="preference_pairs", version="v1", train_path=str(folder / "train.parquet"),
-                      eval_path=str(folder / "eval.parquet"), batches=("b1",), train_rows=12, eval_rows=4)
-
-
 def _worker_steps(instance, run_id: str) -> list[str]:
     """The training worker's lines in the run's log (it streams each logged step through Pipes: "step 2: {...}")."""
     return [e.message for e in instance.all_logs(run_id) if e.message and re.search(r"\bstep \d+: \{", e.message)]
@@ -58,7 +43,7 @@ def _worker_steps(instance, run_id: str) -> list[str]:
 def test_a_model_trained_while_the_registry_died_is_registered_by_the_retry_without_training_again(
         tmp_path, tiny_model_dir, server, monkeypatch):
     root = tmp_path / "data"
-    dataset = _pairs(root)
+    dataset = write_pairs_dataset(root, topics=8, repeats=2)
     base = root / "models" / "tiny"
     shutil.copytree(tiny_model_dir, base)
 
