@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from alignment_pipelines.models.registry import check_recorded_sha256
 from alignment_pipelines.refs import ModelRef
-from alignment_pipelines.tracking import CHAMPION_ALIAS, PRUNED_AT_TAG, PRUNED_TAG, WEIGHTS_SHA256_TAG
+from alignment_pipelines.tracking import (CHAMPION_ALIAS, PRUNED_AT_TAG, PRUNED_TAG, WEIGHTS_SHA256_TAG,
+                                         card_with_verdict)
 
 if TYPE_CHECKING:  # importing it loads the evaluation package (plots, torch): the CLI's promote loads it itself
     from alignment_pipelines.evaluation.schema import EvaluationReport
@@ -496,7 +497,7 @@ def _promote_from_report(client, report: EvaluationReport, refs: dict[str, Model
         raise StaleEvaluation(f"the evaluation measured against champion {measured_version} "
                               f"but the champion is now {(current or {}).get('version')}: re-run the evaluation")
     for name, decision in decisions.items():
-        _tag_candidate(client, refs[name], decision)
+        _tag_candidate(client, refs[name], decision, _judge_line(report), models[name].metrics)
     if choice is None:
         return outcome | {"action": "none passed the gate"}
     name, decision = choice
@@ -547,13 +548,22 @@ def rollback_champion(client, actor: str, reason: str = "manual rollback") -> di
         return {"demoted": demoted, "restored": current_champion(client)}
 
 
-def _tag_candidate(client, model: ModelRef, decision: GateDecision) -> None:
-    """The verdict on the candidate's own registered version, so `policy_kto` shows why it was not picked."""
+def _tag_candidate(client, model: ModelRef, decision: GateDecision, judge: str, metrics: dict) -> None:
+    """The verdict on the candidate's own registered version, as tags and in its model card, so `policy_kto` shows
+    why it was not picked."""
     if model.uri is None:
         return
     name, version = model.registered_name, model.registered_version
-    client.set_model_version_tag(name, version, CANDIDATE_GATE_TAG, "passed" if decision.promote else "refused")
+    verdict = "passed" if decision.promote else "refused"
+    client.set_model_version_tag(name, version, CANDIDATE_GATE_TAG, verdict)
     client.set_model_version_tag(name, version, CANDIDATE_GATE_REASON_TAG, decision.reason[:TAG_LIMIT])
+    card = client.get_model_version(name, version).description or ""
+    client.update_model_version(name, version, description=card_with_verdict(card, verdict, decision.reason, judge,
+                                                                             metrics))
+
+
+def _judge_line(report: EvaluationReport) -> str:
+    return f"{report.judge.id}" + (" (heuristic)" if report.judge.heuristic else "")
 
 
 def _aligned_version(client, model: ModelRef, metrics: dict, decision: GateDecision, report: EvaluationReport) -> str:
@@ -589,6 +599,9 @@ def _aligned_version(client, model: ModelRef, metrics: dict, decision: GateDecis
     for key, value in tags.items():
         if value is not None:
             client.set_model_version_tag(ALIGNED_MODEL, version, key, str(value)[:TAG_LIMIT])
+    card = client.get_model_version(model.registered_name, model.registered_version).description or ""
+    client.update_model_version(ALIGNED_MODEL, version, description=card_with_verdict(
+        f"Champion candidate from {uri}.\n\n{card}", "passed", decision.reason, _judge_line(report), metrics))
     return version
 
 

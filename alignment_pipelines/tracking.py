@@ -19,7 +19,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+if TYPE_CHECKING:
+    from alignment_pipelines.refs import DatasetRef
 
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
@@ -119,6 +122,47 @@ def describe_version(lineage: Lineage, model_format: str) -> str:
     return f"{lineage.method} ({kind}) on {lineage.base_model}, dataset {lineage.dataset_version}"
 
 
+CARD_LIMIT = 5000  # characters of a version's description kept (the registry's column width under Postgres)
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What a model card says beyond the lineage: the data's row counts and the training config."""
+
+    rows: dict[str, int] = field(default_factory=dict)  # e.g. {"train": 120, "eval": 12}
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def model_card(lineage: Lineage, model_format: str, facts: CardFacts) -> str:
+    """The version's description as a model card a reviewer reads in the registry: the one-line summary, then the
+    data, the method and its config; the evaluation, gate verdict and judge follow once promotion decides
+    (``card_with_verdict``)."""
+    rows = ", ".join(f"{count} {split}" for split, count in facts.rows.items()) or "unknown"
+    config = "".join(f"| {key} | {str(value).replace('|', '/')[:200]} |\n" for key, value in sorted(facts.config.items())
+                     if value not in (None, "", [], {}))
+    return (f"{describe_version(lineage, model_format)}\n\n"
+            f"## Data\n- dataset version: {lineage.dataset_version}\n- rows: {rows}\n"
+            f"- batches ({len(lineage.batches)}): {', '.join(lineage.batches) or 'none'}\n\n"
+            f"## Method\n- method: {lineage.method}\n- base model: {lineage.base_model}\n"
+            f"- started from: {lineage.parent_model or lineage.base_model}\n"
+            f"- Dagster run: {lineage.dagster_run_id or 'none'}\n\n"
+            f"## Config\n| field | value |\n|---|---|\n{config}")[:CARD_LIMIT]
+
+
+CARD_VERDICT_HEADING = "## Evaluation and gate"
+
+
+def card_with_verdict(card: str, verdict: str, reason: str, judge: str, metrics: dict[str, float]) -> str:
+    """``card`` with its evaluation section (the gate's verdict and reason, the judge, the metrics) put in, or
+    replaced when a later evaluation decides again."""
+    kept = card.split(CARD_VERDICT_HEADING)[0].rstrip()
+    numbers = "".join(f"| {key} | {value:.4g} |\n" for key, value in sorted(metrics.items())
+                      if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    section = (f"{CARD_VERDICT_HEADING}\n- gate verdict: {verdict}\n- reason: {reason}\n- judge: {judge}\n\n"
+               f"| metric | value |\n|---|---|\n{numbers}")
+    return f"{kept[:CARD_LIMIT - len(section) - 2]}\n\n{section}"[:CARD_LIMIT]
+
+
 @dataclass(frozen=True)
 class RegisteredVersion:
     name: str
@@ -155,6 +199,24 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
         return run.info.run_id
 
+    def log_dataset(self, run_id: str, dataset: "DatasetRef", context: str = "training") -> None:
+        """The training data as the run's dataset input (MLflow's dataset view): digest = the dataset version (its
+        content hash), the train split's path as the source, row counts and the source batches as the profile and
+        tags. Only metadata is logged; the Parquet files are never read."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        scheme = dataset.train_path.split("://")[0] if "://" in dataset.train_path else "local"
+        profile = {"train_rows": dataset.train_rows, "eval_rows": dataset.eval_rows, "batches": len(dataset.batches)}
+        entity = Dataset(name=dataset.name, digest=dataset.version, source_type=scheme,
+                         source=json.dumps({"uri": dataset.train_path, "eval_uri": dataset.eval_path}),
+                         profile=json.dumps(profile))
+        tags = {"mlflow.data.context": context, "dataset.version": dataset.version,
+                "dataset.batches": ",".join(dataset.batches), "dataset.train_rows": str(dataset.train_rows),
+                "dataset.eval_rows": str(dataset.eval_rows)}
+        self.client.log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag(k, v[:5000]) for k, v in tags.items()])])
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -179,14 +241,16 @@ class Tracker:
         self.client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
 
     def register_model(self, run_id: str, model_dir: str | Path, name: str, lineage: Lineage,
-                       alias: str = CANDIDATE_ALIAS, start_uri: str | None = None) -> RegisteredVersion:
+                       alias: str = CANDIDATE_ALIAS, start_uri: str | None = None,
+                       card_facts: CardFacts | None = None) -> RegisteredVersion:
         """Log ``model_dir`` as an MLflow model in the run, create a version with lineage tags, set ``alias``.
 
         The artifact store becomes the model's only home: a local store receives the MLflow model by a rename,
         a remote one by upload, and the caller may then delete ``model_dir``. An adapter is logged alone; the
         full model it loads onto is referenced by path and identified by content hash in the lineage, and
         ``start_uri`` (the version it was trained from) finds the registered version holding that base. The
-        version records the sha256 of its weights (``storage.weights_sha256``), checked at fetch and load.
+        version records the sha256 of its weights (``storage.weights_sha256``), checked at fetch and load. Its
+        description is the model card (``model_card``) when ``card_facts`` is given, else the one-line summary.
 
         Safe to call again for the same run: a version an earlier call created (its artifacts were complete
         before it was) is finished, not registered twice. A failure removes what this call created; when the
@@ -219,7 +283,8 @@ class Tracker:
             self._ensure_registered_model(name)
             version = self.client.create_model_version(name, source=f"runs:/{run_id}/{REGISTERED_ARTIFACT}",
                                                        run_id=run_id, tags=tags,
-                                                       description=describe_version(lineage, model_format))
+                                                       description=model_card(lineage, model_format, card_facts) if card_facts
+                                                       else describe_version(lineage, model_format))
             self.client.set_registered_model_alias(name, alias, version.version)
         except BaseException:
             self._undo_registration(name, run_id)

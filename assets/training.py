@@ -29,7 +29,7 @@ from alignment_pipelines.resources.mlflow import MlflowResource
 from alignment_pipelines.resources.models import BaseModelResource
 from alignment_pipelines.resources.storage import StorageResource
 from alignment_pipelines.methods.training import METRICS_FILE, TrainResult
-from alignment_pipelines.tracking import Lineage, RegisteredVersion, Tracker, registry_unreachable, with_backoff
+from alignment_pipelines.tracking import CardFacts, Lineage, RegisteredVersion, Tracker, registry_unreachable, with_backoff
 
 TRAINING_POOL = "training"  # dagster.yaml limits it to 1: two trainings never share a device
 # A killed or crashed training is retried; it resumes from its last checkpoint, and a model that trained but did
@@ -95,6 +95,7 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
     run_id = trained[1] if trained else _new_training_run(tracker, run_dir, f"{asset_name}-{context.run_id[:8]}",
                                                           lineage)
     try:
+        tracker.log_dataset(run_id, dataset)  # the run's dataset input: version, batches, row counts
         if trained:
             result = trained[0]
             context.log.info(f"{asset_name}: {output_dir} finished training in an earlier try (MLflow run {run_id}) "
@@ -114,9 +115,12 @@ def train_and_register(context: dg.AssetExecutionContext, spec: MethodSpec, tuna
                if isinstance(v, (int, float)) and not isinstance(v, bool)},
         }
 
+        card_facts = CardFacts(rows={"train": dataset.train_rows, "eval": dataset.eval_rows},
+                               config=config.to_dict())
+
         def register() -> tuple[RegisteredVersion, int]:  # safe to repeat: a version an earlier try made is finished
             registered = tracker.register_model(run_id, output_dir, asset_name, lineage,
-                                                start_uri=start.uri if start else None)
+                                                start_uri=start.uri if start else None, card_facts=card_facts)
             tracker.end_run(run_id, succeeded=True)
             return registered, tracker.registered_bytes(asset_name)
 
