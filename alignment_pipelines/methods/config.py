@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 ModelRole = Literal["policy", "reference", "reward", "value"]
 LoraOutput = Literal["adapter", "merged"]
 MixedPrecision = Literal["auto", "bf16", "fp16", "no"]
+LearningRateSchedule = Literal["constant", "linear", "cosine"]
 DATA_SUFFIXES = (".parquet", ".jsonl")
 
 
@@ -188,8 +189,20 @@ class MethodConfig:
     checkpoint_dir: str | None = wiring(
         "where checkpoints go; a rerun with the same folder and config resumes from the newest one", kind="dir")
 
-    max_steps: int = option(30, "optimizer steps to train for", minimum=1)
-    learning_rate: float = option(5e-5, "peak learning rate (constant schedule)", minimum=0, exclusive_minimum=True)
+    max_steps: int = option(
+        30, "optimizer steps to train for; -1: as many as num_train_epochs passes over the data take, so the run "
+        "grows with the data (methods on a TRL trainer; PPO and online DPO count steps)", minimum=-1)
+    num_train_epochs: float = option(
+        1.0, "passes over the training data when max_steps is -1 (a fraction stops part-way)", minimum=0,
+        exclusive_minimum=True)
+    learning_rate: float = option(5e-5, "peak learning rate, reached after the warm-up", minimum=0,
+                                  exclusive_minimum=True)
+    warmup_ratio: float = option(0.0, "share of the run's steps over which the learning rate rises linearly from 0 "
+                                      "to its peak", minimum=0, maximum=1, exclusive_maximum=True)
+    warmup_steps: int = option(0, "steps of linear warm-up; above 0 it replaces warmup_ratio", minimum=0)
+    lr_scheduler_type: LearningRateSchedule = option(
+        "constant", "the learning rate after the warm-up: held at its peak (constant), or decayed to 0 by the run's "
+        "last step (linear, cosine)")
     per_device_batch_size: int = option(4, "examples per device and step", minimum=1)
     gradient_accumulation_steps: int = option(1, "micro-batches summed into one optimizer step", minimum=1)
     max_length: int = option(512, "tokens per example (prompt + answer); longer ones are truncated", minimum=8)
@@ -234,6 +247,8 @@ class MethodConfig:
 
     # Columns every data file must have; checked from the file's schema (Parquet) or first row (JSONL).
     required_columns: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
+    # True for a method whose own loop counts optimizer steps (not a TRL trainer's): max_steps -1 is refused.
+    steps_only: ClassVar[bool] = False
     # What the method keeps in memory beside the policy, for the estimate checked before launch.
     memory_profile: ClassVar[MemoryProfile] = MemoryProfile()
 
@@ -277,6 +292,7 @@ class MethodConfig:
             from alignment_pipelines.generation import resolve_use_vllm
 
             resolve_use_vllm(self)
+        self._validate_schedule()
         self._validate_paths()
         self._validate_deepspeed()
         self._validate_method()
@@ -360,6 +376,13 @@ class MethodConfig:
             raise ConfigError("checkpoint_dir", str(self.checkpoint_dir),
                               f"holds checkpoints of a different config (differs in {changed}); "
                               "use another checkpoint_dir or delete it")
+
+    def _validate_schedule(self) -> None:
+        if self.max_steps == 0:
+            raise ConfigError("max_steps", 0, "must be >= 1, or -1 to train num_train_epochs passes over the data")
+        if self.max_steps == -1 and self.steps_only:
+            raise ConfigError("max_steps", -1, f"{type(self).__name__}'s own training loop counts steps: "
+                                               "give max_steps >= 1")
 
     def _validate_method(self) -> None:
         """Rules that involve several fields; subclasses override."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from alignment_pipelines.methods import memory
 from alignment_pipelines.methods.checkpoints import checkpoint_args, prepare_resume, remove_checkpoints
-from alignment_pipelines.methods.config import MethodConfig
+from alignment_pipelines.methods.config import ConfigError, MethodConfig
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "alignment_config.json"
@@ -216,7 +216,9 @@ def common_args(config: MethodConfig, trainer_dir: Path) -> dict[str, Any]:
     """Keyword arguments for any TRL config class (they all extend TrainingArguments)."""
     return {
         "output_dir": str(trainer_dir),
-        "max_steps": config.max_steps,
+        "max_steps": config.max_steps,  # -1: num_train_epochs passes over the data
+        "num_train_epochs": config.num_train_epochs,
+        "warmup_steps": config.warmup_steps or config.warmup_ratio,  # transformers reads a value below 1 as a ratio
         "learning_rate": config.learning_rate,
         "per_device_train_batch_size": config.per_device_batch_size,
         "per_device_eval_batch_size": config.per_device_batch_size,
@@ -230,7 +232,9 @@ def common_args(config: MethodConfig, trainer_dir: Path) -> dict[str, Any]:
         "disable_tqdm": config.disable_tqdm,
         # transformers 5 renamed gradient_checkpointing; the new name avoids a FutureWarning
         "activation_checkpointing": config.gradient_checkpointing,
-        "lr_scheduler_type": "constant",
+        # transformers' "constant" skips the warm-up; with none, "constant_with_warmup" is the same constant rate
+        "lr_scheduler_type": ("constant_with_warmup" if config.lr_scheduler_type == "constant"
+                              else config.lr_scheduler_type),
         "dataloader_num_workers": 0,
         **device_kwargs(config),
         **checkpoint_args(config),
@@ -412,6 +416,10 @@ class TRLMethod:
                                     peft_config=lora_config(config, self.role), callbacks=list(callbacks or []),
                                     **self.trainer_kwargs(config, models))
             setup_seconds = time.perf_counter() - setup_started
+            if trainer.train_dataset is not None and len(trainer.train_dataset) == 0:
+                raise ConfigError("max_length", config.max_length,
+                                  f"no training example of {config.data} fits in max_length={config.max_length} "
+                                  "tokens (the trainer drops longer ones); raise --max-length")
             if config.disable_tqdm:  # transformers prints every log dict when bars are off; metrics still flow
                 from transformers.trainer_callback import PrinterCallback
 
