@@ -15,22 +15,78 @@ from alignment_pipelines.promotion import GateConfig
 from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_URI_ENV, Tracker, step_callback
 
 
-def _validate(args: argparse.Namespace) -> int:
-    from alignment_pipelines.data.importers import FeedbackFileError
-    from alignment_pipelines.data.validation import validate_file
+class UsageError(Exception):
+    """A command line asking for something that cannot be: exit 2, as argparse's own errors."""
 
-    try:
-        result = validate_file(args.file)
-    except (FeedbackFileError, ValueError) as exc:  # the file's own error (unreadable, over a cap), or a bad cap setting
-        print(f"alignment-pipelines validate: {exc}", file=sys.stderr)
-        return 2
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.file).parent
+
+class CommandFailed(Exception):
+    """Work that could not be done for a reason the user can act on: exit 1."""
+
+
+def _rules(args: argparse.Namespace):
+    """The validation rules of the flags, as the asset's ValidationConfig sets them."""
+    from alignment_pipelines.data.validation import ValidationRules
+
+    return ValidationRules(tokenizer=args.tokenizer, pii=args.pii, max_prompt_tokens=args.max_prompt_tokens,
+                           max_completion_tokens=args.max_completion_tokens,
+                           quarantine_over_length=args.quarantine_over_length,
+                           max_quarantine_fraction=args.max_quarantine_fraction)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """The asset's engine and gate on one file: accepted and quarantined rows streamed to Parquet (or JSON Lines),
+    the summary with the gate's verdict on stdout; exit 3 when the gate would block the batch."""
+    import tempfile
+
+    from alignment_pipelines.data.validation import (defect_count, run_expectation_suite_on_file,
+                                                     validate_file_to_parquet)
+
+    source = Path(args.file)
+    if not 0 <= args.max_quarantine_fraction <= 1:
+        raise UsageError(f"--max-quarantine-fraction {args.max_quarantine_fraction}: must be between 0 and 1")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise UsageError(f"--tokenizer {args.tokenizer}: no such tokenizer folder or tokenizer.json")
+    rules = _rules(args)
+    out_dir = Path(args.output_dir) if args.output_dir else source.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.file).name
-    result.accepted.to_json(out_dir / f"{stem}.accepted.jsonl", orient="records", lines=True, force_ascii=False)
-    result.quarantined.to_json(out_dir / f"{stem}.quarantine.jsonl", orient="records", lines=True, force_ascii=False)
-    print(json.dumps(result.summary(), indent=2))
+    targets = {side: out_dir / f"{source.name}.{side}.{args.format}" for side in ("accepted", "quarantine")}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{source.name}.") as scratch:
+        scratch = Path(scratch)
+        parquet = {side: (targets[side] if args.format == "parquet" else scratch / f"{side}.parquet")
+                   for side in targets}
+        summary = validate_file_to_parquet(source, parquet["accepted"], parquet["quarantine"], rules,
+                                           layout=args.layout, chunk_rows=args.chunk_rows,
+                                           keys_path=scratch / "keys.parquet")
+        report = run_expectation_suite_on_file(parquet["accepted"], rules,
+                                               quarantined_count=defect_count(summary["by_reason"]),
+                                               keys_path=scratch / "keys.parquet")
+        if args.format == "jsonl":
+            for side in targets:
+                _parquet_to_jsonl(parquet[side], targets[side])
+    summary["gate"] = {"passed": report.success, "max_quarantine_fraction": rules.max_quarantine_fraction,
+                       "quarantine_fraction": summary["suite"]["quarantine_fraction"],
+                       "failed": [{"expectation": r["expectation"], "column": r["column"], "reason": str(r["reason"]),
+                                   "unexpected_count": r["unexpected_count"]} for r in report.failed]}
+    summary["outputs"] = {side: str(path) for side, path in targets.items()}
+    for key in ("suite", "suite_success", "chunk_rows"):  # the gate above is the verdict; these were its inputs
+        summary.pop(key, None)
+    print(json.dumps(summary, indent=2, default=str))
+    if not report.success:
+        print(f"alignment-pipelines validate: {source}: the gate blocks this batch "
+              f"({', '.join(r['expectation'] for r in report.failed)})", file=sys.stderr)
+        return BLOCKED
     return 0
+
+
+def _parquet_to_jsonl(parquet: Path, target: Path) -> None:
+    """One JSON object a row, streamed a record batch at a time."""
+    import pyarrow.parquet as pq
+
+    partial = target.with_name(target.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as out:
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=10_000):
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in batch.to_pylist())
+    os.replace(partial, target)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -44,14 +100,13 @@ def _submit(args: argparse.Namespace) -> int:
 
     source = Path(args.file)
     if not source.is_file():
-        raise SystemExit(f"alignment-pipelines submit: {source} is not a file")
+        raise CommandFailed(f"{source} is not a file")
     inbox = Path(args.inbox) if args.inbox else DataRoot(default_data_root()).inbox
     inbox.mkdir(parents=True, exist_ok=True)
     target = inbox / source.name
-    refusal = (f"alignment-pipelines submit: {target} already exists; a batch is immutable, "
-               "so submit new content under another name")
+    refusal = f"{target} already exists; a batch is immutable, so submit new content under another name"
     if os.path.lexists(target):
-        raise SystemExit(refusal)
+        raise CommandFailed(refusal)
     digest = ContentHash()
     with open(source, "rb") as reader, tempfile.NamedTemporaryFile(
             dir=inbox, prefix=f".{source.name}.", suffix=".part", delete=False) as partial:
@@ -64,7 +119,7 @@ def _submit(args: argparse.Namespace) -> int:
             shutil.copystat(source, partial.name)  # an old file keeps its age: settled at once
             os.link(partial.name, target)
         except FileExistsError:
-            raise SystemExit(refusal) from None
+            raise CommandFailed(refusal) from None
         finally:
             os.unlink(partial.name)
     print(json.dumps({"inbox_file": str(target), "batch_key": batch_key(target, digest.hexdigest())}))
@@ -72,23 +127,21 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _training_data(path: str, work_dir: Path) -> str:
-    """Parquet passes through; any file the importer reads is validated and its accepted rows used."""
+    """Parquet passes through; any other feedback file goes through the assets' streaming validation (default
+    rules), and its accepted rows (Parquet) are what trains."""
     if path.endswith(".parquet"):
         return path
-    from alignment_pipelines.data.records import write_records
-    from alignment_pipelines.data.validation import validate_file
+    from alignment_pipelines.data.validation import validate_file_to_parquet
     from alignment_pipelines.launch import is_main_process, process_rank
 
-    result = validate_file(path)
-    if result.quarantined.shape[0] and is_main_process():
-        print(f"{path}: {len(result.quarantined)} of {result.rows} rows quarantined "
-              f"{result.counts_by_reason()}; training on the {len(result.accepted)} accepted rows",
-              file=sys.stderr)
-    work_dir.mkdir(parents=True, exist_ok=True)
     rank = f".rank{process_rank()}" if process_rank() else ""  # ranks of one run never write the same file
-    target = work_dir / f"{Path(path).name}{rank}.accepted.parquet"
-    write_records(result.accepted, target)
-    return str(target)
+    stem = work_dir / f"{Path(path).name}{rank}"
+    summary = validate_file_to_parquet(path, f"{stem}.accepted.parquet", f"{stem}.quarantine.parquet")
+    if summary["quarantined"] and is_main_process():
+        print(f"{path}: {summary['quarantined']} of {summary['rows']} rows quarantined {summary['by_reason']} "
+              f"(listed in {stem}.quarantine.parquet); training on the {summary['accepted']} accepted rows",
+              file=sys.stderr)
+    return f"{stem}.accepted.parquet"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -96,18 +149,21 @@ def _train(args: argparse.Namespace) -> int:
     prints the result. ``--config-json`` is the config as data, as the launchers pass it: its relative paths are
     relative to the data root (``ALIGNMENT_PIPELINES_HOME``); a ``--config`` file's are relative to the cwd."""
     from alignment_pipelines.launch import check_multi_process, is_main_process, resolve_from_root, world_size
-    from alignment_pipelines.methods import ConfigError, config_from_dict, get_method, run_training
+    from alignment_pipelines.methods import config_from_dict, get_method, run_training
     from alignment_pipelines.models.loading import resolve_model
 
     spec = get_method(args.method)
-    if args.config_json:
-        values = resolve_from_root(json.loads(args.config_json), spec.config_cls, default_data_root())
-    else:
-        values = json.loads(Path(args.config).read_text()) if args.config else {}
+    try:
+        if args.config_json:
+            values = resolve_from_root(json.loads(args.config_json), spec.config_cls, default_data_root())
+        else:
+            values = json.loads(Path(args.config).read_text()) if args.config else {}
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{args.method}: --config{'-json' if args.config_json else ''} is not JSON: {error}") from None
     values.update(spec.config_cls.values_from_args(args))
     for needed in ("model", "data", "output_dir"):
         if not values.get(needed):
-            raise SystemExit(f"alignment-pipelines train {args.method}: --{needed.replace('_', '-')} is required "
+            raise UsageError(f"{args.method}: --{needed.replace('_', '-')} is required "
                              "(or give it in --config)")
     store = Path(args.model_store) if args.model_store else DataRoot(default_data_root()).model_store
     for name in _model_fields(spec.config_cls):
@@ -122,10 +178,7 @@ def _train(args: argparse.Namespace) -> int:
     with _WorkerReporting(report=main) as report:  # opened first: validation's warnings (a vLLM fallback) reach it
         config = config_from_dict(args.method, values)
         if world_size() > 1:
-            try:
-                check_multi_process(spec, config)
-            except ConfigError as error:
-                raise SystemExit(f"alignment-pipelines train {args.method}: {error}") from None
+            check_multi_process(spec, config)
         if main and config.num_processes != world_size():
             logging.getLogger("alignment_pipelines.launch").warning(
                 "num_processes=%d, but %d process(es) are training: the launchers start the worker under "
@@ -210,6 +263,7 @@ def _registry(args: argparse.Namespace):
     from mlflow import MlflowClient
 
     uri = args.tracking_uri or DataRoot(default_data_root()).ensure().tracking_uri
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # a new store's table creation: not news
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -222,21 +276,21 @@ def _actor(args: argparse.Namespace) -> str:
 def _promote(args: argparse.Namespace) -> int:
     """The gate on the newest evaluation (or --report), as the `promote` job runs it."""
     from alignment_pipelines.evaluation.report import newest_report
-    from alignment_pipelines.evaluation.schema import EvaluationReport, ReportSchemaError
-    from alignment_pipelines.promotion import PromotionRefused, promote_from_report
+    from alignment_pipelines.evaluation.schema import EvaluationReport
+    from alignment_pipelines.promotion import promote_from_report
 
+    try:
+        gate = GateConfig(**{f.name: getattr(args, f.name) for f in fields(GateConfig)})
+    except ValueError as error:  # a rate out of [0, 1]: the flag's fault
+        raise UsageError(str(error).replace("GateConfig.", "--").replace("_", "-")) from None
     every_evaluation = DataRoot(default_data_root()).training_dir("evaluation_report", "*").parent
     report = Path(args.report) if args.report else newest_report(every_evaluation)
     if report is None or not report.is_file():
-        raise SystemExit("alignment-pipelines promote: no evaluation report found; run the evaluation first "
+        raise CommandFailed("no evaluation report found; run the evaluation first "
                          "or give --report")
-    gate = GateConfig(**{f.name: getattr(args, f.name) for f in fields(GateConfig)})
-    try:
-        evaluation = EvaluationReport.read(report)  # first: a report this code cannot read touches no registry
-        outcome = promote_from_report(_registry(args), evaluation, _actor(args), gate,
-                                      readmit_rolled_back=args.readmit_rolled_back, seat_baseline=not args.no_incumbent)
-    except (ReportSchemaError, PromotionRefused) as error:
-        raise SystemExit(f"alignment-pipelines promote: {error}") from None
+    evaluation = EvaluationReport.read(report)  # first: a report this code cannot read touches no registry
+    outcome = promote_from_report(_registry(args), evaluation, _actor(args), gate,  # refusals: one line, exit 1
+                                  readmit_rolled_back=args.readmit_rolled_back, seat_baseline=not args.no_incumbent)
     print(json.dumps(outcome | {"report": str(report)}, indent=2, default=str))
     return 0
 
@@ -247,7 +301,7 @@ def _rollback(args: argparse.Namespace) -> int:
     try:
         moved = rollback_champion(_registry(args), _actor(args), args.reason)
     except ValueError as error:
-        raise SystemExit(f"alignment-pipelines rollback: {error}") from None
+        raise CommandFailed(str(error)) from None
     print(json.dumps(moved, indent=2))
     return 0
 
@@ -256,7 +310,13 @@ def _export(args: argparse.Namespace) -> int:
     from alignment_pipelines.models.registry import export_model
     from alignment_pipelines.promotion import ALIGNED_MODEL, registered_model_folder
 
-    folder = registered_model_folder(_registry(args), args.alias)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        folder = registered_model_folder(_registry(args), args.alias)
+    except MlflowException as error:
+        raise CommandFailed(f"no {ALIGNED_MODEL}@{args.alias} in the registry ({error.message}); "
+                            "promote a model first") from None
     target = export_model(folder, args.dir)
     print(json.dumps({"model": f"models:/{ALIGNED_MODEL}@{args.alias}", "folder": folder, "exported": str(target)}))
     return 0
@@ -270,12 +330,36 @@ def _where(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_dagster_home() -> Path:
+    """DAGSTER_HOME, set as the Makefile sets it (./.dagster_home, with the repository's dagster.yaml when run
+    from its root) where it is not set, so `demo` works outside make and `make ui` shows what it ran."""
+    import shutil
+
+    if os.environ.get("DAGSTER_HOME"):
+        return Path(os.environ["DAGSTER_HOME"])
+    home = Path.cwd() / ".dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    if Path("dagster.yaml").is_file() and not (home / "dagster.yaml").exists():
+        shutil.copyfile("dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    print(f"DAGSTER_HOME is not set: using {home}, as `make demo` does", file=sys.stderr)
+    return home
+
+
 def _demo(args: argparse.Namespace) -> int:
     from alignment_pipelines.runs import run_demo
 
+    default_dagster_home()
     summary = run_demo(base_model=args.model)
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _validation_defaults() -> dict:
+    """ValidationRules' defaults: the flags default to what the asset applies."""
+    from alignment_pipelines.data.validation import ValidationRules
+
+    return {f.name: f.default for f in fields(ValidationRules)}
 
 
 def _methods() -> dict:
@@ -284,23 +368,51 @@ def _methods() -> dict:
     return METHODS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``argv`` without ``train``: the methods (torch, TRL: seconds) are not imported."""
     parser = argparse.ArgumentParser(
         prog="alignment-pipelines",
         description="Turn feedback on a language model's answers into an aligned, registered model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the command too; SUPPRESS keeps the one before
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     validate = commands.add_parser(
-        "validate", help="check a feedback file; print a JSON summary; write accepted and quarantined rows",
-        description="Validate a feedback file row by row. Prints {rows, accepted, quarantined, by_reason} "
-                    "and writes FILE.accepted.jsonl and FILE.quarantine.jsonl (each quarantined row with "
-                    "its line number and reason) beside the file or in --output-dir.")
+        "validate", parents=[debug],
+        help="check a feedback file as the pipeline does; print a JSON summary with the gate's verdict",
+        description="Validate a feedback file (JSONL, JSON, CSV/TSV or Parquet, gzipped or not) with the engine and "
+                    "the gate of the `validated_feedback` asset, streaming in chunks. Writes FILE.accepted.parquet "
+                    "and FILE.quarantine.parquet (each quarantined row with its line number and reason; "
+                    "--format jsonl for JSON Lines) beside the file or in --output-dir, and prints {rows, accepted, "
+                    "quarantined, by_reason, ..., gate}.",
+        epilog=f"exit status: 0 the batch passes the gate, {BLOCKED} the gate would block it, 1 the file cannot be "
+               "read, 2 a bad command line")
     validate.add_argument("file")
     validate.add_argument("--output-dir", help="where to write the accepted and quarantined rows")
+    validate.add_argument("--format", choices=["parquet", "jsonl"], default="parquet",
+                          help="of the accepted and quarantined rows (default: parquet)")
+    validate.add_argument("--layout", help="the rows' layout (e.g. hh-rlhf, chat-log) instead of detecting it")
+    rule_defaults = _validation_defaults()
+    validate.add_argument("--pii", choices=["off", "redact", "quarantine"], default=rule_defaults["pii"],
+                          help="e-mail addresses, phone and card numbers: leave, redact or quarantine the row "
+                               "(default: %(default)s)")
+    validate.add_argument("--tokenizer", help="a local tokenizer folder (or tokenizer.json): token-length "
+                                              "statistics with it, as the asset measures with the base model's")
+    validate.add_argument("--max-prompt-tokens", type=int, default=rule_defaults["max_prompt_tokens"],
+                          help="with --tokenizer (default: %(default)s)")
+    validate.add_argument("--max-completion-tokens", type=int, default=rule_defaults["max_completion_tokens"],
+                          help="with --tokenizer (default: %(default)s)")
+    validate.add_argument("--quarantine-over-length", action="store_true",
+                          help="with --tokenizer: quarantine rows over the limits instead of counting them")
+    validate.add_argument("--max-quarantine-fraction", type=float, default=rule_defaults["max_quarantine_fraction"],
+                          help="the gate: more defective rows than this blocks the batch (default: %(default)s)")
+    validate.add_argument("--chunk-rows", type=int, default=50_000, help="rows per chunk (default: %(default)s)")
     validate.set_defaults(func=_validate)
 
     submit = commands.add_parser(
-        "submit", help="register a feedback file from a path: copy it into the inbox for the sensor",
+        "submit", parents=[debug], help="register a feedback file from a path: copy it into the inbox for the sensor",
         description="Copy FILE into the feedback inbox (as .part, then renamed, so it is never read half "
                     "written). The inbox sensor registers it as a batch named by file name + content hash.")
     submit.add_argument("file")
@@ -308,15 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=_submit)
 
     train = commands.add_parser(
-        "train", help="train one method and write a model folder plus metrics.json",
+        "train", parents=[debug], help="train one method and write a model folder plus metrics.json",
         description="Train METHOD from --model on --data and write the trained model (a LoRA adapter, or full "
                     "safetensors weights) and metrics.json to --output. Every field of the method's config is a "
                     "flag; `train METHOD --help` lists them with their defaults. --model takes a local folder, a "
                     ".gguf file, `smollm2-135m-instruct` (the embedded default) or `tiny-random` (a tiny offline "
                     "model for smoke tests). --config takes a JSON file of the method's config; flags override it.")
     methods = train.add_subparsers(dest="method", required=True, metavar="METHOD")
-    for spec in _methods().values():
-        method = methods.add_parser(spec.name, help=spec.description, description=spec.description)
+    for spec in _methods().values() if argv is None or "train" in argv else ():
+        method = methods.add_parser(spec.name, parents=[debug], help=spec.description, description=spec.description)
         spec.config_cls.add_arguments(method)
         method.add_argument("--config", help="JSON file with the method's config; flags override it")
         method.add_argument("--config-json", metavar="JSON",
@@ -327,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         method.set_defaults(func=_train)
 
     promote = commands.add_parser(
-        "promote", help="run the promotion gate on the newest evaluation and move `champion` if a candidate passes",
+        "promote", parents=[debug],
+        help="run the promotion gate on the newest evaluation and move `champion` if a candidate passes",
         description="Read the newest evaluation report (or --report), run the challenger-against-champion gate and, "
                     "when a candidate passes, point `champion` of aligned_policy at it, recording who, why and the "
                     "evidence on the version. The same step as the `promote` job.")
@@ -340,11 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--no-incumbent", action="store_true",
                          help="while there is no champion, do not seat the baseline when no candidate beats it")
     rollback = commands.add_parser(
-        "rollback", help="give `champion` back to the version that held it before",
+        "rollback", parents=[debug], help="give `champion` back to the version that held it before",
         description="Restore the previous champion of aligned_policy; the demoted version records who and why.")
     rollback.add_argument("--reason", default="manual rollback", help="why, recorded on the demoted version")
     export = commands.add_parser(
-        "export", help="write a registered model as one merged safetensors folder for serving",
+        "export", parents=[debug], help="write a registered model as one merged safetensors folder for serving",
         description="Write aligned_policy@ALIAS as a plain safetensors folder with its tokenizer and chat template "
                     "(a LoRA adapter merged into its start model), ready for `vllm serve DIR` or transformers.")
     export.add_argument("--alias", default="champion")
@@ -356,13 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
                              help="default: MLFLOW_TRACKING_URI, else the SQLite store under the data root")
         command.set_defaults(func=func)
 
-    where = commands.add_parser("where", help="print a path of the data-root layout",
+    where = commands.add_parser("where", parents=[debug], help="print a path of the data-root layout",
                                 description="Print where the data root keeps a thing (ALIGNMENT_PIPELINES_HOME).")
     where.add_argument("what", choices=["root", "inbox", "models", "mlflow-uri"])
     where.set_defaults(func=_where)
 
     demo = commands.add_parser(
-        "demo", help="materialize the whole asset graph on the demo feedback (into DAGSTER_HOME)",
+        "demo", parents=[debug], help="materialize the whole asset graph on the demo feedback (into DAGSTER_HOME)",
         description="Drop the demo feedback in the inbox, run the inbox sensor, and materialize every "
                     "asset in the Dagster instance at DAGSTER_HOME, so the UI shows them materialized.")
     demo.add_argument("--model", default=None, help="base model spec (default: smollm2-135m-instruct)")
@@ -370,9 +483,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user can cause, by class name (anywhere in the error's class hierarchy), and the exit status each gives:
+# 2 for a command line that asks for something impossible, 1 for work that could not be done. Names, not classes,
+# so that telling them apart imports nothing (MLflow, Dagster) on the way out.
+EXIT_STATUS = {
+    "UsageError": 2, "ModelSpecError": 2, "ConfigError": 2,
+    "CommandFailed": 1, "FeedbackFileError": 1, "ModelFolderError": 1, "MlflowException": 1, "ReportSchemaError": 1,
+    "PromotionRefused": 1, "DagsterHomeNotSetError": 1, "FileNotFoundError": 1, "IsADirectoryError": 1,
+    "PermissionError": 1,
+}
+BLOCKED = 3  # `validate`: the file was read, and the gate would block the batch
+
+
+def exit_status(error: BaseException) -> int | None:
+    """The exit status for an error a user can cause; None for a defect (shown with its traceback)."""
+    for cls in type(error).__mro__:
+        if cls.__name__ in EXIT_STATUS:
+            return EXIT_STATUS[cls.__name__]
+    return None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alignment-pipelines")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run one command. An expected error prints one line on stderr (its traceback only with --debug)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as error:
+        status = exit_status(error)
+        if status is None or args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"alignment-pipelines {args.command}: {message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -6,25 +6,63 @@ import json
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
-from alignment_pipelines.cli import main
+from alignment_pipelines.cli import BLOCKED, main
 from alignment_pipelines.data.demo import demo_feedback_path
 
 
-def test_validate_prints_summary_and_writes_both_sides(tmp_path, capsys):
+def _feedback_with_two_bad_rows(tmp_path):
     source = tmp_path / "feedback.jsonl"
     lines = demo_feedback_path().read_text().splitlines()[:10]
     source.write_text("\n".join(lines + ['{"prompt": "x", "chosen": "same", "rejected": "same"}', "{oops"]) + "\n")
+    return source
 
-    assert main(["validate", str(source)]) == 0
+
+def test_validate_streams_both_sides_to_parquet_with_the_gates_verdict(tmp_path, capsys):
+    source = _feedback_with_two_bad_rows(tmp_path)
+
+    assert main(["validate", str(source), "--output-dir", str(tmp_path / "out")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 12 and summary["accepted"] == 10 and summary["quarantined"] == 2
     assert summary["by_reason"] == {"identical_pair": 1, "invalid_json": 1}
+    assert summary["gate"]["passed"] and summary["gate"]["quarantine_fraction"] == round(2 / 12, 4)
+    accepted = pq.read_table(tmp_path / "out" / "feedback.jsonl.accepted.parquet")
+    quarantined = pq.read_table(tmp_path / "out" / "feedback.jsonl.quarantine.parquet")
+    assert accepted.num_rows == 10 and sorted(quarantined.column("row").to_pylist()) == [11, 12]
+    assert summary["outputs"]["accepted"].endswith("feedback.jsonl.accepted.parquet")
+
+
+def test_validate_writes_json_lines_on_request(tmp_path, capsys):
+    source = _feedback_with_two_bad_rows(tmp_path)
+
+    assert main(["validate", str(source), "--format", "jsonl"]) == 0
     quarantined = [json.loads(l) for l in (tmp_path / "feedback.jsonl.quarantine.jsonl").read_text().splitlines()]
-    assert sorted(q["row"] for q in quarantined) == [11, 12]
-    assert len((tmp_path / "feedback.jsonl.accepted.jsonl").read_text().splitlines()) == 10
+    assert sorted((q["row"], q["reason"]) for q in quarantined) == [(11, "identical_pair"), (12, "invalid_json")]
+    accepted = [json.loads(l) for l in (tmp_path / "feedback.jsonl.accepted.jsonl").read_text().splitlines()]
+    assert len(accepted) == 10 and accepted[0]["prompt"][0]["role"] == "user"
+    assert not list(tmp_path.glob(".*")), "the Parquet scratch folder is removed"
+
+
+def test_validate_exits_non_zero_on_a_batch_the_gate_blocks(tmp_path, capsys):
+    source = _feedback_with_two_bad_rows(tmp_path)
+
+    assert main(["validate", str(source), "--max-quarantine-fraction", "0.1"]) == BLOCKED
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["gate"]["passed"] is False
+    assert "the gate blocks this batch" in captured.err and "expect_quarantine_fraction_to_be_at_most" in captured.err
+
+
+def test_validate_takes_the_layout(tmp_path, capsys):
+    source = tmp_path / "hh.jsonl"
+    source.write_text(json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!",
+                                  "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}) + "\n")
+
+    assert main(["validate", str(source), "--layout", "hh-rlhf"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["layout"], summary["accepted"]) == ("hh-rlhf", 1)
 
 
 @pytest.mark.parametrize("command", [[], ["validate"], ["submit"], ["train"], ["promote"], ["rollback"], ["export"],
