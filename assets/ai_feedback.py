@@ -12,7 +12,7 @@ import dagster as dg
 
 from alignment_pipelines.ai_feedback import AIFeedbackStore, preference_pairs, summary
 from alignment_pipelines.data.records import write_records
-from alignment_pipelines.data.splits import dataset_version, split_by_prompt
+from alignment_pipelines.data.datasets.splits import dataset_version, split_by_prompt
 from alignment_pipelines.refs import DatasetRef
 from alignment_pipelines.resources.storage import StorageResource
 

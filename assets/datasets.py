@@ -13,8 +13,8 @@ import json
 import dagster as dg
 
 from alignment_pipelines.assets.ingestion import ACCEPTED_FILE, SUMMARY_FILE, gate_verdicts
-from alignment_pipelines.data.dataset_sql import BatchFiles, build_dataset
-from alignment_pipelines.data.splits import DEFAULT_JUDGE_FRACTION
+from alignment_pipelines.data.datasets.sql import BatchFiles, build_dataset
+from alignment_pipelines.data.datasets.splits import DEFAULT_JUDGE_FRACTION
 from alignment_pipelines.layout import DataRoot
 from alignment_pipelines.refs import DatasetRef
 from alignment_pipelines.resources.storage import StorageResource

@@ -16,7 +16,7 @@ import pydantic
 from alignment_pipelines.assets.datasets import ON_NEW_DATA
 from alignment_pipelines.assets.training import (SFT_ASSET, TRAINING_POOL, TRAINING_RETRIES, launchpad_config,
                                                  train_and_register)
-from alignment_pipelines.data.dataset_sql import judge_path_beside
+from alignment_pipelines.data.datasets.sql import judge_path_beside
 from alignment_pipelines.data.records import head_records
 from alignment_pipelines.evaluation.compare import BASELINE, CHAMPION, ModelUnderTest, evaluate_models
 from alignment_pipelines.evaluation.report import REPORT_FILE, comparison_table, evaluation_plots, render_report

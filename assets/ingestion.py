@@ -12,10 +12,11 @@ import dagster as dg
 # per-batch check verdicts come from the event log storage (partitioned asset checks are a preview feature)
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-from alignment_pipelines.data.inbox import content_hash_of, copy_batch_file, scan_inbox
-from alignment_pipelines.data.key_index import KEYS_FILE, KeyIndex, ensure_keys
-from alignment_pipelines.data.validation import (ValidationRules, defect_count, run_expectation_suite_on_file,
-                                                 validate_file_to_parquet)
+from alignment_pipelines.data.ingest.inbox import content_hash_of, copy_batch_file, scan_inbox
+from alignment_pipelines.data.datasets.key_index import KEYS_FILE, KeyIndex, ensure_keys
+from alignment_pipelines.data.validate.engine import validate_file_to_parquet
+from alignment_pipelines.data.validate.gate import run_expectation_suite_on_file
+from alignment_pipelines.data.validate.rules import ValidationRules, defect_count
 from alignment_pipelines.resources.models import BaseModelResource
 from alignment_pipelines.resources.storage import StorageResource
 

@@ -30,7 +30,7 @@ from ingestion import generate_large, load  # noqa: E402
 
 
 def child(root: str, dataset: str) -> None:
-    from alignment_pipelines.data.dataset_sql import BatchFiles, build_dataset
+    from alignment_pipelines.data.datasets.sql import BatchFiles, build_dataset
 
     batches = [BatchFiles(p.name, "pairwise", p) for p in sorted((Path(root) / "batches").iterdir())]
     out = {}
@@ -56,8 +56,8 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    from alignment_pipelines.data.key_index import KEYS_FILE
-    from alignment_pipelines.data.validation import validate_file_to_parquet
+    from alignment_pipelines.data.datasets.key_index import KEYS_FILE
+    from alignment_pipelines.data.validate.engine import validate_file_to_parquet
 
     results = []
     for rows in args.rows or [100_000]:

@@ -141,8 +141,8 @@ def main() -> None:
 
     from alignment_pipelines.data.demo import demo_feedback_path
     from alignment_pipelines.data.records import write_records
-    from alignment_pipelines.data.splits import split_by_prompt
-    from alignment_pipelines.data.validation import validate_file
+    from alignment_pipelines.data.datasets.splits import split_by_prompt
+    from alignment_pipelines.data.validate.engine import validate_file
     from alignment_pipelines.layout import default_data_root
     from alignment_pipelines.models.loading import resolve_model
 

@@ -33,8 +33,8 @@ def _data(work: Path, examples: int) -> str:
         return "HH harmless-base"
     from alignment_pipelines.data.demo import demo_feedback_path
     from alignment_pipelines.data.records import write_records
-    from alignment_pipelines.data.splits import binary_from_pairs
-    from alignment_pipelines.data.validation import validate_file
+    from alignment_pipelines.data.datasets.splits import binary_from_pairs
+    from alignment_pipelines.data.validate.engine import validate_file
 
     pairs = validate_file(demo_feedback_path()).accepted.head(examples).reset_index(drop=True)
     write_records(pairs, work / "pairs.parquet")

@@ -60,14 +60,15 @@ def generated_record(i: int, rng: random.Random) -> dict:
 def hh_records() -> Callable[[int, random.Random], dict]:
     """Real Anthropic HH transcripts from ../shared/data as conversational pairs, taken in turn, each
     first turn starting "#<i> " so that every row is new."""
-    from alignment_pipelines.data.importers import RowError, _split_hh
+    from alignment_pipelines.data.ingest.layouts import split_hh
+    from alignment_pipelines.data.schemas import RowError
 
     pairs = []
     with gzip.open(HH_FILE, "rt", encoding="utf-8") as fh:
         for line in fh:
             obj = json.loads(line)
             try:
-                (prompt, chosen), (other, rejected) = _split_hh(obj["chosen"], "chosen"), _split_hh(obj["rejected"], "rejected")
+                (prompt, chosen), (other, rejected) = split_hh(obj["chosen"], "chosen"), split_hh(obj["rejected"], "rejected")
             except RowError:
                 continue
             if prompt == other and prompt[0]["role"] == "user":
@@ -149,8 +150,9 @@ def cpu_seconds() -> float:
 
 def child(path: str, chunk_rows: int, tokenizer: str | None, gate: bool = True) -> None:
     """Run in a fresh process: validate one file and print a JSON result line."""
-    from alignment_pipelines.data.validation import (ValidationRules, defect_count, run_expectation_suite_on_file,
-                                                     validate_file_to_parquet)
+    from alignment_pipelines.data.validate.engine import validate_file_to_parquet
+    from alignment_pipelines.data.validate.gate import run_expectation_suite_on_file
+    from alignment_pipelines.data.validate.rules import ValidationRules, defect_count
 
     def rss_mib() -> float:
         with open("/proc/self/status") as fh:

@@ -120,8 +120,8 @@ def prepare(work: Path, examples: int, seed: int) -> None:
     """The first ``examples`` accepted HH pairs after a seeded shuffle; the binary rows (chosen = desirable,
     rejected = undesirable) of half as many pairs, so that every method's data is exactly what its steps use."""
     from alignment_pipelines.data.records import write_records
-    from alignment_pipelines.data.splits import binary_from_pairs
-    from alignment_pipelines.data.validation import validate_file
+    from alignment_pipelines.data.datasets.splits import binary_from_pairs
+    from alignment_pipelines.data.validate.engine import validate_file
 
     accepted = validate_file(HH_PAIRS).accepted
     pairs = accepted.sample(n=examples, random_state=seed).reset_index(drop=True)

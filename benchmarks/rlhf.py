@@ -127,8 +127,8 @@ def main() -> None:
         return critic_comparison(args)
 
     from alignment_pipelines.data.records import write_records
-    from alignment_pipelines.data.splits import split_by_prompt
-    from alignment_pipelines.data.validation import validate_file
+    from alignment_pipelines.data.datasets.splits import split_by_prompt
+    from alignment_pipelines.data.validate.engine import validate_file
     from alignment_pipelines.layout import default_data_root
     from alignment_pipelines.models.loading import resolve_model
 
@@ -178,8 +178,8 @@ def critic_comparison(args) -> None:
     """PPO with LoRA before and after the separate critic, side by side (two processes at once); the section goes
     to the end of the results file, replacing an older one."""
     from alignment_pipelines.data.records import write_records
-    from alignment_pipelines.data.splits import split_by_prompt
-    from alignment_pipelines.data.validation import validate_file
+    from alignment_pipelines.data.datasets.splits import split_by_prompt
+    from alignment_pipelines.data.validate.engine import validate_file
     from alignment_pipelines.layout import default_data_root
     from alignment_pipelines.models.loading import resolve_model
 

@@ -89,10 +89,11 @@ def main() -> None:
         plot(records, args.plot, args.rows)
         return
 
-    from alignment_pipelines.data.key_index import KEYS_FILE, KeyIndex
+    from alignment_pipelines.data.datasets.key_index import KEYS_FILE, KeyIndex
     from alignment_pipelines.data.records import read_records
-    from alignment_pipelines.data.validation import (ValidationRules, defect_count, row_keys,
-                                                     run_expectation_suite_on_file, validate_file_to_parquet)
+    from alignment_pipelines.data.validate.engine import row_keys, validate_file_to_parquet
+    from alignment_pipelines.data.validate.gate import run_expectation_suite_on_file
+    from alignment_pipelines.data.validate.rules import ValidationRules, defect_count
 
     rules = ValidationRules(tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None)
     old_way_at = set(args.old_way_at or [1, 50, 100, 150, 200])

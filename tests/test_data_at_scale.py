@@ -18,14 +18,15 @@ import pyarrow as pa
 import pytest
 
 from alignment_pipelines.data import columnar
-from alignment_pipelines.data.dataset_sql import BatchFiles, build_dataset
-from alignment_pipelines.data.key_index import KEYS_FILE, KeyIndex, ensure_keys
+from alignment_pipelines.data.datasets.sql import BatchFiles, build_dataset
+from alignment_pipelines.data.datasets.key_index import KEYS_FILE, KeyIndex, ensure_keys
 from alignment_pipelines.data.records import read_records
-from alignment_pipelines.data.splits import (binary_from_pairs, deduplicate, kto_balance, prompt_key, prompts_from,
-                                             record_key, split_by_prompt)
-from alignment_pipelines.data.tokens import TokenCounter
-from alignment_pipelines.data.validation import (ValidationRules, run_expectation_suite, run_expectation_suite_on_file,
-                                                 validate_file, validate_file_to_parquet)
+from alignment_pipelines.data.datasets.splits import (binary_from_pairs, deduplicate, kto_balance, prompt_key,
+                                                      prompts_from, record_key, split_by_prompt)
+from alignment_pipelines.data.validate.tokens import TokenCounter
+from alignment_pipelines.data.validate.engine import validate_file, validate_file_to_parquet
+from alignment_pipelines.data.validate.gate import run_expectation_suite, run_expectation_suite_on_file
+from alignment_pipelines.data.validate.rules import ValidationRules
 
 
 def conv(prompt, chosen, rejected, system=None):
@@ -90,8 +91,9 @@ class _Reference:
     when every line takes the row-by-row path."""
 
     def __init__(self, path: Path, rules: ValidationRules, chunk_rows: int):
-        from alignment_pipelines.data.importers import iter_feedback_chunks
-        from alignment_pipelines.data.validation import KeySet, _route
+        from alignment_pipelines.data.ingest.chunks import iter_feedback_chunks
+        from alignment_pipelines.data.validate.engine import _route
+        from alignment_pipelines.data.validate.router import KeySet
 
         seen = KeySet()
         results = [_route(imported, rules, None, seen) for imported in iter_feedback_chunks(path, chunk_rows=chunk_rows)]
@@ -208,7 +210,7 @@ def test_known_keys_and_key_index_agree(tmp_path):
 def test_control_characters_found_on_the_bytes_equal_the_rule():
     import pyarrow.compute as pc
 
-    from alignment_pipelines.data.validation import CONTROL_CHARS
+    from alignment_pipelines.data.validate.rules import CONTROL_CHARS
 
     rng = random.Random(3)
     edges = [chr(c) for c in (*range(0, 0x21), 0x7E, 0x7F, 0x80, 0x9F, 0xA0, 0xC2, 0xEF, 0xFFFC, 0xFFFD, 0xFFFE)]
@@ -223,7 +225,7 @@ def test_control_characters_found_on_the_bytes_equal_the_rule():
 def test_json_escapes_decoded_on_the_bytes_equal_json_loads():
     """Every escape JSON has (quotes, backslash runs, solidus, controls, \\u of 1-, 2- and 3-byte characters and
     surrogate pairs, which fall back to json.loads), as Python writes them with and without ensure_ascii."""
-    from alignment_pipelines.data.jsonl_fast import _unescaped
+    from alignment_pipelines.data.ingest.plain_lines import unescaped as _unescaped
 
     rng = random.Random(5)
     alphabet = ["a", " ", '"', "\\", "/", "\b", "\f", "\n", "\r", "\t", "\x01", "\x7f", "\u0080", "\u07ff", "\u0800",

@@ -9,16 +9,9 @@ import pytest
 
 from alignment_pipelines.data.records import read_records, write_records
 from alignment_pipelines.data.schemas import BINARY_COLUMNS, PROMPT_COLUMNS
-from alignment_pipelines.data.splits import (
-    binary_from_pairs,
-    dataset_version,
-    deduplicate,
-    deduplicate_pairs,
-    kto_balance,
-    prompt_key,
-    prompts_from,
-    split_by_prompt,
-)
+from alignment_pipelines.data.datasets.splits import (binary_from_pairs, dataset_version, deduplicate,
+                                                      deduplicate_pairs, kto_balance, prompt_key, prompts_from,
+                                                      split_by_prompt)
 
 
 def user(text):

@@ -10,12 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment_pipelines.data.importers import (
-    LAYOUTS,
-    FeedbackFileError,
-    iter_feedback_chunks,
-    read_feedback_file,
-)
+from alignment_pipelines.data.ingest.chunks import iter_feedback_chunks, read_feedback_file
+
+from alignment_pipelines.data.ingest.formats import FeedbackFileError
+
+from alignment_pipelines.data.ingest.layouts import LAYOUTS
 from alignment_pipelines.data.schemas import COLUMNS_BY_KIND
 
 PAIRS = [

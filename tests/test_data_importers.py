@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment_pipelines.data.importers import FeedbackFileError, read_feedback_file
+from alignment_pipelines.data.ingest.chunks import read_feedback_file
+
+from alignment_pipelines.data.ingest.formats import FeedbackFileError
 from alignment_pipelines.data.schemas import PAIR_COLUMNS, QUARANTINE_COLUMNS, ReasonCode
 
 HH_FILE = Path(__file__).parents[1].parent / "shared/data/hh-rlhf-harmless-base.jsonl.gz"

@@ -12,9 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment_pipelines.data.importers import FeedbackFileError, read_feedback_file
+from alignment_pipelines.data.ingest.chunks import read_feedback_file
+
+from alignment_pipelines.data.ingest.formats import FeedbackFileError
 from alignment_pipelines.data.records import read_records
-from alignment_pipelines.data.validation import ValidationRules, validate_file, validate_file_to_parquet
+from alignment_pipelines.data.validate.engine import validate_file, validate_file_to_parquet
+from alignment_pipelines.data.validate.rules import ValidationRules
 
 
 def pair(prompt="What is 2 + 2?", chosen="4.", rejected="5."):

@@ -8,13 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment_pipelines.data.pii import find_pii, luhn_ok, redact_pii
-from alignment_pipelines.data.validation import (
-    ValidationRules,
-    run_expectation_suite,
-    validate_file,
-    validate_file_to_parquet,
-)
+from alignment_pipelines.data.validate.pii import find_pii, luhn_ok, redact_pii
+from alignment_pipelines.data.validate.engine import validate_file, validate_file_to_parquet
+from alignment_pipelines.data.validate.gate import run_expectation_suite
+from alignment_pipelines.data.validate.rules import ValidationRules
 
 
 def write(path: Path, rows: list) -> Path:

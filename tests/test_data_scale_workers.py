@@ -17,9 +17,12 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from alignment_pipelines.data import jsonl_fast, validation
-from alignment_pipelines.data.tokens import TokenCounter
-from alignment_pipelines.data.validation import ValidationRules, validate_file_to_parquet
+from alignment_pipelines.data.ingest import jsonl_fast
+
+from alignment_pipelines.data.validate import engine as validation
+from alignment_pipelines.data.validate.tokens import TokenCounter
+from alignment_pipelines.data.validate.engine import validate_file_to_parquet
+from alignment_pipelines.data.validate.rules import ValidationRules
 from tests.test_data_at_scale import HOSTILE, _write, conv
 
 

@@ -6,12 +6,7 @@ import pandas as pd
 import pytest
 
 from alignment_pipelines.data.records import read_records, write_records
-from alignment_pipelines.data.splits import (
-    dataset_version,
-    deduplicate_pairs,
-    prompt_key,
-    split_by_prompt,
-)
+from alignment_pipelines.data.datasets.splits import dataset_version, deduplicate_pairs, prompt_key, split_by_prompt
 
 
 def user(text):
@@ -98,7 +93,7 @@ def test_parquet_round_trip_preserves_messages(tmp_path, records):
 
 
 def test_the_judge_split_is_carved_out_of_train(records):
-    from alignment_pipelines.data.splits import split_three_ways
+    from alignment_pipelines.data.datasets.splits import split_three_ways
 
     train, evaluation = split_by_prompt(records, eval_fraction=0.2, seed=0)
     three = split_three_ways(records, eval_fraction=0.2, judge_fraction=0.3, seed=0)

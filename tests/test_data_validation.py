@@ -9,14 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment_pipelines.data.importers import read_feedback_file
+from alignment_pipelines.data.ingest.chunks import read_feedback_file
 from alignment_pipelines.data.schemas import PAIR_COLUMNS, QUARANTINE_COLUMNS, ReasonCode
-from alignment_pipelines.data.validation import (
-    ValidationRules,
-    run_expectation_suite,
-    validate_file,
-    validate_records,
-)
+from alignment_pipelines.data.validate.engine import validate_file, validate_records
+from alignment_pipelines.data.validate.gate import run_expectation_suite
+from alignment_pipelines.data.validate.rules import ValidationRules
 
 HH_FILE = Path(__file__).parents[1].parent / "shared/data/hh-rlhf-harmless-base.jsonl.gz"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.data.splits import prompt_key, split_by_prompt
-from alignment_pipelines.data.validation import run_expectation_suite, validate_file
+from alignment_pipelines.data.datasets.splits import prompt_key, split_by_prompt
+from alignment_pipelines.data.validate.engine import validate_file
+from alignment_pipelines.data.validate.gate import run_expectation_suite
 
 
 def load():

@@ -20,12 +20,14 @@ import pytest
 
 from alignment_pipelines.assets.ingestion import SUMMARY_FILE
 from alignment_pipelines.cli import main
-from alignment_pipelines.data import inbox as inbox_module
-from alignment_pipelines.data import jsonl_fast, validation
+from alignment_pipelines.data.ingest import inbox as inbox_module
+from alignment_pipelines.data.ingest import jsonl_fast
+from alignment_pipelines.data.validate import engine as validation
 from alignment_pipelines.data.demo import demo_feedback_path
-from alignment_pipelines.data.importers import FeedbackFileError
-from alignment_pipelines.data.inbox import batch_key, scan_inbox
-from alignment_pipelines.data.validation import ValidationRules, validate_file_to_parquet
+from alignment_pipelines.data.ingest.formats import FeedbackFileError
+from alignment_pipelines.data.ingest.inbox import batch_key, scan_inbox
+from alignment_pipelines.data.validate.engine import validate_file_to_parquet
+from alignment_pipelines.data.validate.rules import ValidationRules
 from alignment_pipelines.definitions import build_resources
 from alignment_pipelines.runs import ingest_batch, sense_inbox
 
@@ -237,7 +239,7 @@ def _gzip_bomb(path: Path, head: bytes, filler: bytes, inflated: int) -> Path:
 
 _VALIDATE_AND_MEASURE = textwrap.dedent("""
     import json, sys
-    from alignment_pipelines.data.validation import validate_file_to_parquet
+    from alignment_pipelines.data.validate.engine import validate_file_to_parquet
     try:
         summary = validate_file_to_parquet(sys.argv[1], sys.argv[2] + "/a.parquet", sys.argv[2] + "/q.parquet")
         outcome = {"rows": summary["rows"], "accepted": summary["accepted"], "by_reason": summary["by_reason"]}

@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment_pipelines.data.dataset_sql import BatchFiles, build_dataset, judge_path_beside
-from alignment_pipelines.data.key_index import KEYS_FILE
+from alignment_pipelines.data.datasets.sql import BatchFiles, build_dataset, judge_path_beside
+from alignment_pipelines.data.datasets.key_index import KEYS_FILE
 from alignment_pipelines.data.records import read_records
-from alignment_pipelines.data.splits import prompt_key, split_three_ways
-from alignment_pipelines.data.validation import validate_file_to_parquet
+from alignment_pipelines.data.datasets.splits import prompt_key, split_three_ways
+from alignment_pipelines.data.validate.engine import validate_file_to_parquet
 
 HH_FILE = Path(__file__).parents[1].parent / "shared/data/hh-rlhf-harmless-base.jsonl.gz"
 DATASETS = ("pairwise", "binary", "prompts")

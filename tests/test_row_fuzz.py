@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from alignment_pipelines.cli import main
-from alignment_pipelines.data.validation import ValidationRules, validate_file_to_parquet
+from alignment_pipelines.data.validate.engine import validate_file_to_parquet
+from alignment_pipelines.data.validate.rules import ValidationRules
 
 USER = {"role": "user", "content": "What is the capital of France?"}
 ANSWER, WORSE = "Paris is the capital of France.", "I am not sure, maybe Lyon."

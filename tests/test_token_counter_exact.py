@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from alignment_pipelines.data import tokens
-from alignment_pipelines.data.tokens import TokenCounter
+from alignment_pipelines.data.validate import tokens
+from alignment_pipelines.data.validate.tokens import TokenCounter
 
 HH_FILE = Path(__file__).parents[1].parent / "shared/data/hh-rlhf-harmless-base.jsonl.gz"
 INSERTS = ["\t", "\n", "\r\n", "\x0b", "\x1c", "\x01", "\u00a0", "\u3000", "\u2009", "\u0085", "\u1680", "\u2028",

@@ -1,12 +1,21 @@
-"""Feedback data, importable without Dagster; import from the modules:
+"""Feedback data, importable without Dagster, as the stages a batch goes through, in order:
 
-- `schemas`: record columns per kind, reason codes, the prompt helpers (`normalize_prompt`,
-  `as_messages`, `render_prompt`, `last_user_turn`)
-- `importers`: feedback files (JSONL, JSON, CSV/TSV, Parquet, gzipped) into records
-- `validation`: the Great Expectations suite per kind: row routing and the batch gate
-- `records`: Parquet I/O of records and quarantine rows
-- `splits`: content keys, dataset versions, dedup, prompt-level splits, derived datasets
-- `inbox`, `pii`, `demo`: the inbox scan, personal-data screening, the demo feedback
+1. `ingest`: feedback files into records. `formats` (JSONL, JSON, CSV/TSV, Parquet, gzipped; the caps on
+   what a file may cost), `layouts` (the row layouts and their conversion), `chunks` (a file in chunks, the
+   file's layout, `Chunk`: records as Arrow), `jsonl_fast` and `plain_lines` (JSON Lines at Arrow speed),
+   `inbox` (the inbox scan).
+2. `validate`: every row accepted or quarantined with a reason. `rules` (the rules as data), `router` (the
+   rules over Arrow columns, duplicates), `tokens` (token lengths), `pii` (personal-data screening), `engine`
+   (the streaming engine every caller uses: `validate_file_to_parquet`, `validate_file_to_jsonl`,
+   `validate_file`), `parallel` (worker processes for large files), `gate` (the batch gate: the same rules as a
+   Great Expectations suite).
+3. `datasets`: the training datasets built from accepted batches. `key_index` (row keys of every batch),
+   `sql` (datasets built with SQL over the batches' Parquet files), `splits` (content keys, dataset
+   versions, dedup, prompt-level splits, derived datasets).
 
-Importing this package imports none of them: pandas, pyarrow and Great Expectations load when used.
+Shared by the stages: `schemas` (record columns per kind, reason codes, the prompt helpers), `records`
+(Parquet I/O of records and quarantine rows), `columnar` (Arrow kernels over records). `demo`: the demo
+feedback. A module imports only from its own stage, an earlier one or the shared modules (no circles).
+
+Importing a package imports none of its modules: pandas, pyarrow and Great Expectations load when used.
 """

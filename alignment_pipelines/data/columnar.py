@@ -18,8 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignment_pipelines.data.tokens import PY_WHITESPACE
-
+# every character Python's str.isspace() accepts (what the `\s` of the rules and str.strip mean)
+PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+                 "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")  # written out: computing it costs 0.1 s a process
+WS_CLASS = "".join(("\\" + c) if c in "\\]^-[" else c for c in PY_WHITESPACE)
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 PROMPT_TYPE = pa.list_(MESSAGE_TYPE)
 
@@ -105,7 +107,7 @@ def prompt_parts(prompt: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray]:
     return messages.field("role"), messages.field("content"), parents
 
 
-def _list_of(prompt: pa.Array, values: pa.Array) -> pa.ListArray:
+def list_of(prompt: pa.Array, values: pa.Array) -> pa.ListArray:
     """A list array with the prompt's list structure over `values` (one value per message)."""
     prompt = as_array(prompt)
     offsets = np.asarray(prompt.offsets.to_numpy(zero_copy_only=False), dtype=np.int32)
@@ -117,7 +119,7 @@ def render_prompts(prompt: pa.Array) -> pa.Array:
     """`schemas.render_prompt` of each row: "role: content" turns joined by a blank line."""
     roles, contents, _ = prompt_parts(prompt)
     turns = pc.binary_join_element_wise(roles, contents, ": ")
-    return pc.fill_null(pc.binary_join(_list_of(prompt, turns), "\n\n"), "")
+    return pc.fill_null(pc.binary_join(list_of(prompt, turns), "\n\n"), "")
 
 
 def last_user_turns(prompt: pa.Array) -> pa.Array:
@@ -200,7 +202,7 @@ def prompt_keys(prompt: pa.Array) -> list[str]:
         roles = pc.take(lowered, pc.index_in(roles, value_set=pa.array(distinct, type=pa.string())))
     turns = pc.binary_join_element_wise(
         '{"content":"', json_escape(normalize(contents)), '","role":"', json_escape(roles), '"}', "")
-    body = pc.fill_null(pc.binary_join(_list_of(prompt, turns), ","), "")
+    body = pc.fill_null(pc.binary_join(list_of(prompt, turns), ","), "")
     return _sha256_hex(pc.binary_join_element_wise("[", body, "]", ""))
 
 
@@ -250,3 +252,15 @@ def key64(hex_keys: list[str]) -> np.ndarray:
     if not hex_keys:
         return np.zeros(0, dtype=np.uint64)
     return np.frombuffer(bytes.fromhex("".join(k[:16] for k in hex_keys)), dtype=">u8").astype(np.uint64)
+
+
+COMPLETION_FIELDS = {"pairwise": ("chosen", "rejected"), "binary": ("completion",), "prompts": ()}
+
+
+def derived_columns(table: pa.Table, kind: str) -> dict[str, pa.Array]:
+    """The suite's text columns (prompt_text, prompt_final and the answers) of a records table."""
+    prompt = as_array(table.column("prompt"))
+    out = {"prompt_text": render_prompts(prompt), "prompt_final": last_user_turns(prompt)}
+    for col in COMPLETION_FIELDS[kind]:
+        out[col] = pc.fill_null(as_array(table.column(col)), "")
+    return out

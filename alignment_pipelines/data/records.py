@@ -119,3 +119,26 @@ def quarantine_table(df: pd.DataFrame):
         ],
         schema=quarantine_schema(),
     )
+
+
+def records_jsonl(table) -> list[str]:
+    """Accepted records (an Arrow records table whose rows passed the rules, so no control character but tab,
+    newline and carriage return) as JSON Lines built on the columns: one object a row, with its newline."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from alignment_pipelines.data import columnar
+
+    prompt = columnar.as_array(table.column("prompt"))
+    roles, contents, _ = columnar.prompt_parts(prompt)
+    turns = pc.binary_join_element_wise('{"role": "', columnar.json_escape(roles), '", "content": "',
+                                        columnar.json_escape(contents), '"}', "")
+    parts: list[Any] = ['{"row": ', pc.cast(columnar.as_array(table.column("row")), pa.string()), ', "prompt": [',
+                        pc.fill_null(pc.binary_join(columnar.list_of(prompt, turns), ", "), ""), "]"]
+    for col in ("chosen", "rejected", "completion"):
+        if col in table.column_names:
+            parts += [f', "{col}": "', columnar.json_escape(columnar.as_array(table.column(col))), '"']
+    if "label" in table.column_names:
+        parts += [', "label": ', pc.if_else(columnar.as_array(table.column("label")), "true", "false")]
+    parts.append("}\n")
+    return pc.binary_join_element_wise(*parts, "").to_pylist()

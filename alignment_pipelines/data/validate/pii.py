@@ -12,6 +12,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import pandas as pd
+
+from alignment_pipelines.data.columnar import COMPLETION_FIELDS
+from alignment_pipelines.data.schemas import as_messages
+
 PII_TYPES = ("email", "phone", "card")
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]"}
 
@@ -80,3 +85,36 @@ def find_pii(text: str) -> Counter:
 def redact_pii(text: str) -> tuple[str, Counter]:
     """(text with PII replaced by placeholders, counts by type)."""
     return _scan(text, redact=True)
+
+
+def scan_records(records: pd.DataFrame, kind: str, redact: bool) -> tuple[pd.DataFrame, dict[int, Counter], Counter]:
+    """(records, possibly redacted; {row: counts by type} of rows with PII; counts by type)."""
+    counts: Counter = Counter()
+    rows: dict[int, Counter] = {}
+    scan = redact_pii if redact else (lambda text: (text, find_pii(text)))
+    fields = COMPLETION_FIELDS[kind]
+    new_prompts, new_fields = [], {f: [] for f in fields}
+    for i, rec in enumerate(records.to_dict("records")):
+        found: Counter = Counter()
+        prompt = []
+        for m in as_messages(rec["prompt"]):
+            text, c = scan(m["content"])
+            found += c
+            prompt.append({"role": m["role"], "content": text})
+        new_prompts.append(prompt)
+        for f in fields:
+            value = rec[f]
+            if isinstance(value, str):
+                value, c = scan(value)
+                found += c
+            new_fields[f].append(value)
+        if found:
+            rows[int(rec["row"])] = found
+            counts += found
+    if redact and rows:
+        records = records.copy()
+        records["prompt"] = pd.Series(new_prompts, index=records.index, dtype=object)
+        for f in fields:
+            records[f] = pd.Series(new_fields[f], index=records.index, dtype=object)
+    return records, rows, counts
+

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from alignment_pipelines.data.key_index import KEYS_FILE
-from alignment_pipelines.data.splits import SPLITS, check_fractions, kto_balance_counts
+from alignment_pipelines.data.datasets.key_index import KEYS_FILE
+from alignment_pipelines.data.datasets.splits import SPLITS, check_fractions, kto_balance_counts
 
 BINARY_KEYS_FILE = "binary_keys.parquet"
 BINARY_KEYS_SCHEMA = pa.schema([("row", pa.int64()), ("chosen_key", pa.int64()), ("rejected_key", pa.int64())])
@@ -93,7 +93,7 @@ def ensure_binary_keys(batch: BatchFiles) -> Path:
     import pyarrow.parquet as pq
 
     from alignment_pipelines.data import columnar
-    from alignment_pipelines.data.routing import derived_columns
+    from alignment_pipelines.data.columnar import derived_columns
 
     pf = pq.ParquetFile(batch.accepted)
     tmp = target.with_name(target.name + f".{os.getpid()}.partial")
@@ -188,7 +188,7 @@ def build_dataset(name: str, dataset: str, batches: list[BatchFiles], root: Path
     import time
 
     check_fractions(eval_fraction, judge_fraction)
-    from alignment_pipelines.data.key_index import ensure_keys
+    from alignment_pipelines.data.datasets.key_index import ensure_keys
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -7,10 +7,9 @@ is then either
   turn, one assistant answer) - `{"prompt": "…", "chosen": "…", "rejected": "…"}` or the conversational
   `{"prompt": [{"role", "content"}…], "chosen": [{"role": "assistant", …}], "rejected": […]}`. Plain
   lines are not parsed again: their strings are found from the quotes' positions, copied out by Arrow
-  and their escapes decoded on the bytes (`_string_spans`, `_strings_at`, `_unescaped`), into the
-  records the importer would give;
+  and their escapes decoded on the bytes (`plain_lines`), into the records the importer would give;
 - **anything else** (another shape, broken JSON, invalid UTF-8, a lone surrogate escape, the first
-  line, which may carry a BOM): parsed and converted row by row by `importers`, as before.
+  line, which may carry a BOM): parsed and converted row by row (`formats.parse_json`, `chunks`).
 Plain lines only occur in pairwise files whose layout is pairwise, conversational or hh-rlhf, where
 the importer converts them with the same function, so the records are the same either way; the
 choice of the file's layout (the majority of the first chunk) counts plain lines by their shape.
@@ -18,7 +17,6 @@ choice of the file's layout (the majority of the first chunk) counts plain lines
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,29 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignment_pipelines.data import columnar, importers
-from alignment_pipelines.data.routing import Chunk, records_to_arrow
+from alignment_pipelines.data import columnar
+from alignment_pipelines.data.ingest import formats
+from alignment_pipelines.data.ingest.chunks import (Chunk, convert_chunk, field_names, layout_counts, records_to_arrow,
+                                                    with_layout)
+from alignment_pipelines.data.ingest.layouts import check_layout
+from alignment_pipelines.data.ingest.plain_lines import CONVERSATIONAL, PAIRWISE, plain_columns
 from alignment_pipelines.data.schemas import truncate_raw
 
 BLOCK_BYTES = 16 << 20
-_WS = r"[ \t\r]*"
-_STR = (r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?:[0-9a-cA-CefEF][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2}))*"')
-
-
-def _msg(role: str) -> str:
-    return (rf'\{{{_WS}"role"{_WS}:{_WS}{role}{_WS},{_WS}"content"{_WS}:{_WS}{_STR}{_WS}\}}')
-
-
-_ANY_ROLE = '"(?:system|user|assistant)"'
-CONVERSATIONAL = (
-    rf'^{_WS}\{{{_WS}"prompt"{_WS}:{_WS}\[{_WS}(?:{_msg(_ANY_ROLE)}{_WS},{_WS})*{_msg(chr(34) + "user" + chr(34))}{_WS}\]'
-    rf'{_WS},{_WS}"chosen"{_WS}:{_WS}\[{_WS}{_msg(chr(34) + "assistant" + chr(34))}{_WS}\]'
-    rf'{_WS},{_WS}"rejected"{_WS}:{_WS}\[{_WS}{_msg(chr(34) + "assistant" + chr(34))}{_WS}\]{_WS}\}}[ \t\r\n]*$'
-)
-PAIRWISE = (
-    rf'^{_WS}\{{{_WS}"prompt"{_WS}:{_WS}{_STR}{_WS},{_WS}"chosen"{_WS}:{_WS}{_STR}{_WS},'
-    rf'{_WS}"rejected"{_WS}:{_WS}{_STR}{_WS}\}}[ \t\r\n]*$'
-)
 _BLANK_CHARS = " \t\n\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank
 _BLANK = f"^[{_BLANK_CHARS}]*$"
 _BLANK_BYTES = np.frombuffer(_BLANK_CHARS.encode(), dtype=np.uint8)
@@ -66,7 +50,7 @@ class _Lines:
     rows: np.ndarray
     text: pa.Array
     bad_utf8: dict[int, bytes]
-    too_long: dict[int, importers.LongLine] = field(default_factory=dict)  # lines over the cap: quarantined unread
+    too_long: dict[int, formats.LongLine] = field(default_factory=dict)  # lines over the cap: quarantined unread
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,7 +74,7 @@ class LineRange:
     line_base: int  # the line number before the range
     start: int
     stop: int
-    long_line: importers.LongLine | None = None  # the range is this one line, over the cap: never read
+    long_line: formats.LongLine | None = None  # the range is this one line, over the cap: never read
 
     def read(self) -> tuple[_Lines, LineSpans]:
         """The range's non-blank lines, and where every line of it lies in the file."""
@@ -125,14 +109,14 @@ class LineSpans:
         return out
 
 
-def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview | importers.LongLine]]:
+def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview | formats.LongLine]]:
     """(byte position in the file, bytes of whole lines each ending in a newline; the last line gets one if
     the file lacks it): the caller counts the lines, as it finds them anyway. Each block is read into memory
     of its own, once (the lines cut from it point into it), or with `reuse` into the same memory every time
     (for a caller done with a block before it asks for the next: no fresh pages to fault in). A line longer
     than the line cap comes alone, as a LongLine: read past, never held (nor copied again block after block)."""
-    handle = importers._open_binary(path)
-    limit = importers.cap(importers.LINE_CAP)
+    handle = formats.open_binary(path)
+    limit = formats.cap(formats.LINE_CAP)
     try:
         carry = b""
         position = 0
@@ -142,7 +126,7 @@ def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview |
                 data = bytearray(len(carry) + BLOCK_BYTES)
             data[: len(carry)] = carry
             view = memoryview(data)[len(carry): len(carry) + BLOCK_BYTES]
-            read = importers._read_some(path, handle.readinto, view)
+            read = formats.read_some(path, handle.readinto, view)
             if not read:
                 break
             size = len(carry) + read
@@ -161,19 +145,19 @@ def _blocks(path: Path, reuse: bool = False) -> Iterator[tuple[int, memoryview |
         handle.close()
 
 
-def _past_line(path: Path, handle, head: bytes) -> tuple[importers.LongLine, bytes]:
+def _past_line(path: Path, handle, head: bytes) -> tuple[formats.LongLine, bytes]:
     """Read past the rest of a line that starts with `head` (no newline in it): the line, and the bytes
     after its newline in the last piece read."""
     length = len(head)
-    while piece := importers._read_some(path, handle.read, 1 << 20):
+    while piece := formats.read_some(path, handle.read, 1 << 20):
         newline = piece.find(b"\n")
         if newline >= 0:
-            return importers.LongLine(head[:importers.LongLine.HEAD_BYTES], length + newline + 1), piece[newline + 1:]
+            return formats.LongLine(head[:formats.LongLine.HEAD_BYTES], length + newline + 1), piece[newline + 1:]
         length += len(piece)
-    return importers.LongLine(head[:importers.LongLine.HEAD_BYTES], length), b""
+    return formats.LongLine(head[:formats.LongLine.HEAD_BYTES], length), b""
 
 
-def _long_line(line_base: int, long_line: importers.LongLine) -> _Lines:
+def _long_line(line_base: int, long_line: formats.LongLine) -> _Lines:
     """The one line after `line_base`, over the cap: a row of its own, quarantined as too long."""
     row = line_base + 1
     return _Lines(np.array([row], dtype=np.int64), pa.array([""], pa.string()), {}, {row: long_line})
@@ -214,10 +198,10 @@ def _lines(line_base: int, block: bytes, ends: np.ndarray) -> _Lines:
     if len(maybe):
         blank[maybe] = pc.match_substring_regex(columnar.subset(text, maybe), _BLANK).to_numpy(zero_copy_only=False)
     too_long = {}
-    over = np.diff(offsets) > importers.cap(importers.LINE_CAP) + 1  # read whole, yet over the cap (newline aside)
+    over = np.diff(offsets) > formats.cap(formats.LINE_CAP) + 1  # read whole, yet over the cap (newline aside)
     for i in np.flatnonzero(over).tolist():
         begin, end = int(offsets[i]), int(offsets[i + 1])
-        too_long[int(rows[i])] = importers.LongLine(bytes(block[begin:min(end, begin + importers.LongLine.HEAD_BYTES)]), end - begin)
+        too_long[int(rows[i])] = formats.LongLine(bytes(block[begin:min(end, begin + formats.LongLine.HEAD_BYTES)]), end - begin)
         blank[i] = False
     for row, b in list(bad.items()):  # an invalid line is blank only if its bytes are
         if b.strip():
@@ -235,7 +219,7 @@ def _row_chunks(path: Path, chunk_rows: int) -> Iterator[_Lines]:
     pending: list[_Lines] = []
     size = line_base = 0
     for _, block in _blocks(path):
-        if isinstance(block, importers.LongLine):
+        if isinstance(block, formats.LongLine):
             lines = _long_line(line_base, block)
             line_base += 1
         else:
@@ -262,7 +246,7 @@ def _range_chunks(path: Path, chunk_rows: int) -> Iterator[LineRange]:
     line_base = 0  # the line number before the block
     end = 0  # the byte after the last line read
     for position, block in _blocks(path, reuse=True):
-        if isinstance(block, importers.LongLine):  # a range of its own, read by no one: the open range ends before it
+        if isinstance(block, formats.LongLine):  # a range of its own, read by no one: the open range ends before it
             if need < chunk_rows:
                 yield LineRange(source, base, start, position)
             yield LineRange(source, line_base, position, position + block.length, block)
@@ -293,7 +277,7 @@ def _concat(parts: list[_Lines]) -> _Lines:
     if len(parts) == 1:
         return parts[0]
     bad: dict[int, bytes] = {}
-    too_long: dict[int, importers.LongLine] = {}
+    too_long: dict[int, formats.LongLine] = {}
     for p in parts:
         bad.update(p.bad_utf8)
         too_long.update(p.too_long)
@@ -309,17 +293,17 @@ def _slice(lines: _Lines, start: int, stop: int) -> _Lines:
     return _Lines(rows, lines.text.slice(start, stop - start), within(lines.bad_utf8), within(lines.too_long))
 
 
-def _raw_row(row: int, text: str | None, raw_bytes: bytes | None) -> importers.RawRow:
-    """What `importers._iter_jsonl` yields for one line."""
+def _raw_row(row: int, text: str | None, raw_bytes: bytes | None) -> formats.RawRow:
+    """What `formats.iter_jsonl` yields for one line."""
     if raw_bytes is not None:
-        text, bad, shown = importers._decode_line(raw_bytes.rstrip(b"\n"), row)
+        text, bad, shown = formats.decode_line(raw_bytes.rstrip(b"\n"), row)
         if bad is not None:
             return row, bad, shown
     else:
         text = text.rstrip("\n").rstrip("\r")
         if row == 1:
             text = text.removeprefix("\ufeff")
-    return importers.parse_json(text, row)
+    return formats.parse_json(text, row)
 
 
 @dataclass
@@ -327,7 +311,7 @@ class _Prepared:
     lines: _Lines
     plain_conv: np.ndarray  # indices into lines
     plain_pair: np.ndarray
-    other: list[importers.RawRow]  # the rest, parsed
+    other: list[formats.RawRow]  # the rest, parsed
     other_index: np.ndarray
     range: LineRange | None = None  # where the lines were read, when a worker is to read them again
 
@@ -355,147 +339,11 @@ def _prepare(lines: _Lines) -> _Prepared:
 
 
 def _layout_counts(prep: _Prepared) -> Counter:
-    counts = importers.layout_counts(prep.other)
+    counts = layout_counts(prep.other)
     counts["conversational"] += len(prep.plain_conv)
     counts["pairwise"] += len(prep.plain_pair)
     return +counts
 
-
-@dataclass
-class _Strings:
-    """The JSON strings of some plain lines, keys and values in line order: the byte offsets of each body
-    in the text buffer (start, end), whether it holds an escape, and the position of each line's first."""
-
-    text: pa.Array
-    start: np.ndarray
-    end: np.ndarray
-    escaped: np.ndarray
-    first: np.ndarray
-
-
-def _string_spans(text: pa.Array, index: np.ndarray) -> _Strings:
-    """The JSON strings of the plain lines at `index` (see `_Strings`).
-
-    A plain line's grammar (checked by the shape's pattern) has no quote outside a string and no backslash
-    outside one, so its quotes are the strings' delimiters, except a quote escaped by an odd run of
-    backslashes."""
-    offsets = columnar.string_offsets(text)
-    data = np.frombuffer(text.buffers()[2], dtype=np.uint8)
-    lo, hi = int(offsets[0]), int(offsets[-1])
-    region = data[lo:hi]
-    quotes = np.flatnonzero(region == 0x22) + lo
-    backslash = np.flatnonzero(region == 0x5C) + lo
-    if len(backslash) and len(quotes):
-        after = quotes[data[quotes - 1] == 0x5C]  # quotes right after a backslash: escaped if its run is odd
-        first_of_run = _first_of_runs(backslash)
-        last = np.searchsorted(backslash, after - 1)
-        escaped = after[(after - first_of_run[last]) % 2 == 1]
-        quotes = np.delete(quotes, np.searchsorted(quotes, escaped))
-    line_first = np.searchsorted(quotes, offsets[index])
-    line_end = np.searchsorted(quotes, offsets[index + 1])
-    if len(index) < len(text):  # the plain lines' quotes only: those before, between and after them go
-        quotes = np.delete(quotes, _ranges(np.concatenate([[0], line_end]), np.concatenate([line_first, [len(quotes)]])))
-    start, end = quotes[0::2] + 1, quotes[1::2]
-    escaped = np.searchsorted(backslash, start) < np.searchsorted(backslash, end)
-    strings = (line_end - line_first) // 2
-    return _Strings(text, start, end, escaped, np.concatenate([[0], np.cumsum(strings)])[:-1])
-
-
-def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """The integers of the ranges [starts[i], stops[i]), one range after the other (np.arange of each, joined)."""
-    lengths = stops - starts
-    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-
-
-def _first_of_runs(positions: np.ndarray) -> np.ndarray:
-    """For sorted byte positions, the first position of the run of consecutive ones each belongs to."""
-    run_start = np.ones(len(positions), dtype=bool)
-    run_start[1:] = positions[1:] != positions[:-1] + 1
-    return positions[np.maximum.accumulate(np.where(run_start, np.arange(len(positions)), 0))]
-
-
-def _strings_at(strings: _Strings, which: np.ndarray) -> pa.Array:
-    """The values of the strings `which` (indices): their bodies copied out of the buffer in one take,
-    JSON escapes decoded where a body has one."""
-    bounds = np.empty(2 * len(strings.start), dtype=np.int32)
-    bounds[0::2], bounds[1::2] = strings.start, strings.end
-    pieces = pa.Array.from_buffers(pa.string(), len(bounds) - 1, [None, pa.py_buffer(bounds), strings.text.buffers()[2]])
-    values = pieces.take(pa.array(2 * which))  # piece 2i is string i, piece 2i + 1 the gap after it
-    escaped = strings.escaped[which]
-    if escaped.any():
-        mask = pa.array(escaped)
-        values = pc.replace_with_mask(values, mask, _unescaped(values.filter(mask)))
-    return values
-
-
-_SIMPLE_ESCAPES = np.zeros(256, dtype=np.uint8)  # by the byte after a backslash: what the pair stands for (0: none)
-_SIMPLE_ESCAPES[list(b'"\\/bfnrt')] = list(b'"\\/\b\f\n\r\t')
-_HEX = np.full(256, 255, dtype=np.uint8)  # by byte: its value as a hex digit (255: not one)
-_HEX[list(b"0123456789abcdef")] = np.arange(16)
-_HEX[list(b"ABCDEF")] = np.arange(10, 16)
-
-
-def _unescaped(bodies: pa.Array) -> pa.Array:
-    """JSON string bodies decoded, on the bytes: the two-byte escapes and `\\uXXXX` outside the surrogates
-    (what the shape's pattern lets a plain line hold); a body with any other escape goes through json.loads."""
-    data, offsets = columnar.value_bytes(bodies)
-    slashes = np.flatnonzero(data == 0x5C)
-    starts = slashes[(slashes - _first_of_runs(slashes)) % 2 == 0]  # a backslash that starts an escape: even in its run
-    kind = data[np.minimum(starts + 1, len(data) - 1)]
-    unicode = starts[kind == 0x75]
-    digits = _HEX[data[np.minimum(unicode[:, None] + np.arange(2, 6), len(data) - 1)]].astype(np.int32)
-    code = (digits[:, 0] << 12) | (digits[:, 1] << 8) | (digits[:, 2] << 4) | digits[:, 3]
-    odd = (digits == 255).any(axis=1) | ((code >= 0xD800) & (code < 0xE000))
-    simple = starts[kind != 0x75]
-    meaning = _SIMPLE_ESCAPES[kind[kind != 0x75]]
-    odd_simple = meaning == 0
-    out = data.copy()
-    keep = np.ones(len(data), dtype=bool)
-    out[simple] = meaning
-    keep[simple + 1] = False
-    size = 1 + (code >= 0x80) + (code >= 0x800)
-    for n, lead, shift in ((1, 0x00, 0), (2, 0xC0, 6), (3, 0xE0, 12)):  # code as UTF-8 over the escape's first bytes
-        at, c = unicode[size == n], code[size == n]
-        out[at] = lead | (c >> shift)
-        for k in range(1, n):
-            out[at + k] = 0x80 | ((c >> (shift - 6 * k)) & 0x3F)
-        for k in range(n, 6):
-            keep[at + k] = False
-    dropped = np.searchsorted(np.flatnonzero(~keep), offsets)  # bytes dropped before each body's end
-    decoded = pa.Array.from_buffers(pa.string(), len(bodies), [None, pa.py_buffer((offsets - dropped).astype(np.int32)),
-                                                               pa.py_buffer(out[keep])])
-    bad = np.zeros(len(bodies), dtype=bool)
-    bad[np.searchsorted(offsets, np.concatenate([unicode[odd], simple[odd_simple]]), side="right") - 1] = True
-    if bad.any():
-        texts = bodies.filter(pa.array(bad)).to_pylist()
-        fixed = json.loads("[" + ",".join('"' + b + '"' for b in texts) + "]")
-        decoded = pc.replace_with_mask(decoded, pa.array(bad), pa.array(fixed, type=pa.string()))
-    return decoded
-
-
-def _plain_columns(text: pa.Array, index: np.ndarray, conversational: bool) -> dict[str, pa.Array]:
-    """prompt (messages), chosen and rejected of the plain lines at `index` (all of one shape), read from
-    the strings' positions: a conversational line is "prompt", m x ("role", role, "content", content), then
-    "chosen" and "rejected" with five strings each; a flat one is "prompt", p, "chosen", c, "rejected", r."""
-    strings = _string_spans(text, index)
-    first = strings.first
-    if not conversational:
-        n = len(index)
-        prompt = pa.ListArray.from_arrays(
-            pa.array(np.arange(n + 1, dtype=np.int32)),
-            pa.StructArray.from_arrays([pa.array(["user"] * n, type=pa.string()), _strings_at(strings, first + 1)],
-                                       fields=list(columnar.MESSAGE_TYPE)))
-        return {"prompt": prompt, "chosen": _strings_at(strings, first + 3), "rejected": _strings_at(strings, first + 5)}
-    messages = (np.diff(np.concatenate([first, [len(strings.start)]])) - 11) // 4
-    line_of = np.repeat(np.arange(len(index)), messages)
-    turn = np.arange(len(line_of)) - np.repeat(np.cumsum(messages) - messages, messages)
-    role_at = first[line_of] + 2 + 4 * turn
-    structs = pa.StructArray.from_arrays([_strings_at(strings, role_at), _strings_at(strings, role_at + 2)],
-                                         fields=list(columnar.MESSAGE_TYPE))
-    prompt_offsets = np.concatenate([[0], np.cumsum(messages)]).astype(np.int32)
-    after = first + 1 + 4 * messages
-    return {"prompt": pa.ListArray.from_arrays(pa.array(prompt_offsets), structs),
-            "chosen": _strings_at(strings, after + 4), "rejected": _strings_at(strings, after + 9)}
 
 
 def _plain_records(prep: _Prepared) -> pa.Table:
@@ -503,7 +351,7 @@ def _plain_records(prep: _Prepared) -> pa.Table:
     lines = prep.lines
     for index, conversational in ((prep.plain_conv, True), (prep.plain_pair, False)):
         if len(index):
-            columns = _plain_columns(lines.text, index, conversational)
+            columns = plain_columns(lines.text, index, conversational)
             parts.append(pa.table({"row": pa.array(lines.rows[index], type=pa.int64()), **columns}))
     return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
@@ -534,7 +382,7 @@ def _convert(source: str, prep: _Prepared, layout: str) -> Chunk:
         texts = lines.text.take(pa.array(idx)).to_pylist()
         rawrows += [_raw_row(int(lines.rows[i]), t, None) for i, t in zip(idx.tolist(), texts)]
         rawrows.sort(key=lambda r: r[0])
-    imported = importers._convert_chunk(source, rawrows, layout)
+    imported = convert_chunk(source, rawrows, layout)
     kind = imported.kind
     table, label_ok = records_to_arrow(imported.records.reset_index(drop=True), kind)
     if plain:
@@ -552,13 +400,13 @@ def _convert(source: str, prep: _Prepared, layout: str) -> Chunk:
 
 def iter_jsonl_chunks(path: str | Path, layout: str | None = None, chunk_rows: int = 50_000,
                       assess: Callable[[str, LineRange, str], Any] | None = None) -> Iterator[Any]:
-    """`importers.iter_feedback_chunks` for a JSON Lines file, as routing chunks (see the module doc):
+    """`chunks.iter_feedback_chunks` for a JSON Lines file, as routing chunks (see the module doc):
     the same rows, records, rejects, layout choice and errors. With `assess` (for an uncompressed file),
     each chunk is handed to it as a byte range once the layout is known (`assess(source, range, layout)`,
     e.g. a submission to a process pool: `convert_range` reads it there) and what it returns is yielded in
     its place; the chunks that decide the layout are read here, and there again."""
     path = Path(path)
-    importers._check_layout(layout)
+    check_layout(layout)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     source = str(path)
@@ -577,8 +425,8 @@ def iter_jsonl_chunks(path: str | Path, layout: str | None = None, chunk_rows: i
                 yield prep
 
     yielded = False
-    for item, chosen in importers.with_layout(path, prepared(), layout, _layout_counts,
-                                              lambda prep: importers.field_names(prep.other)):
+    for item, chosen in with_layout(path, prepared(), layout, _layout_counts,
+                                              lambda prep: field_names(prep.other)):
         if assess is not None and chosen is not None:
             yield assess(source, item if isinstance(item, LineRange) else item.range, chosen)
         else:
@@ -587,7 +435,7 @@ def iter_jsonl_chunks(path: str | Path, layout: str | None = None, chunk_rows: i
             yield chunk
         yielded = True
     if not yielded:
-        imported = importers._convert_chunk(source, [], layout or "pairwise")
+        imported = convert_chunk(source, [], layout or "pairwise")
         table, label_ok = records_to_arrow(imported.records, imported.kind)
         yield Chunk(source=source, kind=imported.kind, layout=layout or "none", rows=0, table=table,
                     label_ok=label_ok, original=imported.records)

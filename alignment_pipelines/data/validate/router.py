@@ -1,6 +1,6 @@
 """Row routing over Arrow columns: every row of a chunk accepted, or quarantined with its reason.
 
-The rules are the kind's Great Expectations suite (`validation._row_expectations`), in the same order
+The rules are the kind's Great Expectations suite (`rules`; `gate._row_expectations` is the same list as GX expectations), in the same order
 and with the same patterns, evaluated as Arrow kernels over the whole chunk: the first rule a row fails
 is its reason. Duplicates among the rows that pass follow (earlier batches, earlier chunks, this
 chunk; the first copy kept). GX itself runs once on the batch, as its gate (`run_expectation_suite`).
@@ -8,12 +8,9 @@ chunk; the first copy kept). GX itself runs once on the batch, as its gate (`run
 
 from __future__ import annotations
 
-import json
-import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,65 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alignment_pipelines.data import columnar
-from alignment_pipelines.data.schemas import (
-    COLUMNS_BY_KIND,
-    ReasonCode,
-    as_messages,
-    truncate_raw,
-)
-
-_SURROGATES = re.compile(r"[\ud800-\udfff]")
-COMPLETION_FIELDS = {"pairwise": ("chosen", "rejected"), "binary": ("completion",), "prompts": ()}
-# per kind: (columns that must be non-blank, text columns checked for control chars and length)
-TEXT_RULES = {
-    "pairwise": (("prompt_final", "chosen", "rejected"), ("prompt_text", "chosen", "rejected")),
-    "binary": (("prompt_final", "completion"), ("prompt_text", "completion")),
-    "prompts": (("prompt_final",), ("prompt_text",)),
-}
-
-
-def _clean(value: Any) -> str:
-    """A str Arrow can hold: lone surrogates become U+FFFD (which the text rule quarantines)."""
-    text = value if isinstance(value, str) else str(value)
-    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
-
-
-def records_to_arrow(records: pd.DataFrame, kind: str) -> tuple[pa.Table, np.ndarray | None]:
-    """Records (Python objects, as the importers give them) as the Arrow table the rules run on, and for
-    binary records whether each label is a boolean. Values are as `derived_frame` sees them."""
-    columns = COLUMNS_BY_KIND[kind]
-    data: dict[str, pa.Array] = {"row": pa.array(records["row"].to_numpy(dtype=np.int64), type=pa.int64())}
-    prompts = [[{"role": _clean(m["role"]), "content": _clean(m["content"])} for m in as_messages(p)]
-               for p in records["prompt"].tolist()]
-    data["prompt"] = pa.array(prompts, type=columnar.PROMPT_TYPE)
-    for col in COMPLETION_FIELDS[kind]:
-        data[col] = pa.array(["" if v is None else _clean(v) for v in records[col].tolist()], type=pa.string())
-    label_ok = None
-    if kind == "binary":
-        labels = records["label"].tolist()
-        label_ok = np.fromiter((isinstance(v, (bool, np.bool_)) for v in labels), dtype=bool, count=len(labels))
-        data["label"] = pa.array([bool(v) if ok else None for v, ok in zip(labels, label_ok)], type=pa.bool_())
-    return pa.table({c: data[c] for c in columns}), label_ok
-
-
-@dataclass
-class Chunk:
-    """One chunk of a batch, ready for routing. `table` holds the records (COLUMNS_BY_KIND[kind]) that
-    the importer produced, in row order; `rejected` the rows the importer could not convert; `raw`
-    gives the original line (truncated) of converted rows by row number."""
-
-    source: str
-    kind: str
-    layout: str
-    rows: int
-    table: pa.Table
-    rejected: list[dict] = field(default_factory=list)
-    raw: Callable[[list[int]], list[str]] = lambda rows: [""] * len(rows)
-    label_ok: np.ndarray | None = None
-    pii_rows: dict[int, Counter] | None = None
-    pii: dict | None = None
-    original: pd.DataFrame | None = None  # the importer's records (Python objects), when there is one
-
+from alignment_pipelines.data.columnar import COMPLETION_FIELDS, derived_columns
+from alignment_pipelines.data.ingest.chunks import Chunk
+from alignment_pipelines.data.schemas import ReasonCode
+from alignment_pipelines.data.validate.rules import (COLUMN_NAMES, DETAIL, NON_BLANK, TEXT_RULES, TOKEN_DETAIL,
+                                                     count_truncation, new_truncation)
+from alignment_pipelines.data.validate.tokens import load_token_counter
 
 @dataclass
 class Routed:
@@ -105,15 +49,6 @@ def _cheaper_whole(index: np.ndarray, n: int) -> bool:
     return len(index) >= 0.8 * n
 
 
-def derived_columns(table: pa.Table, kind: str) -> dict[str, pa.Array]:
-    """The suite's text columns (prompt_text, prompt_final and the answers) of a records table."""
-    prompt = columnar.as_array(table.column("prompt"))
-    out = {"prompt_text": columnar.render_prompts(prompt), "prompt_final": columnar.last_user_turns(prompt)}
-    for col in COMPLETION_FIELDS[kind]:
-        out[col] = pc.fill_null(columnar.as_array(table.column(col)), "")
-    return out
-
-
 @dataclass
 class Assessment:
     """What a chunk's rows are worth on their own (the part of routing that needs no other chunk): the
@@ -130,8 +65,6 @@ class Assessment:
 def assess_chunk(chunk: Chunk, rules) -> Assessment:
     """The rules (the kind's suite, in its order: the first failure is the reason), token lengths and the
     keys of the passing rows; see `route_chunk`."""
-    from alignment_pipelines.data import validation as v
-
     kind, table = chunk.kind, chunk.table
     n = table.num_rows
     reason_of = np.full(n, -1, dtype=np.int32)
@@ -152,31 +85,31 @@ def assess_chunk(chunk: Chunk, rules) -> Assessment:
         non_blank, texts = TEXT_RULES[kind]
 
         def name(column: str) -> str:
-            return v._COLUMN_NAMES.get(column, column)
+            return COLUMN_NAMES.get(column, column)
 
         for col in non_blank:
-            ok = pc.match_substring_regex(derived[col], v.NON_BLANK).to_numpy(zero_copy_only=False)
-            fail(~ok, ReasonCode.EMPTY_FIELD, v._DETAIL[ReasonCode.EMPTY_FIELD].format(column=name(col)))
+            ok = pc.match_substring_regex(derived[col], NON_BLANK).to_numpy(zero_copy_only=False)
+            fail(~ok, ReasonCode.EMPTY_FIELD, DETAIL[ReasonCode.EMPTY_FIELD].format(column=name(col)))
         for col in texts:
             bad = columnar.control_char_rows(derived[col])
-            fail(bad, ReasonCode.INVALID_TEXT, v._DETAIL[ReasonCode.INVALID_TEXT].format(column=name(col)))
+            fail(bad, ReasonCode.INVALID_TEXT, DETAIL[ReasonCode.INVALID_TEXT].format(column=name(col)))
         for col in texts:
             long = pc.greater(pc.utf8_length(derived[col]), rules.max_chars).to_numpy(zero_copy_only=False)
             fail(long, ReasonCode.TOO_LONG,
-                 v._DETAIL[ReasonCode.TOO_LONG].format(column=name(col), max_chars=rules.max_chars))
+                 DETAIL[ReasonCode.TOO_LONG].format(column=name(col), max_chars=rules.max_chars))
         normalized: dict[str, pa.Array] = {}
         if kind == "pairwise":
             normalized = {c: columnar.normalize(derived[c]) for c in ("chosen", "rejected")}
             same = pc.equal(normalized["chosen"], normalized["rejected"]).to_numpy(zero_copy_only=False)
-            fail(same, ReasonCode.IDENTICAL_PAIR, v._DETAIL[ReasonCode.IDENTICAL_PAIR])
+            fail(same, ReasonCode.IDENTICAL_PAIR, DETAIL[ReasonCode.IDENTICAL_PAIR])
         if kind == "binary":
             label_ok = chunk.label_ok if chunk.label_ok is not None else np.ones(n, dtype=bool)
-            fail(~label_ok, ReasonCode.WRONG_TYPE, v._DETAIL[ReasonCode.WRONG_TYPE])
+            fail(~label_ok, ReasonCode.WRONG_TYPE, DETAIL[ReasonCode.WRONG_TYPE])
 
         if rules.tokenizer:
             # token lengths of the rows still in: the accepted rows are among them
             live = np.flatnonzero(reason_of < 0)
-            counter = v.load_token_counter(str(rules.tokenizer))
+            counter = load_token_counter(str(rules.tokenizer))
             prompt_tokens = np.zeros(n, dtype=np.int64)
             completion_tokens = np.zeros(n, dtype=np.int64)
             if len(live) and _cheaper_whole(live, n):
@@ -190,15 +123,15 @@ def assess_chunk(chunk: Chunk, rules) -> Assessment:
             token_columns = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
             if rules._token_rule:
                 fail(prompt_tokens > rules.max_prompt_tokens, ReasonCode.TOO_LONG,
-                     v._TOKEN_DETAIL["prompt_tokens"].format(n=rules.max_prompt_tokens))
+                     TOKEN_DETAIL["prompt_tokens"].format(n=rules.max_prompt_tokens))
                 if COMPLETION_FIELDS[kind]:
                     fail(completion_tokens > rules.max_completion_tokens, ReasonCode.TOO_LONG,
-                         v._TOKEN_DETAIL["completion_tokens"].format(n=rules.max_completion_tokens))
+                         TOKEN_DETAIL["completion_tokens"].format(n=rules.max_completion_tokens))
         if rules.pii == "quarantine":
             rows = table.column("row").to_numpy()
             pii_rows = chunk.pii_rows or {}
             found = np.fromiter((int(r) in pii_rows for r in rows), dtype=bool, count=n) if pii_rows else np.zeros(n, bool)
-            fail(found, ReasonCode.PII, v._DETAIL[ReasonCode.PII])
+            fail(found, ReasonCode.PII, DETAIL[ReasonCode.PII])
 
         passing = np.flatnonzero(reason_of < 0)
         if len(passing):
@@ -226,10 +159,7 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, assessment: Assessme
     """Route every record of `chunk` (see the module doc): `assess_chunk` (unless given), then duplicates
     among the rows that pass. `known` has `lookup(key64) -> (found, _)` (keys of earlier batches), `seen`
     is the batch's KeySet of earlier chunks (updated here)."""
-    from alignment_pipelines.data import validation as v
-
     kind, table = chunk.kind, chunk.table
-    n = table.num_rows
     rows = table.column("row").to_numpy()
     a = assessment if assessment is not None else assess_chunk(chunk, rules)
     reason_of, reasons, token_columns, passing, k64 = a.reason_of, list(a.reasons), a.token_columns, a.passing, a.k64
@@ -240,7 +170,7 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, assessment: Assessme
         prows = rows[passing]
         alive = np.ones(len(passing), dtype=bool)
         dup_across = len(reasons)
-        reasons.append((ReasonCode.DUPLICATE_ACROSS_BATCHES, v._DETAIL[ReasonCode.DUPLICATE_ACROSS_BATCHES]))
+        reasons.append((ReasonCode.DUPLICATE_ACROSS_BATCHES, DETAIL[ReasonCode.DUPLICATE_ACROSS_BATCHES]))
         if known is not None:
             hit, _ = known.lookup(k64)
             reason_of[passing[hit]] = dup_across
@@ -269,7 +199,7 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, assessment: Assessme
             for first in np.unique(first_row[dup_index]):
                 which = dup_index[first_row[dup_index] == first]
                 reason_of[passing[which]] = len(reasons)
-                reasons.append((ReasonCode.DUPLICATE, v._DETAIL[ReasonCode.DUPLICATE].format(first=int(first))))
+                reasons.append((ReasonCode.DUPLICATE, DETAIL[ReasonCode.DUPLICATE].format(first=int(first))))
         keep = alive & ~dup
         if seen is not None:
             seen.add(k64[keep], prows[keep])
@@ -299,31 +229,72 @@ def route_chunk(chunk: Chunk, rules, known=None, seen=None, assessment: Assessme
     truncation = None
     accepted_tokens = {k: col[accepted_mask] for k, col in token_columns.items()}
     if rules.tokenizer:
-        truncation = v._new_truncation(rules)
+        truncation = new_truncation(rules)
         if accepted.num_rows:
-            v._count_truncation(truncation, pd.DataFrame(accepted_tokens), rules, kind)
+            count_truncation(truncation, pd.DataFrame(accepted_tokens), rules, kind)
     return Routed(accepted=accepted, quarantine=quarantine, keys=keys_table, truncation=truncation,
                   accepted_mask=accepted_mask, token_columns=accepted_tokens)
 
 
-def raw_from_records(records: pd.DataFrame, raw_lines: dict[int, str]) -> Callable[[list[int]], list[str]]:
-    """The quarantine's `raw` for converted rows: the original line, else the record as JSON."""
-    def raw(rows: list[int]) -> list[str]:
-        out = []
-        by_row = None
-        for row in rows:
-            text = raw_lines.get(row)
-            if not text:
-                if by_row is None:
-                    by_row = {int(r["row"]): r for r in records.to_dict("records")}
-                rec = by_row[row]
-                text = truncate_raw(_raw_json(rec))
-            out.append(text)
+
+
+def _key64(hex_key: str) -> int:
+    return int(hex_key[:16], 16)
+
+
+class KeySet:
+    """Row keys as uint64 (first 64 bits of the sha256) with the row that had each first: 16 bytes a
+    key, so a batch of millions of rows can be checked for duplicates across chunks. Kept as a few sorted
+    runs whose sizes at least double from newest to oldest (merged when they would not), so adding a
+    chunk costs about O(chunk x log batch) rather than re-sorting the whole batch every time."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted unique keys, their first rows)
+
+    @classmethod
+    def from_hex(cls, keys: Iterable[str] | None) -> KeySet:
+        out = cls()
+        if keys:
+            arr = np.fromiter((_key64(k) for k in keys), dtype=np.uint64)
+            out.add(arr, np.zeros(len(arr), dtype=np.int64))
         return out
 
-    return raw
+    @property
+    def keys(self) -> np.ndarray:
+        return np.sort(np.concatenate([k for k, _ in self._runs])) if self._runs else np.zeros(0, np.uint64)
 
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self._runs)
 
-def _raw_json(rec: dict[str, Any]) -> str:
-    out = {k: ([dict(m) for m in as_messages(v)] if k == "prompt" else v) for k, v in rec.items() if k != "row"}
-    return json.dumps(out, ensure_ascii=False, default=str)
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, first row of each found key). The keys are searched in sorted order, which keeps
+        the binary searches in cache."""
+        found = np.zeros(len(keys), dtype=bool)
+        first = np.zeros(len(keys), dtype=np.int64)
+        if not len(keys) or not self._runs:
+            return found, first
+        order = np.argsort(keys)
+        needles = keys[order]
+        for run_keys, run_rows in self._runs:
+            pos = np.minimum(np.searchsorted(run_keys, needles), len(run_keys) - 1)
+            hit = (run_keys[pos] == needles) & ~found[order]
+            found[order[hit]] = True
+            first[order[hit]] = run_rows[pos[hit]]
+        return found, first
+
+    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Add keys that are not in the set yet (the first row of each kept, where one repeats)."""
+        if not len(keys):
+            return
+        keys, rows = keys.astype(np.uint64), rows.astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        self._runs.append((keys[first], rows[first]))
+        while len(self._runs) > 1 and len(self._runs[-1][0]) * 2 > len(self._runs[-2][0]):
+            (k2, r2), (k1, r1) = self._runs.pop(), self._runs.pop()
+            merged = np.concatenate([k1, k2])
+            order = np.argsort(merged, kind="stable")
+            self._runs.append((merged[order], np.concatenate([r1, r2])[order]))
+

@@ -34,7 +34,7 @@ def ensure_keys(batch_dir: Path, accepted_file: str = "accepted.parquet") -> Pat
         return target
     import pyarrow.parquet as pq
 
-    from alignment_pipelines.data.routing import derived_columns
+    from alignment_pipelines.data.columnar import derived_columns
     from alignment_pipelines.data.schemas import kind_of
 
     source = Path(batch_dir) / accepted_file

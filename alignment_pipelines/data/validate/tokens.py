@@ -34,10 +34,9 @@ from typing import Any
 
 import numpy as np
 
-# every character Python's str.isspace() accepts (what the `\s` of the rules and str.strip mean)
-PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
-                 "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")  # written out: computing it costs 0.1 s a process
-_WS_CLASS = "".join(("\\" + c) if c in "\\]^-[" else c for c in PY_WHITESPACE)
+from alignment_pipelines.data import columnar
+from alignment_pipelines.data.columnar import PY_WHITESPACE
+
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _MAX_CACHE = 300_000  # pieces remembered (~40 MB); past it the cache starts over
 _MAX_RECENT = 30_000  # pieces looked up in one pass (each call builds their hash table: ~1 ms)
@@ -160,8 +159,6 @@ class TokenCounter:
         """Sum over its pieces of each text (see the module doc)."""
         import pyarrow as pa
 
-        from alignment_pipelines.data import columnar  # here: columnar imports this module
-
         raw, offsets = columnar.value_bytes(arr)
         if self._digits is not None:
             raw = _canonical_digits(raw, after_space=bool((self._digits == self._digits[0]).all()))
@@ -185,8 +182,6 @@ class TokenCounter:
         `_piece_counts`, and join the recent ones (which start over past _MAX_RECENT)."""
         import pyarrow as pa
         import pyarrow.compute as pc
-
-        from alignment_pipelines.data import columnar  # here: columnar imports this module
 
         recent, recent_counts = self._recent
         found = pc.take(recent_counts, pc.index_in(pieces, value_set=recent))
@@ -294,3 +289,11 @@ def token_counter(path: str | Path) -> TokenCounter:
         if key not in _COUNTERS:
             _COUNTERS[key] = TokenCounter(key)
         return _COUNTERS[key]
+
+
+def load_token_counter(path: str):
+    """A function texts (Arrow string array or list of str) -> token counts (int64 array), from a local
+    tokenizer (tokenizer.json via `tokenizers`, else transformers' AutoTokenizer with local files only).
+    Loaded once per path; see `tokens.TokenCounter`."""
+    return token_counter(path).count
+

@@ -1,0 +1,1 @@
+"""Stage 3: training datasets from accepted batches (key index, SQL builds, splits)."""
