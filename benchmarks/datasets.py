@@ -5,7 +5,7 @@
 
 For each size, batches of `--batch-rows` generated pairs are validated into accepted.parquet + keys.parquet
 (as ingestion writes them; no tokenizer, to save time), then, in a fresh process per dataset (so peak RSS is
-the build's own), `dataset_sql.build_dataset` builds `preference_pairs`: deduplication by key, content-hash
+the build's own), `datasets.sql.build_dataset` builds `preference_pairs`: deduplication by key, content-hash
 version, split by prompt hash, train/eval Parquet. A second build with nothing changed shows the
 unchanged-version path (nothing rewritten). `binary_feedback` (two rows per pair, keys computed once) is
 built too. The load average is recorded.
@@ -97,7 +97,7 @@ def main() -> None:
         "",
         "`python benchmarks/datasets.py " + " ".join(f"--rows {r}" for r in args.rows or [100_000])
         + f" --batch-rows {args.batch_rows}`: accepted batches of generated pairs (as ingestion writes them:",
-        "accepted.parquet + keys.parquet), then each dataset built by `dataset_sql.build_dataset` (DuckDB, memory",
+        "accepted.parquet + keys.parquet), then each dataset built by `datasets.sql.build_dataset` (DuckDB, memory",
         "limit 4 GB, spilling under it) in a fresh process: deduplication, content-hash version, split by prompt hash,",
         "train/eval Parquet (zstd). `unchanged` is a second build with no new batch: the version is computed from the",
         "key files and the existing dataset is not rewritten.",

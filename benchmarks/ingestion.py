@@ -271,7 +271,7 @@ def main() -> None:
         f"{args.gate_max_rows:,} rows). `CPU s` is the process's user + system time (all its threads): on a machine",
         "shared with other work, `rows per CPU-second` is the figure that does not depend on what else runs.",
         "A file of 64 MiB or more is read and assessed by one process per CPU, the main one and spawned workers",
-        "(`validation.PARALLEL_MIN_BYTES`): `CPU s` includes the workers', and `peak RSS MiB` is the main process's +",
+        "(`validate.engine.PARALLEL_MIN_BYTES`): `CPU s` includes the workers', and `peak RSS MiB` is the main process's +",
         "the largest worker's.",
         f"Machine: {cpus} CPU cores, shared with other work (load average before -> after each run in the table),",
         f"Python {platform.python_version()}, {platform.machine()}.",
