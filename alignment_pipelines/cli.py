@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from alignment_pipelines.layout import DataRoot, default_data_root
+from alignment_pipelines.progress import progress_wanted
 from alignment_pipelines.promotion import GateConfig
 from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_URI_ENV, Tracker, step_callback
 
@@ -25,7 +26,7 @@ class CommandFailed(Exception):
 
 def _rules(args: argparse.Namespace):
     """The validation rules of the flags, as the asset's ValidationConfig sets them."""
-    from alignment_pipelines.data.validation import ValidationRules
+    from alignment_pipelines.data.validate.rules import ValidationRules
 
     return ValidationRules(tokenizer=args.tokenizer, pii=args.pii, max_prompt_tokens=args.max_prompt_tokens,
                            max_completion_tokens=args.max_completion_tokens,
@@ -38,8 +39,9 @@ def _validate(args: argparse.Namespace) -> int:
     the summary with the gate's verdict on stdout; exit 3 when the gate would block the batch."""
     import tempfile
 
-    from alignment_pipelines.data.validation import (defect_count, run_expectation_suite_on_file,
-                                                     validate_file_to_parquet)
+    from alignment_pipelines.data.validate.engine import validate_file_to_parquet
+    from alignment_pipelines.data.validate.gate import run_expectation_suite_on_file
+    from alignment_pipelines.data.validate.rules import defect_count
 
     source = Path(args.file)
     if not 0 <= args.max_quarantine_fraction <= 1:
@@ -96,7 +98,7 @@ def _submit(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from alignment_pipelines.data.inbox import ContentHash, batch_key
+    from alignment_pipelines.data.ingest.inbox import ContentHash, batch_key
 
     source = Path(args.file)
     if not source.is_file():
@@ -131,7 +133,7 @@ def _training_data(path: str, work_dir: Path) -> str:
     rules), and its accepted rows (Parquet) are what trains."""
     if path.endswith(".parquet"):
         return path
-    from alignment_pipelines.data.validation import validate_file_to_parquet
+    from alignment_pipelines.data.validate.engine import validate_file_to_parquet
     from alignment_pipelines.launch import is_main_process, process_rank
 
     rank = f".rank{process_rank()}" if process_rank() else ""  # ranks of one run never write the same file
@@ -175,8 +177,11 @@ def _train(args: argparse.Namespace) -> int:
             values[name] = _training_data(values[name], work_dir)
 
     main = is_main_process()
+    if main and "disable_tqdm" not in values and progress_wanted() and not os.environ.get("DAGSTER_PIPES_CONTEXT"):
+        values["disable_tqdm"] = False  # a person at a terminal sees the steps go by
     with _WorkerReporting(report=main) as report:  # opened first: validation's warnings (a vLLM fallback) reach it
         config = config_from_dict(args.method, values)
+        report.start(args.method, config)
         if world_size() > 1:
             check_multi_process(spec, config)
         if main and config.num_processes != world_size():
@@ -198,9 +203,10 @@ def _model_fields(config_cls) -> list[str]:
 
 
 class _WorkerReporting:
-    """Streams step metrics to Dagster (when run through Pipes) and MLflow (when given a run), and forwards the
-    warnings of ``alignment_pipelines`` loggers (a generation-backend fallback) to the Dagster run. ``report`` False
-    (a rank other than 0): nothing is opened, no callback is added."""
+    """Streams step metrics to Dagster (when run through Pipes) and MLflow (the asset's run when it passes one; else,
+    with MLFLOW_TRACKING_URI set, a run of this command's own, with the config as params and the final metrics), and
+    forwards the warnings of ``alignment_pipelines`` loggers (a generation-backend fallback) to the Dagster run.
+    ``report`` False (a rank other than 0): nothing is opened, no callback is added."""
 
     def __init__(self, report: bool = True):
         self.report = report
@@ -225,7 +231,16 @@ class _WorkerReporting:
         uri = os.environ.get(WORKER_MLFLOW_URI_ENV)
         if uri and self.mlflow_run_id:
             self.tracker = Tracker(uri)
+        self.own_run = not self.mlflow_run_id and not self.pipes and bool(os.environ.get("MLFLOW_TRACKING_URI"))
         return self
+
+    def start(self, method: str, config) -> None:
+        """A run of its own for a training started by hand, when MLFLOW_TRACKING_URI names a tracking server."""
+        if not self.report or not self.own_run:
+            return
+        self.tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"])
+        self.mlflow_run_id = self.tracker.start_run(f"cli-{method}", tags={"alignment_pipelines.source": "cli"})
+        self.tracker.log_params(self.mlflow_run_id, config.to_dict() | {"method": method})
 
     def callbacks(self) -> list:
         callbacks = []
@@ -240,8 +255,14 @@ class _WorkerReporting:
     def finish(self, result) -> None:
         if self.pipes:
             self.pipes.report_custom_message(json.loads(result.to_json()))
+        if self.own_run and self.tracker:
+            self.tracker.log_metrics(self.mlflow_run_id, result.metrics, step=int(result.metrics.get("steps", 0)))
+            self.tracker.end_run(self.mlflow_run_id, succeeded=True)
+            self.own_run = False
 
     def __exit__(self, *exc):
+        if self.own_run and self.tracker:  # the training failed: its run says so
+            self.tracker.end_run(self.mlflow_run_id, succeeded=False)
         return self._stack.__exit__(*exc)
 
 
@@ -357,7 +378,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _validation_defaults() -> dict:
     """ValidationRules' defaults: the flags default to what the asset applies."""
-    from alignment_pipelines.data.validation import ValidationRules
+    from alignment_pipelines.data.validate.rules import ValidationRules
 
     return {f.name: f.default for f in fields(ValidationRules)}
 

@@ -37,3 +37,21 @@ def test_max_steps_zero_is_refused_naming_the_epoch_alternative(tmp_path, capsys
     assert status == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("alignment-pipelines train: max_steps=0") and "-1 to train num_train_epochs" in err
+
+
+def test_train_by_hand_logs_its_run_where_mlflow_tracking_uri_points(tmp_path, capsys, monkeypatch, tiny_model_dir,
+                                                                     eight_pairs):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["train", "sft", "--model", str(tiny_model_dir), "--data", str(eight_pairs),
+                 "--output", str(tmp_path / "sft"), "--no-packing", "--max-steps", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("alignment-pipelines").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "cli-sft"
+    assert run.data.params["method"] == "sft" and run.data.params["max_steps"] == "2"
+    assert run.data.metrics["train_loss"] == pytest.approx(result["metrics"]["train_loss"])
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == {1, 2}  # every step, as it ran
