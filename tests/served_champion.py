@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +16,20 @@ from alignment_pipelines.promotion import ALIGNED_MODEL, SOURCE_URI_TAG
 from alignment_pipelines.tracking import CHAMPION_ALIAS, Lineage, Tracker
 
 EVALUATED_ACCURACY = "0.8"  # the champion's held-out preference accuracy, recorded as promotion records it
+
+
+def talkative_copy(model_dir: Path, target: Path) -> Path:
+    """A copy of the tiny random model that never generates a blank or undecodable token (EOS aside): the random
+    model greedily repeats a newline, a blank answer that validation quarantines."""
+    from alignment_pipelines.models.loading import load_causal_lm
+
+    shutil.copytree(model_dir, target)
+    model, tokenizer = load_causal_lm(target)
+    model.generation_config.suppress_tokens = [
+        token for token in range(len(tokenizer)) if token != tokenizer.eos_token_id
+        and (not tokenizer.decode([token]).strip() or "\ufffd" in tokenizer.decode([token]))]
+    model.generation_config.save_pretrained(target)
+    return target
 
 
 def register_champion(tracking_uri: str, model_dir: Path) -> str:
