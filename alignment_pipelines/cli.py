@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -189,7 +190,8 @@ def _train(args: argparse.Namespace) -> int:
                 "num_processes=%d, but %d process(es) are training: the launchers start the worker under "
                 "`accelerate launch --multi_gpu --num_processes N -m alignment_pipelines.cli train ...`; run it so "
                 "by hand for several", config.num_processes, world_size())
-        result = run_training(args.method, config, callbacks=report.callbacks())
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines: stdout is for the result's JSON
+            result = run_training(args.method, config, callbacks=report.callbacks())
         report.finish(result)
         piped = report.pipes is not None
     if main and not piped:  # through Pipes the result is a message to the run, not text for the console
@@ -212,8 +214,6 @@ class _WorkerReporting:
         self.report = report
 
     def __enter__(self):
-        import contextlib
-
         self._stack = contextlib.ExitStack()
         self.pipes = None
         self.tracker = None
@@ -340,6 +340,109 @@ def _export(args: argparse.Namespace) -> int:
                             "promote a model first") from None
     target = export_model(folder, args.dir)
     print(json.dumps({"model": f"models:/{ALIGNED_MODEL}@{args.alias}", "folder": folder, "exported": str(target)}))
+    return 0
+
+
+def _model_under_test(name: str, spec: str, client, tracking_uri: str):
+    """(ModelRef, ModelUnderTest) of a model folder or a registered version (``models:/name/3``, ``models:/name@a``):
+    the folder, the start model its card names (the reference for implicit reward and KL) and the reward models its
+    training optimised (its registry tags and saved config), as the evaluation asset reads them."""
+    from alignment_pipelines.evaluation.compare import ModelUnderTest
+    from alignment_pipelines.evaluation.schema import optimisation_targets
+    from alignment_pipelines.models.loading import read_model_card
+    from alignment_pipelines.models.registry import fetch_model, parse_models_uri
+    from alignment_pipelines.refs import ModelRef
+
+    registered, tags = (None, None), {}
+    if spec.startswith("models:/"):
+        try:
+            registered_name, version, alias = parse_models_uri(spec)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        entry = (client.get_model_version_by_alias(registered_name, alias) if alias
+                 else client.get_model_version(registered_name, version))
+        registered, tags = (registered_name, str(entry.version)), dict(entry.tags)
+    folder = fetch_model(spec, tracking_uri)
+    if not folder.is_dir():
+        raise UsageError(f"{name}: {spec} is not a model folder or a models:/ URI")
+    card = read_model_card(folder)
+    ref = ModelRef(path=str(folder), method=card.get("method", "unknown"), base_model=card.get("parent", str(folder)),
+                   role=card.get("role", "policy"), start_path=card.get("parent"), registered_name=registered[0],
+                   registered_version=registered[1])
+    return ref, ModelUnderTest(name, str(folder), ref.start_path, optimisation_targets(str(folder), tags))
+
+
+def _named_models(specs: list[str]) -> dict[str, str]:
+    """NAME=MODEL pairs; a bare MODEL is named by its folder or registered name and version."""
+    named = {}
+    for spec in specs:
+        name, _, model = spec.partition("=") if "=" in spec.split("models:/")[0] else ("", "", spec)
+        name = name or (model[len("models:/"):].replace("/", "-").replace("@", "-") if model.startswith("models:/")
+                        else Path(model).name)
+        if name in named:
+            raise UsageError(f"two models named {name!r}: give them names (NAME=MODEL)")
+        named[name] = model
+    return named
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """The evaluation asset's measurement on models given by hand: every model against the baseline on the same
+    held-out pairs and prompts, judged in both orders; the same report (report.md, plots, evaluation.json)."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from alignment_pipelines.data.records import head_records
+    from alignment_pipelines.evaluation.compare import BASELINE, evaluate_models
+    from alignment_pipelines.evaluation.report import REPORT_FILE, comparison_table, evaluation_plots, render_report
+    from alignment_pipelines.evaluation.schema import (EvaluationReport, Evidence, JudgeIdentity, ModelEvaluation,
+                                                       WinRate)
+    from alignment_pipelines.judges.factory import build_judge, judge_spec_from_environment
+    from alignment_pipelines.judges.reward_model import RewardModelJudge
+    from alignment_pipelines.models.registry import fetch_model
+
+    tracking_uri = args.tracking_uri or DataRoot(default_data_root()).tracking_uri
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    named = {"baseline": args.baseline} | _named_models(args.models)
+    refs, models = {}, []
+    for name, spec in named.items():
+        refs[name], model = _model_under_test(name, spec, client, tracking_uri)
+        models.append(model)
+    if args.judge_model:
+        judge = RewardModelJudge(fetch_model(args.judge_model, tracking_uri), args.judge_model
+                                 if args.judge_model.startswith("models:/") else None, args.batch_size)
+        identity = JudgeIdentity.of(judge, "explicit")
+    else:
+        judge = build_judge(judge_spec_from_environment())
+        identity = JudgeIdentity.of(judge, "resource")
+    out = Path(args.output_dir)
+    with tempfile.TemporaryDirectory(prefix="alignment-pipelines-evaluate-") as work:
+        pairs_file = _training_data(args.data, Path(work))  # a feedback file through the assets' validation
+        pairs = head_records(pairs_file, args.max_pairs, columns=["prompt", "chosen", "rejected"])
+    reward_model = fetch_model(args.reward_model, tracking_uri) if args.reward_model else None
+    evaluation = evaluate_models(models, "baseline", pairs, list(pairs["prompt"].head(args.max_prompts)), judge,
+                                 reward_model_path=str(reward_model) if reward_model else None,
+                                 max_new_tokens=args.max_new_tokens, beta=args.beta, batch_size=args.batch_size,
+                                 judge_identity=identity)
+    plots = evaluation_plots(evaluation, {})
+    markdown = render_report(evaluation, plots, notes=[f"Models: {', '.join(f'{n} = {s}' for n, s in named.items())}",
+                                                       f"Held-out data: {args.data}"])
+    report = EvaluationReport(
+        judge=identity, baseline="baseline", champion=None, candidates=tuple(n for n in named if n != "baseline"),
+        models={name: ModelEvaluation(refs[name].to_dict(), result.metrics, win_rates={
+            BASELINE: rate} if (rate := WinRate.from_metrics(result.metrics, BASELINE)) else {},
+            optimised_against=next(m.optimised_against for m in models if m.name == name))
+            for name, result in evaluation.results.items()},
+        evidence=Evidence(mlflow_run_id="", dagster_run_id="", path=str(out.resolve())),
+        training_reward_model=None if reward_model is None else {"uri": args.reward_model,
+                                                                 **(evaluation.reward_model or {})})
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in plots.items():
+        (out / f"{name}.png").write_bytes(png)
+    (out / "report.md").write_text(markdown)
+    (out / REPORT_FILE).write_text(report.to_json())
+    print("\n".join([identity.headline(), "", comparison_table(evaluation), "",  # the plots stay in report.md
+                      f"Report: {out / 'report.md'} (plots, samples); for `promote --report`: {out / REPORT_FILE}"]))
     return 0
 
 
@@ -489,6 +592,33 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         command.add_argument("--tracking-uri",
                              help="default: MLFLOW_TRACKING_URI, else the SQLite store under the data root")
         command.set_defaults(func=func)
+
+    evaluate = commands.add_parser(
+        "evaluate", parents=[debug], help="evaluate model folders or registered versions against a baseline",
+        description="Measure MODELs (folders or registered versions: models:/NAME/VERSION, models:/NAME@ALIAS; "
+                    "NAME=MODEL to name one) and --baseline on the same held-out pairs and prompts of --data, as the "
+                    "evaluation_report asset does: preference accuracy, implicit reward, KL to each model's start "
+                    "model, answer lengths, broken answers, and win-rates against the baseline with 95%% intervals, "
+                    "every pair judged in both orders. Prints the judge and the comparison table, and writes report.md "
+                    "(with plots and samples) and evaluation.json (what `promote --report` reads) to --output-dir.")
+    evaluate.add_argument("models", nargs="+", metavar="MODEL")
+    evaluate.add_argument("--baseline", required=True, help="the model the others are judged against (the SFT "
+                                                            "model in the pipeline)")
+    evaluate.add_argument("--data", required=True, help="held-out preference pairs: a feedback file (validated as "
+                                                        "`validate` does) or an accepted .parquet")
+    evaluate.add_argument("--output-dir", default="evaluation", help="default: %(default)s")
+    evaluate.add_argument("--judge-model", help="a reward model (folder or models:/ URI) that judges the win-rates; "
+                                                "default: the deployment's judge (ALIGNMENT_PIPELINES_JUDGE, else the "
+                                                "rule judge, a heuristic)")
+    evaluate.add_argument("--reward-model", help="a training reward model that also scores every answer")
+    for flag, default, text in (("--max-pairs", 64, "held-out pairs scored for preference accuracy"),
+                                ("--max-prompts", 64, "held-out prompts every model answers"),
+                                ("--max-new-tokens", 64, "tokens per answer"), ("--batch-size", 8, "per forward")):
+        evaluate.add_argument(flag, type=int, default=default, help=f"{text} (default: %(default)s)")
+    evaluate.add_argument("--beta", type=float, default=0.1, help="scale of the implicit reward (default: %(default)s)")
+    evaluate.add_argument("--tracking-uri", help="for models:/ URIs; default: MLFLOW_TRACKING_URI, else the SQLite "
+                                                 "store under the data root")
+    evaluate.set_defaults(func=_evaluate)
 
     where = commands.add_parser("where", parents=[debug], help="print a path of the data-root layout",
                                 description="Print where the data root keeps a thing (ALIGNMENT_PIPELINES_HOME).")

@@ -65,8 +65,8 @@ def test_validate_takes_the_layout(tmp_path, capsys):
     assert (summary["layout"], summary["accepted"]) == ("hh-rlhf", 1)
 
 
-@pytest.mark.parametrize("command", [[], ["validate"], ["submit"], ["train"], ["promote"], ["rollback"], ["export"],
-                                     ["where"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["validate"], ["evaluate"], ["submit"], ["train"], ["promote"], ["rollback"],
+                                     ["export"], ["where"], ["demo"]])
 def test_every_command_explains_itself(command):
     out = subprocess.run([sys.executable, "-m", "alignment_pipelines.cli", *command, "--help"],
                          capture_output=True, text=True, check=True).stdout
