@@ -35,6 +35,7 @@ SERVED_TAG = "alignment_pipelines.served"  # "true" on every trace the serving e
 MODEL_NAME_TAG = "alignment_pipelines.model_name"
 MODEL_VERSION_TAG = "alignment_pipelines.model_version"
 MODEL_SOURCE_TAG = "alignment_pipelines.model_source"  # the version the served one was promoted from
+FEEDBACK_FILE_TAG = "alignment_pipelines.feedback_file"  # the inbox file its feedback went into (batch key's stem)
 THUMBS_FEEDBACK = "thumbs"
 PREFERRED_FEEDBACK = "preferred_answer"
 BATCH_PREFIX = "traces-"  # inbox files the flywheel writes: traces-<kind>-<time>-<digest>.jsonl
@@ -128,23 +129,24 @@ def collect_feedback(client, experiment_id: str, cursor: FeedbackCursor, now_ms:
     return rows, FeedbackCursor(after_ms=after, seen=kept)
 
 
-def write_feedback_batches(inbox: Path, rows: Sequence[FeedbackRow]) -> list[Path]:
+def write_feedback_batches(inbox: Path, rows: Sequence[FeedbackRow]) -> dict[Path, list[str]]:
     """One JSONL file per kind of feedback in ``inbox`` (a batch holds one kind), written under a ``.part`` name and
-    renamed when complete, so the inbox sensor never reads half a file. Named by kind, time and content, so the same
-    rows written twice are the same batch."""
+    renamed when complete, so the inbox sensor never reads half a file; each file with the trace ids it holds.
+    Named by kind, the newest feedback's time and the content: the same rows written twice are the same file."""
     inbox.mkdir(parents=True, exist_ok=True)
-    written = []
+    written = {}
     for kind in ("binary", "pairwise"):
-        records = [row.record for row in rows if row.kind == kind]
-        if not records:
+        chosen = [row for row in rows if row.kind == kind]
+        if not chosen:
             continue
-        text = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        path = inbox / f"{BATCH_PREFIX}{kind}-{stamp}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.jsonl"
+        text = "".join(json.dumps(row.record, ensure_ascii=False, sort_keys=True) + "\n" for row in chosen)
+        newest = datetime.fromtimestamp(max(row.updated_ms for row in chosen) / 1000, timezone.utc)
+        path = inbox / (f"{BATCH_PREFIX}{kind}-{newest.strftime('%Y%m%dT%H%M%S')}-"
+                        f"{hashlib.sha256(text.encode()).hexdigest()[:8]}.jsonl")
         partial = path.with_name(path.name + ".part")
         partial.write_text(text, encoding="utf-8")
         os.replace(partial, path)
-        written.append(path)
+        written[path] = sorted({row.record["trace_id"] for row in chosen})
     return written
 
 

@@ -18,7 +18,7 @@ import pydantic
 
 from alignment_pipelines.assets.ingestion import ACCEPTED_FILE, SUMMARY_FILE, feedback_batches
 from alignment_pipelines.evaluation.plots import markdown_image
-from alignment_pipelines.flywheel import (FeedbackCursor, WatchScore, collect_feedback, dropped, score_batch,
+from alignment_pipelines.flywheel import (FEEDBACK_FILE_TAG, FeedbackCursor, WatchScore, collect_feedback, dropped, score_batch,
                                           trend_plot, write_feedback_batches)
 from alignment_pipelines.resources.mlflow import MlflowResource
 from alignment_pipelines.resources.storage import StorageResource
@@ -32,15 +32,19 @@ NO_CHAMPION = "no champion yet: nothing to watch"
 def traced_feedback_sensor(context: dg.SensorEvaluationContext, storage: StorageResource,
                            mlflow: MlflowResource) -> dg.SensorResult:
     """Exactly once per assessment (its cursor: ``flywheel.FeedbackCursor``; edited feedback: see
-    ``alignment_pipelines.flywheel``). The files are written before the cursor moves: a tick that dies in between
-    writes the same rows again at the next tick, and the inbox sensor ingests content it already has only once."""
+    ``alignment_pipelines.flywheel``). The files are written, and each trace tagged with its file, before the
+    cursor moves: a tick that dies in between writes the same file again at the next tick, and the inbox sensor
+    ingests content it already has only once. A trace with feedback in several files names the newest."""
     cursor = FeedbackCursor.from_json(context.cursor)
     tracker = mlflow.tracker()
     rows, cursor = collect_feedback(tracker.client, tracker.experiment_id, cursor)
     if not rows:
         return dg.SensorResult(cursor=cursor.to_json(), skip_reason="no new feedback on served answers")
     files = write_feedback_batches(storage.layout.inbox, rows)
-    context.log.info(f"{len(rows)} feedback rows on served answers -> {[f.name for f in files]}")
+    for path, trace_ids in files.items():  # the trace links to its batch (the key is the file name + content hash)
+        for trace_id in trace_ids:
+            tracker.client.set_trace_tag(trace_id, FEEDBACK_FILE_TAG, path.name)
+    context.log.info(f"{len(rows)} feedback rows on served answers -> {[path.name for path in files]}")
     return dg.SensorResult(cursor=cursor.to_json())
 
 

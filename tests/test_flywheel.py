@@ -16,8 +16,8 @@ from mlflow.entities import AssessmentSource
 from alignment_pipelines.assets.flywheel import (WATCH_FILE, champion_watch, champion_watch_agreement,
                                                  traced_feedback_sensor)
 from alignment_pipelines.definitions import build_resources
-from alignment_pipelines.flywheel import (BATCH_PREFIX, PREFERRED_FEEDBACK, THUMBS_FEEDBACK, FeedbackCursor, collect_feedback,
-                                          write_feedback_batches)
+from alignment_pipelines.flywheel import (BATCH_PREFIX, FEEDBACK_FILE_TAG, PREFERRED_FEEDBACK, THUMBS_FEEDBACK,
+                                          FeedbackCursor, collect_feedback, write_feedback_batches)
 from alignment_pipelines.runs import ingest_batch, sense_inbox
 from served_champion import ServedChampion, register_champion, talkative_copy
 
@@ -79,8 +79,10 @@ def test_feedback_is_collected_once_and_an_edit_is_new_feedback(flywheel, tracki
 
     files = write_feedback_batches(tmp_path, rows)
     assert sorted(path.name.split("-")[1] for path in files) == ["binary", "pairwise"]
-    assert [json.loads(line)["trace_id"] for line in files[0].read_text().splitlines()] == [replies[0]["trace_id"]]
-    assert not list(tmp_path.glob("*.part"))
+    binary_file = next(path for path in files if "-binary-" in path.name)
+    assert [json.loads(line)["trace_id"] for line in binary_file.read_text().splitlines()] == [replies[0]["trace_id"]]
+    assert files[binary_file] == [replies[0]["trace_id"]] and not list(tmp_path.glob("*.part"))
+    assert write_feedback_batches(tmp_path, rows) == files  # the same rows again: the same files
 
 
 def _tick(resources, instance, cursor):
@@ -128,6 +130,8 @@ def test_feedback_on_served_answers_becomes_batches_that_watch_the_champion(flyw
         first = _tick(resources, instance, cursor)
         assert not first.run_requests and not list(inbox.glob("*.part"))
         assert sorted(p.name.split("-")[1] for p in inbox.glob("traces-*.jsonl")) == ["binary", "pairwise"]
+        [binary_file] = inbox.glob("traces-binary-*.jsonl")
+        assert tracker.client.get_trace(liked[0]["trace_id"]).info.tags[FEEDBACK_FILE_TAG] == binary_file.name
         checks = _ingest_and_watch(instance, resources)
         contradicted, agreeing = checks[("pairwise", True)], checks[("pairwise", False)]
         assert contradicted[1]["score"]["measure"] == "agreement" and contradicted[1]["score"]["n"] == len(TOPICS)
