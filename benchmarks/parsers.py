@@ -1,22 +1,21 @@
-"""The JSON Lines fast path's hand-written parser against msgspec, orjson and pyarrow's JSON reader, each inside
-the same engine (the same rules, routing and outputs), end to end.
+"""The engine's JSON Lines parser (msgspec, typed decoding: `data/ingest/plain_lines.py`) beside orjson and
+pyarrow's JSON reader, each inside the same engine (the same rules, routing and outputs), end to end.
 
     python benchmarks/parsers.py [--rows 250000] [--repeat 3] [--output benchmarks/results/parsers.md]
 
 What each parser does in the engine (`validate_file_to_parquet`, one process: `workers=1`, so that every parser
 runs alike; the next chunk is still read on a second thread): it turns a chunk's lines into the records of
-the lines of the two plain shapes (`ingest.plain_lines`), and hands every other line to the importer, row by
-row, as before.
-- hand-written: `ingest.plain_lines` (RE2 shape patterns, strings cut out of the bytes with numpy);
-- msgspec: typed decoding into Structs (`forbid_unknown_fields`, roles as a Literal), lines of neither shape
-  decoded untyped;
+the lines of the two plain shapes, and hands every other line to the row converters, as before.
+- msgspec: the engine as it is (typed decoding into Structs, `forbid_unknown_fields`, roles as a Literal);
 - orjson: `orjson.loads` of each line, the shape checked on the objects;
 - pyarrow: `pyarrow.json.read_json` over runs of lines with the conversational schema (unexpected fields an
   error); a run that fails (a broken line, another shape) is halved until the failing lines are found, and
-  those go to the importer.
-A line a library cannot parse goes through the importer's `json` (the reasons must name the same error), as
-does the first line (it may carry a BOM). Each run asserts the same outcome: rows, accepted, quarantined, the
+  those go to the row converters.
+A line a library cannot parse goes through Python's `json` (the reasons must name the same error), as does
+the first line (it may carry a BOM). Each run asserts the same outcome: rows, accepted, quarantined, the
 counts by reason, and digests of the accepted rows' keys and of the quarantined rows (row, reason, detail).
+The hand-written parser msgspec replaced was measured by this script at commit 5caebe9
+(benchmarks/results/parsers.md).
 
 Texts: `generated` (random words in HH-like 3-turn prompts) and `hh` (the real Anthropic HH pairs of
 ../shared/data, read from there), both as `benchmarks/ingestion.py` writes them: conversational pairs with
@@ -40,46 +39,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PARSERS = ("hand-written", "msgspec", "orjson", "pyarrow")
+PARSERS = ("msgspec", "orjson", "pyarrow")  # msgspec: the engine's own
 ROLES = ("system", "user", "assistant")
-KEEP_FACTOR = 1.3  # the hand-written parser stays only this much faster than the best library, end to end
 
 
 # --------------------------------------------------------------------------- the libraries inside the engine
-
-
-class _Plain:
-    """The plain lines of a chunk as a library found them: their indices and their records' columns."""
-
-    def __init__(self) -> None:
-        self.index: list[int] = []
-        self.flat: list[int] = []  # indices (into self.index order) of flat {"prompt": str, ...} lines
-        self.roles: list[str] = []
-        self.contents: list[str] = []
-        self.offsets: list[int] = [0]
-        self.chosen: list[str] = []
-        self.rejected: list[str] = []
-
-    def add(self, i: int, turns: list[tuple[str, str]], chosen: str, rejected: str, flat: bool) -> None:
-        if flat:
-            self.flat.append(len(self.index))
-        self.index.append(i)
-        for role, content in turns:
-            self.roles.append(role)
-            self.contents.append(content)
-        self.offsets.append(len(self.roles))
-        self.chosen.append(chosen)
-        self.rejected.append(rejected)
-
-    def columns(self) -> dict:
-        import pyarrow as pa
-
-        from alignment_pipelines.data import columnar
-
-        messages = pa.StructArray.from_arrays([pa.array(self.roles, pa.string()), pa.array(self.contents, pa.string())],
-                                              fields=list(columnar.MESSAGE_TYPE))
-        return {"prompt": pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), messages),
-                "chosen": pa.array(self.chosen, pa.string()), "rejected": pa.array(self.rejected, pa.string())}
 
 
 def _message(m) -> tuple[str, str] | None:
@@ -96,7 +60,7 @@ def _answer(value) -> str | None:
     return None
 
 
-def _add_object(plain: _Plain, i: int, obj) -> bool:
+def _add_object(plain, i: int, obj) -> bool:
     """Add a parsed object of one of the plain shapes (what the shape patterns accept); False for any other."""
     if type(obj) is not dict or len(obj) != 3:
         return False
@@ -131,16 +95,11 @@ def _importer_row(jf, lines, i: int, text: str):
     return long_line.row(row) if long_line else jf._raw_row(row, text, lines.bad_utf8.get(row))
 
 
-def _prepared(jf, lines, plain: _Plain, other: list, other_index: list[int]):
+def _prepared(jf, lines, plain, other: list, other_index: list[int]):
     import numpy as np
 
-    index = np.asarray(plain.index, dtype=np.int64)
-    flat = np.zeros(len(index), dtype=bool)
-    flat[plain.flat] = True
-    prep = jf._Prepared(lines, index[~flat], index[flat], sorted(other, key=lambda r: r[0]),
-                        np.asarray(sorted(other_index), dtype=np.int64))
-    prep.columns, prep.plain_index = plain.columns(), index
-    return prep
+    return jf._Prepared(lines, np.asarray(plain.conversational, np.int64), np.asarray(plain.flat, np.int64),
+                        other, np.asarray(other_index, dtype=np.int64), columns=plain.columns() if plain.index else {})
 
 
 def _per_line(decode):
@@ -148,9 +107,10 @@ def _per_line(decode):
     raising ValueError where the line is not JSON it reads."""
     def prepare(lines):
         from alignment_pipelines.data.ingest import jsonl_fast as jf
+        from alignment_pipelines.data.ingest.plain_lines import PlainLines
 
         ok = _plain_ok(lines)
-        plain, other, other_index = _Plain(), [], []
+        plain, other, other_index = PlainLines(), [], []
         for i, text in enumerate(lines.text.to_pylist()):
             if ok[i]:
                 try:
@@ -175,43 +135,6 @@ def _orjson_decode():
     def decode(plain, i, text):
         obj = orjson.loads(text)
         return _add_object(plain, i, obj), obj
-    return decode
-
-
-def _msgspec_decode():
-    from typing import Literal
-
-    import msgspec
-
-    message = msgspec.defstruct("Message", [("role", Literal["system", "user", "assistant"]), ("content", str)],
-                                forbid_unknown_fields=True)
-    Conversational = msgspec.defstruct("Conversational", [("prompt", list[message]), ("chosen", list[message]),
-                                                          ("rejected", list[message])], forbid_unknown_fields=True)
-    Flat = msgspec.defstruct("Flat", [("prompt", str), ("chosen", str), ("rejected", str)], forbid_unknown_fields=True)
-
-    conversational, flat, untyped = (msgspec.json.Decoder(Conversational), msgspec.json.Decoder(Flat),
-                                     msgspec.json.Decoder())
-
-    def decode(plain, i, text):
-        try:
-            c = conversational.decode(text)
-            if (c.prompt and c.prompt[-1].role == "user" and len(c.chosen) == 1 == len(c.rejected)
-                    and c.chosen[0].role == "assistant" == c.rejected[0].role):
-                plain.add(i, [(m.role, m.content) for m in c.prompt], c.chosen[0].content, c.rejected[0].content, False)
-                return True, None
-        except msgspec.ValidationError:
-            try:
-                f = flat.decode(text)
-                plain.add(i, [("user", f.prompt)], f.chosen, f.rejected, True)
-                return True, None
-            except msgspec.ValidationError:
-                pass
-        except msgspec.DecodeError as exc:
-            raise ValueError(str(exc)) from exc
-        try:
-            return False, untyped.decode(text)
-        except msgspec.DecodeError as exc:
-            raise ValueError(str(exc)) from exc
     return decode
 
 
@@ -288,30 +211,19 @@ def _pyarrow_prepare(lines):
     texts = columnar.subset(text, other_index).to_pylist() if len(other_index) else []
     other = [_importer_row(jf, lines, i, t) for i, t in zip(other_index.tolist(), texts)]
     index = np.concatenate(indices) if indices else np.zeros(0, np.int64)
-    prep = jf._Prepared(lines, index, np.zeros(0, np.int64), other, other_index)
-    prep.plain_index = index
-    prep.columns = ({k: pa.concat_arrays([t[k] for t in tables]) for k in ("prompt", "chosen", "rejected")}
-                    if tables else {})
-    return prep
-
-
-def _library_records(prep):
-    import pyarrow as pa
-
-    return pa.table({"row": pa.array(prep.lines.rows[prep.plain_index], type=pa.int64()), **prep.columns})
+    columns = {k: pa.concat_arrays([t[k] for t in tables]) for k in ("prompt", "chosen", "rejected")} if tables else {}
+    return jf._Prepared(lines, index, np.zeros(0, np.int64), other, other_index, columns=columns)
 
 
 def install(parser: str) -> None:
-    """Put a library in the place of the hand-written parser in this process (the engine calls `_prepare` for
-    each chunk's lines and `_plain_records` for the records of its plain lines)."""
+    """Put another library in the place of the engine's msgspec in this process (the engine calls `_prepare` for
+    each chunk's lines: `_Prepared.columns` holds the records of its plain lines)."""
     from alignment_pipelines.data.ingest import jsonl_fast
 
-    if parser == "hand-written":
+    if parser == "msgspec":
         return
-    prepare = {"msgspec": lambda: _per_line(_msgspec_decode()), "orjson": lambda: _per_line(_orjson_decode()),
-               "pyarrow": lambda: _pyarrow_prepare}[parser]()
+    prepare = _per_line(_orjson_decode()) if parser == "orjson" else _pyarrow_prepare
     jsonl_fast._prepare = prepare
-    jsonl_fast._plain_records = _library_records
 
 
 # --------------------------------------------------------------------------- runs
@@ -422,22 +334,15 @@ def report(results: dict, texts: list[str], args) -> str:
             lines.append(f"| {text} | {outcome['rows']:,} | {runs[0]['bytes'] / 1e6:.0f} | {parser} | "
                          f"{medians[parser]:.2f} | {outcome['rows'] / medians[parser]:,.0f} | {cpu[parser]:.2f} | "
                          f"{each} | {'; '.join(r['load'] for r in runs)} |")
-        best = min((p for p in PARSERS if p != "hand-written"), key=medians.get)
-        best_cpu = min((p for p in PARSERS if p != "hand-written"), key=cpu.get)
-        verdicts.append((text, best, medians[best] / medians["hand-written"], best_cpu,
-                         cpu[best_cpu] / cpu["hand-written"], outcome))
+        best, best_cpu = min(PARSERS, key=medians.get), min(PARSERS, key=cpu.get)
+        verdicts.append((text, best, medians[best], best_cpu, cpu[best_cpu], outcome))
     lines += ["", "Outcome, the same for every parser:", ""]
     for text, *_, outcome in verdicts:
         lines.append(f"- {text}: {outcome['rows']:,} rows, {outcome['accepted']:,} accepted, quarantined by "
                      f"reason {json.dumps(outcome['by_reason'])}")
-    lines += ["", "## Decision", ""]
-    for text, best, factor, best_cpu, cpu_factor, _ in verdicts:
-        lines.append(f"- {text}: end to end the hand-written parser is {factor:.2f}x as fast as the best library "
-                     f"({best}); in CPU seconds {cpu_factor:.2f}x ({best_cpu}).")
-    keep = all(factor >= KEEP_FACTOR for _, _, factor, *_ in verdicts)
-    lines.append("")
-    lines.append(f"Rule: keep the hand-written parser only if it is at least {KEEP_FACTOR}x faster end to end (median "
-                 f"wall-clock) than the best library on every text. Verdict: **{'keep it' if keep else 'replace it'}**.")
+    lines += ["", "## Fastest", ""]
+    for text, best, _, best_cpu, _, _ in verdicts:
+        lines.append(f"- {text}: {best} by median wall-clock, {best_cpu} by median CPU seconds.")
     return "\n".join(lines) + "\n"
 
 

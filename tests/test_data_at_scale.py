@@ -222,20 +222,31 @@ def test_control_characters_found_on_the_bytes_equal_the_rule():
         assert columnar.control_char_rows(values).tolist() == expected.tolist()
 
 
-def test_json_escapes_decoded_on_the_bytes_equal_json_loads():
+def test_plain_lines_decode_every_json_escape_as_json_loads():
     """Every escape JSON has (quotes, backslash runs, solidus, controls, \\u of 1-, 2- and 3-byte characters and
-    surrogate pairs, which fall back to json.loads), as Python writes them with and without ensure_ascii."""
-    from alignment_pipelines.data.ingest.plain_lines import unescaped as _unescaped
+    surrogate pairs), as Python writes them with and without ensure_ascii: the plain lines' records hold what
+    json.loads reads, in line order; a line of another shape is left to the row converters."""
+    from alignment_pipelines.data.ingest.plain_lines import PlainLines
 
     rng = random.Random(5)
     alphabet = ["a", " ", '"', "\\", "/", "\b", "\f", "\n", "\r", "\t", "\x01", "\x7f", "\u0080", "\u07ff", "\u0800",
                 "é", "’", "日", "\ufffd", "\uffff", "😀", "u", "\\u"]
     values = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
     for ensure_ascii in (True, False):
-        bodies = [json.dumps(v, ensure_ascii=ensure_ascii)[1:-1] for v in values]
-        bodies = [b.replace("/", "\\/") if i % 3 == 0 else b for i, b in enumerate(bodies)]
-        assert _unescaped(pa.array(bodies)).to_pylist() == values
-        assert _unescaped(pa.array(bodies).slice(7)).to_pylist() == values[7:]
+        lines = [json.dumps({"prompt": v, "chosen": v + "!", "rejected": v + "?"} if i % 2 else conv(v, v + "!", v + "?"),
+                            ensure_ascii=ensure_ascii) for i, v in enumerate(values)]
+        lines = [line.replace("/", "\\/") if i % 3 == 0 else line for i, line in enumerate(lines)]
+        lines[5] = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "extra": 1})
+        plain = PlainLines()
+        plain.read(list(range(len(lines))), [line.encode() for line in lines])
+        assert plain.index == [i for i in range(len(lines)) if i != 5]
+        assert plain.flat == [i for i in plain.index if i % 2]
+        columns = plain.columns()
+        expected = [json.loads(lines[i]) for i in plain.index]
+        assert columns["chosen"].to_pylist() == [e["chosen"] if isinstance(e["chosen"], str) else e["chosen"][0]["content"]
+                                                 for e in expected]
+        assert columns["prompt"].to_pylist() == [[{"role": "user", "content": e["prompt"]}] if isinstance(e["prompt"], str)
+                                                 else e["prompt"] for e in expected]
 
 
 def test_nfc_found_on_the_bytes_equals_pythons():

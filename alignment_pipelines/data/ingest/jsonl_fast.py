@@ -2,12 +2,11 @@
 
 A JSONL batch is read in large byte blocks and cut into lines with numpy (line numbers kept). Each line
 is then either
-- **plain**: a JSON object in exactly one of two shapes, checked by one RE2 pattern per shape over the
-  raw line (no duplicate or extra keys, string values only, roles valid, the prompt ending with a user
-  turn, one assistant answer) - `{"prompt": "…", "chosen": "…", "rejected": "…"}` or the conversational
-  `{"prompt": [{"role", "content"}…], "chosen": [{"role": "assistant", …}], "rejected": […]}`. Plain
-  lines are not parsed again: their strings are found from the quotes' positions, copied out by Arrow
-  and their escapes decoded on the bytes (`plain_lines`), into the records the importer would give;
+- **plain**: a JSON object in exactly one of two shapes, decoded by msgspec straight into typed structs
+  (`plain_lines`: no extra keys, string values only, roles valid, the prompt ending with a user turn, one
+  assistant answer) - `{"prompt": "…", "chosen": "…", "rejected": "…"}` or the conversational
+  `{"prompt": [{"role", "content"}…], "chosen": [{"role": "assistant", …}], "rejected": […]}` - into the
+  records the importer would give, as Arrow columns for the whole chunk;
 - **anything else** (another shape, broken JSON, invalid UTF-8, a lone surrogate escape, the first
   line, which may carry a BOM): parsed and converted row by row (`formats.parse_json`, `chunks`).
 Plain lines only occur in pairwise files whose layout is pairwise, conversational or hh-rlhf, where
@@ -32,7 +31,7 @@ from alignment_pipelines.data.ingest import formats
 from alignment_pipelines.data.ingest.chunks import (Chunk, convert_chunk, field_names, layout_counts, records_to_arrow,
                                                     with_layout)
 from alignment_pipelines.data.ingest.layouts import check_layout
-from alignment_pipelines.data.ingest.plain_lines import CONVERSATIONAL, PAIRWISE, plain_columns
+from alignment_pipelines.data.ingest.plain_lines import PlainLines
 from alignment_pipelines.data.schemas import truncate_raw
 
 BLOCK_BYTES = 16 << 20
@@ -314,28 +313,30 @@ class _Prepared:
     other: list[formats.RawRow]  # the rest, parsed
     other_index: np.ndarray
     range: LineRange | None = None  # where the lines were read, when a worker is to read them again
+    columns: dict = field(default_factory=dict)  # prompt, chosen, rejected of the plain lines, in line order
 
 
 def _prepare(lines: _Lines) -> _Prepared:
-    conv = pc.match_substring_regex(lines.text, CONVERSATIONAL).to_numpy(zero_copy_only=False).copy()
-    pair = np.zeros(len(lines), dtype=bool)
-    rest = np.flatnonzero(~conv)  # a line has one shape at most
-    if len(rest):
-        pair[rest] = pc.match_substring_regex(columnar.subset(lines.text, rest), PAIRWISE).to_numpy(zero_copy_only=False)
-    plain_ok = lines.rows != 1
+    """A chunk's lines: the plain ones decoded into their records' columns, the others parsed row by row."""
+    readable = lines.rows != 1  # the first line may carry a BOM
     for odd in (lines.bad_utf8, lines.too_long):
         if odd:
-            plain_ok &= ~np.isin(lines.rows, np.fromiter(odd, dtype=np.int64))
-    conv &= plain_ok
-    pair &= plain_ok
-    other_index = np.flatnonzero(~(conv | pair))
+            readable &= ~np.isin(lines.rows, np.fromiter(odd, dtype=np.int64))
+    candidates = np.flatnonzero(readable)
+    plain = PlainLines()
+    if len(candidates):
+        plain.read(candidates.tolist(), columnar.subset(lines.text, candidates).cast(pa.binary()).to_pylist())
+    is_plain = np.zeros(len(lines), dtype=bool)
+    is_plain[plain.index] = True
+    other_index = np.flatnonzero(~is_plain)
     texts = columnar.subset(lines.text, other_index).to_pylist() if len(other_index) else []
     other = []
     for i, text in zip(other_index.tolist(), texts):
         row = int(lines.rows[i])
         long_line = lines.too_long.get(row)
         other.append(long_line.row(row) if long_line else _raw_row(row, text, lines.bad_utf8.get(row)))
-    return _Prepared(lines, np.flatnonzero(conv), np.flatnonzero(pair), other, other_index)
+    return _Prepared(lines, np.asarray(plain.conversational, dtype=np.int64), np.asarray(plain.flat, dtype=np.int64),
+                     other, other_index, columns=plain.columns() if plain.index else {})
 
 
 def _layout_counts(prep: _Prepared) -> Counter:
@@ -347,13 +348,9 @@ def _layout_counts(prep: _Prepared) -> Counter:
 
 
 def _plain_records(prep: _Prepared) -> pa.Table:
-    parts = []
-    lines = prep.lines
-    for index, conversational in ((prep.plain_conv, True), (prep.plain_pair, False)):
-        if len(index):
-            columns = plain_columns(lines.text, index, conversational)
-            parts.append(pa.table({"row": pa.array(lines.rows[index], type=pa.int64()), **columns}))
-    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    """The records of the chunk's plain lines (their columns are in line order)."""
+    index = np.sort(np.concatenate([prep.plain_conv, prep.plain_pair]))
+    return pa.table({"row": pa.array(prep.lines.rows[index], type=pa.int64()), **prep.columns})
 
 
 @dataclass
