@@ -19,7 +19,8 @@ import dagster as dg
 from alignment_pipelines.assets.ai_feedback import ai_feedback
 from alignment_pipelines.assets.datasets import binary_feedback, preference_pairs, prompts
 from alignment_pipelines.assets.evaluation import build_evaluation_asset, build_evaluation_judge_assets
-from alignment_pipelines.assets.flywheel import champion_watch, champion_watch_agreement, traced_feedback_sensor
+from alignment_pipelines.assets.flywheel import (champion_watch, champion_watch_agreement, traced_feedback_sensor,
+                                                 watch_drop_retrain)
 from alignment_pipelines.assets.ingestion import (feedback_inbox_sensor, raw_feedback, validate_feedback_batch,
                                                   validated_feedback_expectations)
 from alignment_pipelines.assets.promotion import model_promotion, promote_job, rollback_job
@@ -138,7 +139,7 @@ def build_definitions(**resource_options) -> dg.Definitions:
     return dg.Definitions(
         assets=build_assets(),
         asset_checks=[*ALL_CHECKS, champion_watch_agreement],
-        sensors=[feedback_inbox_sensor, traced_feedback_sensor, retrain_on_new_data],
+        sensors=[feedback_inbox_sensor, traced_feedback_sensor, watch_drop_retrain, retrain_on_new_data],
         schedules=[nightly_retraining, storage_retention_schedule],
         jobs=[promote_job, rollback_job],
         resources=build_resources(**resource_options),

@@ -283,17 +283,17 @@ def build_server(tracking_uri: str | None = None, host: str = "127.0.0.1", port:
     return ChampionServer((host, port), served, uri, experiment_id, api_key=os.environ.get(API_KEY_ENV) or None)
 
 
+SERVE_HELP = "serve aligned_policy@champion over HTTP, each answer an MLflow trace"
+SERVE_DESCRIPTION = ("Answer OpenAI-style POST /v1/chat/completions with aligned_policy@champion, record each request "
+                     "and answer as an MLflow trace tagged with the model version, and take feedback on a trace "
+                     f"(POST /v1/feedback). Binds 127.0.0.1; {API_KEY_ENV} requires a Bearer key (docs/flywheel.md).")
+
+
 def add_serve_command(subparsers, parents: list | None = None) -> argparse.ArgumentParser:
     """The ``serve`` command on the CLI's subparsers (``alignment-pipelines serve``)."""
     serve = subparsers.add_parser("serve", parents=parents or [], help=SERVE_HELP, description=SERVE_DESCRIPTION)
     _serve_arguments(serve)
     return serve
-
-
-SERVE_HELP = "serve aligned_policy@champion over HTTP, each answer an MLflow trace"
-SERVE_DESCRIPTION = ("Answer OpenAI-style POST /v1/chat/completions with aligned_policy@champion, record each request "
-                     "and answer as an MLflow trace tagged with the model version, and take feedback on a trace "
-                     f"(POST /v1/feedback). Binds 127.0.0.1; {API_KEY_ENV} requires a Bearer key (docs/flywheel.md).")
 
 
 def _serve_arguments(serve: argparse.ArgumentParser) -> None:

@@ -138,8 +138,8 @@ def model_card(lineage: Lineage, model_format: str, facts: CardFacts) -> str:
     data, the method and its config; the evaluation, gate verdict and judge follow once promotion decides
     (``card_with_verdict``)."""
     rows = ", ".join(f"{count} {split}" for split, count in facts.rows.items()) or "unknown"
-    config = "".join(f"| {key} | {str(value).replace('|', '/')[:200]} |\n" for key, value in sorted(facts.config.items())
-                     if value not in (None, "", [], {}))
+    config = "".join(f"| {key} | {str(value).replace('|', '/')[:200]} |\n"
+                     for key, value in sorted(facts.config.items()) if value not in (None, "", [], {}))
     return (f"{describe_version(lineage, model_format)}\n\n"
             f"## Data\n- dataset version: {lineage.dataset_version}\n- rows: {rows}\n"
             f"- batches ({len(lineage.batches)}): {', '.join(lineage.batches) or 'none'}\n\n"
@@ -215,7 +215,8 @@ class Tracker:
         tags = {"mlflow.data.context": context, "dataset.version": dataset.version,
                 "dataset.batches": ",".join(dataset.batches), "dataset.train_rows": str(dataset.train_rows),
                 "dataset.eval_rows": str(dataset.eval_rows)}
-        self.client.log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag(k, v[:5000]) for k, v in tags.items()])])
+        self.client.log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag(k, v[:5000])
+                                                                       for k, v in tags.items()])])
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -283,8 +284,8 @@ class Tracker:
             self._ensure_registered_model(name)
             version = self.client.create_model_version(name, source=f"runs:/{run_id}/{REGISTERED_ARTIFACT}",
                                                        run_id=run_id, tags=tags,
-                                                       description=model_card(lineage, model_format, card_facts) if card_facts
-                                                       else describe_version(lineage, model_format))
+                                                       description=model_card(lineage, model_format, card_facts)
+                                                       if card_facts else describe_version(lineage, model_format))
             self.client.set_registered_model_alias(name, alias, version.version)
         except BaseException:
             self._undo_registration(name, run_id)

@@ -18,8 +18,8 @@ import pydantic
 
 from alignment_pipelines.assets.ingestion import ACCEPTED_FILE, SUMMARY_FILE, feedback_batches
 from alignment_pipelines.evaluation.plots import markdown_image
-from alignment_pipelines.flywheel import (FEEDBACK_FILE_TAG, FeedbackCursor, WatchScore, collect_feedback, dropped, score_batch,
-                                          trend_plot, write_feedback_batches)
+from alignment_pipelines.flywheel import (FEEDBACK_FILE_TAG, FeedbackCursor, WatchScore, collect_feedback, dropped,
+                                          score_batch, trend_plot, write_feedback_batches)
 from alignment_pipelines.resources.mlflow import MlflowResource
 from alignment_pipelines.resources.storage import StorageResource
 
@@ -55,6 +55,9 @@ class WatchConfig(dg.Config):
         "share over the earlier batches."))
     severity: str = pydantic.Field("WARN", description="The failed check's severity: WARN or ERROR.")
     max_pairs: int = pydantic.Field(512, description="Pairs of a batch scored at most (the first ones).")
+    request_retrain: bool = pydantic.Field(False, description=(
+        "On a drop, also request a retrain and re-evaluation (the sensor watch_drop_retrain), beside the automation "
+        "that retrains when the data changes."))
 
 
 @dg.asset(partitions_def=feedback_batches, deps=["validated_feedback"], group_name="flywheel", kinds={"mlflow"},
@@ -75,7 +78,8 @@ def champion_watch(context: dg.AssetExecutionContext, config: WatchConfig, stora
     kind = json.loads((batch_dir / SUMMARY_FILE).read_text())["kind"]
     tracker = mlflow.tracker()
     champion = current_champion(tracker.client)
-    record: dict = {"batch": key, "kind": kind, "tolerance": config.tolerance, "severity": config.severity}
+    record: dict = {"batch": key, "kind": kind, "tolerance": config.tolerance, "severity": config.severity,
+                    "request_retrain": config.request_retrain}
     if champion is None:
         (batch_dir / WATCH_FILE).write_text(json.dumps(record | {"status": NO_CHAMPION}))
         return dg.MaterializeResult(metadata={"status": NO_CHAMPION, "kind": kind})
@@ -101,7 +105,8 @@ def champion_watch(context: dg.AssetExecutionContext, config: WatchConfig, stora
     if score:
         metadata |= {"measure": score.measure, "rate": _finite(score.rate), "ci_low": score.ci_low,
                      "ci_high": score.ci_high, "rows_scored": score.n, "reference": score.reference or "",
-                     "expected": _finite(expected), "dropped": record["dropped"]}
+                     "expected": _finite(expected), "dropped": record["dropped"],
+                     "retrain_requested": record["dropped"] and config.request_retrain}
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -149,3 +154,27 @@ def champion_watch_agreement(context: dg.AssetCheckExecutionContext, storage: St
                                f"[{score['ci_low']:.2f}, {score['ci_high']:.2f}], more than {record['tolerance']} "
                                f"below the {record['expected']:.2f} it showed before")
     return dg.AssetCheckResult(passed=not record.get("dropped", False), severity=severity, metadata=metadata)
+
+
+RETRAIN_SELECTION = dg.AssetSelection.groups("datasets", "training", "evaluation")
+
+
+@dg.sensor(target=RETRAIN_SELECTION, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Retrains and re-evaluates when a champion_watch set to request_retrain saw a drop.")
+def watch_drop_retrain(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """One retrain per watched batch whose score dropped with ``request_retrain`` set (its materialization's
+    ``retrain_requested``); the cursor is the last materialization read."""
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=champion_watch.key, after_storage_id=after), limit=100, ascending=True).records
+    requests = []
+    for record in records:
+        metadata = record.asset_materialization.metadata
+        if metadata.get("retrain_requested") and metadata["retrain_requested"].value:
+            batch = record.partition_key
+            requests.append(dg.RunRequest(run_key=f"watch-drop:{batch}:{record.storage_id}",
+                                          tags={"alignment_pipelines/watch_drop": batch}))
+    cursor = str(records[-1].storage_id) if records else context.cursor
+    if not requests:
+        return dg.SensorResult(cursor=cursor, skip_reason="no watched batch asked for a retrain")
+    return dg.SensorResult(cursor=cursor, run_requests=requests)

@@ -14,7 +14,7 @@ import pytest
 from mlflow.entities import AssessmentSource
 
 from alignment_pipelines.assets.flywheel import (WATCH_FILE, champion_watch, champion_watch_agreement,
-                                                 traced_feedback_sensor)
+                                                 traced_feedback_sensor, watch_drop_retrain)
 from alignment_pipelines.definitions import build_resources
 from alignment_pipelines.flywheel import (BATCH_PREFIX, FEEDBACK_FILE_TAG, PREFERRED_FEEDBACK, THUMBS_FEEDBACK,
                                           FeedbackCursor, collect_feedback, write_feedback_batches)
@@ -91,7 +91,7 @@ def _tick(resources, instance, cursor):
     return result
 
 
-def _ingest_and_watch(instance, resources):
+def _ingest_and_watch(instance, resources, watch_config: dict | None = None):
     """What the inbox sensor and the eager watch do for each new batch: (check, watch record, run) by (kind, from
     traces)."""
     inbox = resources["storage"].layout.inbox
@@ -102,7 +102,8 @@ def _ingest_and_watch(instance, resources):
         [gate] = ingested.get_asset_check_evaluations()
         assert gate.passed, (request.partition_key, gate.metadata)  # the batch gate admits it, as any file
         watched = dg.materialize([champion_watch, champion_watch_agreement], partition_key=request.partition_key,
-                                 instance=instance, resources=resources, raise_on_error=False)
+                                 instance=instance, resources=resources, raise_on_error=False,
+                                 run_config={"ops": {"champion_watch": {"config": watch_config or {}}}})
         [check] = watched.get_asset_check_evaluations()
         record = json.loads((resources["storage"].layout.batch_dir(request.partition_key) / WATCH_FILE).read_text())
         checks[(record["kind"], request.partition_key.startswith(BATCH_PREFIX))] = (check, record, watched)
@@ -152,6 +153,12 @@ def test_feedback_on_served_answers_becomes_batches_that_watch_the_champion(flyw
             mlflow.log_feedback(trace_id=reply["trace_id"], name=THUMBS_FEEDBACK, value=False)
         second = _tick(resources, instance, first.cursor)
         assert _tick(resources, instance, second.cursor).skip_reason  # exactly once: nothing new the next tick
-        thumbs_check, thumbs_record, _ = _ingest_and_watch(instance, resources)[("binary", True)]
+        with dg.build_sensor_context(instance=instance) as context:
+            cursor = watch_drop_retrain(context).cursor  # the drops so far did not ask for a retrain
+        thumbs_check, thumbs_record, _ = _ingest_and_watch(instance, resources,
+                                                           {"request_retrain": True})[("binary", True)]
         assert thumbs_record["score"]["rate"] == 0.0 and thumbs_record["expected"] == 1.0
         assert not thumbs_check.passed and thumbs_check.severity == dg.AssetCheckSeverity.WARN
+        with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+            [retrain] = watch_drop_retrain(context).run_requests  # this one did
+        assert retrain.tags["alignment_pipelines/watch_drop"] == thumbs_record["batch"]

@@ -62,8 +62,8 @@ def test_feedback_through_the_endpoint_lands_on_the_trace(served, registry):
     second_answer = second["choices"][0]["message"]["content"]
     assert feedback == {("thumbs", "False", "ana"), ("preferred_answer", "Owls hunt at night.", "serving-endpoint"),
                         ("preferred_answer", second_answer, "serving-endpoint")}
-    status, reply = served.post("/v1/feedback", {"trace_id": first["trace_id"], "preferred_trace_id": other["trace_id"]},
-                                AUTH)
+    status, reply = served.post("/v1/feedback",
+                                {"trace_id": first["trace_id"], "preferred_trace_id": other["trace_id"]}, AUTH)
     assert status == 400 and "another conversation" in reply["error"]["message"]
 
 
