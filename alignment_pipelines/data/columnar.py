@@ -159,7 +159,7 @@ def _rows_with_json_specials(arr: pa.Array) -> np.ndarray:
 
 
 def control_char_rows(arr: Any) -> np.ndarray:
-    """Which values `validation.CONTROL_CHARS` matches, found on the UTF-8 bytes (RE2 is slower): a C0 control
+    """Which values `validate.rules.CONTROL_CHARS` matches, found on the UTF-8 bytes (RE2 is slower): a C0 control
     other than tab, newline and carriage return, DEL, a C1 control (C2 80-9F) or U+FFFD (EF BF BD)."""
     arr = as_array(arr)
     data, offsets = value_bytes(arr)

@@ -119,7 +119,7 @@ def _iter_chunks(path: str | Path, layout: str | None, chunk_rows: int, rules: V
     speed (`ingest.jsonl_fast`): a large uncompressed file (`PARALLEL_MIN_BYTES`) is assessed by `workers`
     processes (default: one per CPU), each reading its chunks' bytes itself; a smaller or compressed one on
     this process with the next chunk read on a second thread; other formats (and PII screening, which
-    rewrites records) through the row-by-row importers."""
+    rewrites records) through the row converters (`ingest.chunks`)."""
     p = Path(path)
     if rules.pii == "off" and p.is_file() and formats.detect_format(p, formats.sniff(p)) == "jsonl":
         workers = (os.cpu_count() or 1) if workers is None else workers

@@ -1,9 +1,9 @@
 """Row routing over Arrow columns: every row of a chunk accepted, or quarantined with its reason.
 
-The rules are the kind's Great Expectations suite (`rules`; `gate._row_expectations` is the same list as GX expectations), in the same order
-and with the same patterns, evaluated as Arrow kernels over the whole chunk: the first rule a row fails
-is its reason. Duplicates among the rows that pass follow (earlier batches, earlier chunks, this
-chunk; the first copy kept). GX itself runs once on the batch, as its gate (`run_expectation_suite`).
+The rules (`rules`) are those of the kind's Great Expectations suite (`gate._row_expectations`), in the same
+order and with the same patterns, evaluated as Arrow kernels over the whole chunk: the first rule a row fails
+is its reason. Duplicates among the rows that pass follow (earlier batches, earlier chunks, this chunk; the
+first copy kept; `KeySet`). GX itself runs once on the batch, as its gate (`gate.run_expectation_suite_on_file`).
 """
 
 from __future__ import annotations
