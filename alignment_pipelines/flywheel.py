@@ -38,6 +38,7 @@ MODEL_SOURCE_TAG = "alignment_pipelines.model_source"  # the version the served 
 FEEDBACK_FILE_TAG = "alignment_pipelines.feedback_file"  # the inbox file its feedback went into (batch key's stem)
 THUMBS_FEEDBACK = "thumbs"
 PREFERRED_FEEDBACK = "preferred_answer"
+FEEDBACK_NAMES = (THUMBS_FEEDBACK, PREFERRED_FEEDBACK)
 BATCH_PREFIX = "traces-"  # inbox files the flywheel writes: traces-<kind>-<time>-<digest>.jsonl
 OVERLAP_MS = 5 * 60 * 1000  # feedback stored up to this late (behind newer feedback) is still collected
 FEEDBACK_WINDOW_DAYS = 30.0  # feedback on answers served longer ago than this is not looked for
@@ -68,6 +69,14 @@ class FeedbackRow:
     key: str  # id@update_ms
 
 
+def _updated_ms(assessment) -> int:
+    return int(assessment.last_update_time_ms or assessment.create_time_ms)
+
+
+def _key(assessment) -> str:
+    return f"{assessment.assessment_id}@{_updated_ms(assessment)}"
+
+
 def _source(assessment) -> str:
     source = assessment.source
     return f"{source.source_type}:{source.source_id}" if source else "unknown"
@@ -84,7 +93,7 @@ def _row(trace, assessment) -> FeedbackRow | None:
     if not messages or answer is None:
         return None
     tags = trace.info.tags
-    updated = int(assessment.last_update_time_ms or assessment.create_time_ms)
+    updated = _updated_ms(assessment)
     provenance = {"trace_id": trace.info.trace_id, "model_name": tags.get(MODEL_NAME_TAG),
                   "model_version": tags.get(MODEL_VERSION_TAG), "source": _source(assessment),
                   "timestamp": datetime.fromtimestamp(updated / 1000, timezone.utc).isoformat(),
@@ -96,30 +105,30 @@ def _row(trace, assessment) -> FeedbackRow | None:
         kind, record = "pairwise", {"prompt": messages, "chosen": value, "rejected": answer}
     else:
         return None
-    return FeedbackRow(kind, record | provenance, updated, f"{assessment.assessment_id}@{updated}")
+    return FeedbackRow(kind, record | provenance, updated, _key(assessment))
 
 
 def collect_feedback(client, experiment_id: str, cursor: FeedbackCursor, now_ms: int | None = None,
                      window_days: float = FEEDBACK_WINDOW_DAYS) -> tuple[list[FeedbackRow], FeedbackCursor]:
     """The feedback on served traces that ``cursor`` has not seen, oldest first, and the cursor past it. Reads the
-    served traces of the last ``window_days`` with their assessments, a page at a time."""
+    served traces of the last ``window_days`` with their assessments, a page at a time, and the spans (the
+    conversation and the answer) of those with new feedback only."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     since = now_ms - int(window_days * 86_400_000)
     query = f"tags.`{SERVED_TAG}` = 'true' AND timestamp_ms > {since}"
     seen = set(cursor.seen)
     rows: list[FeedbackRow] = []
     token = None
-    while True:
+    while True:  # trace infos carry the assessments; the spans are read only for traces with new feedback
         page = client.search_traces(experiment_ids=[experiment_id], filter_string=query, max_results=100,
-                                    page_token=token, include_spans=True)
-        for trace in page:
-            for assessment in trace.info.assessments or []:
-                if assessment.valid is False or getattr(assessment, "feedback", None) is None:
-                    continue
-                row = _row(trace, assessment)
-                if row is None or row.key in seen or row.updated_ms < cursor.after_ms - OVERLAP_MS:
-                    continue
-                rows.append(row)
+                                    page_token=token, include_spans=False)
+        for found in page:
+            fresh = [a for a in found.info.assessments or []
+                     if a.valid is not False and a.name in FEEDBACK_NAMES and getattr(a, "feedback", None) is not None
+                     and _key(a) not in seen and _updated_ms(a) >= cursor.after_ms - OVERLAP_MS]
+            if fresh:
+                trace = client.get_trace(found.info.trace_id)
+                rows.extend(row for assessment in fresh if (row := _row(trace, assessment)) is not None)
         token = page.token
         if not token:
             break
