@@ -65,7 +65,7 @@ def _validate(args: argparse.Namespace) -> int:
                                                keys_path=scratch / "keys.parquet")
         if args.format == "jsonl":
             for side in targets:
-                _parquet_to_jsonl(parquet[side], targets[side])
+                _parquet_to_jsonl(parquet[side], targets[side], accepted=side == "accepted")
     summary["gate"] = {"passed": report.success, "max_quarantine_fraction": rules.max_quarantine_fraction,
                        "quarantine_fraction": summary["suite"]["quarantine_fraction"],
                        "failed": [{"expectation": r["expectation"], "column": r["column"], "reason": str(r["reason"]),
@@ -81,14 +81,18 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parquet_to_jsonl(parquet: Path, target: Path) -> None:
-    """One JSON object a row, streamed a record batch at a time."""
+def _parquet_to_jsonl(parquet: Path, target: Path, accepted: bool) -> None:
+    """One JSON object a row, a record batch at a time; accepted rows as `validate_file_to_jsonl` writes them."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from alignment_pipelines.data.records import records_jsonl
 
     partial = target.with_name(target.name + ".partial")
     with open(partial, "w", encoding="utf-8") as out:
-        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=10_000):
-            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in batch.to_pylist())
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=50_000):
+            out.writelines(records_jsonl(pa.Table.from_batches([batch])) if accepted else
+                           (json.dumps(row, ensure_ascii=False) + "\n" for row in batch.to_pylist()))
     os.replace(partial, target)
 
 
@@ -190,10 +194,11 @@ def _train(args: argparse.Namespace) -> int:
                 "num_processes=%d, but %d process(es) are training: the launchers start the worker under "
                 "`accelerate launch --multi_gpu --num_processes N -m alignment_pipelines.cli train ...`; run it so "
                 "by hand for several", config.num_processes, world_size())
-        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines: stdout is for the result's JSON
+        piped = report.pipes is not None
+        # the trainer's log lines to stderr: stdout is for the result's JSON (through Pipes it stays as Pipes set it)
+        with contextlib.nullcontext() if piped else contextlib.redirect_stdout(sys.stderr):
             result = run_training(args.method, config, callbacks=report.callbacks())
         report.finish(result)
-        piped = report.pipes is not None
     if main and not piped:  # through Pipes the result is a message to the run, not text for the console
         print(result.to_json())
     return 0

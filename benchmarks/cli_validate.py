@@ -9,7 +9,8 @@ the other:
 - `cli`: the command a user types, `alignment-pipelines validate FILE --output-dir DIR`, timed as a whole process
   (Python's start, imports and the GX context included) under `/usr/bin/time -v`;
 - `asset engine`: a fresh Python process that runs what the `validate_feedback_batch` asset and its blocking check
-  run: `validate_file_to_parquet` then `run_expectation_suite_on_file` on the accepted rows, timed the same way.
+  run: `validate_file_to_parquet` then `run_expectation_suite_on_file` on the accepted rows, timed the same way
+  (and each of the two inside it).
 
 Peak RSS is `/usr/bin/time`'s (the largest single process: the main one or a worker) and the peak of the whole
 process tree's summed RSS, sampled every 50 ms. The accepted and quarantined counts of both must be equal.
@@ -39,19 +40,22 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("alignment-pipelines")
 
 ASSET_ENGINE = """
-import json, sys
+import json, sys, time
 from pathlib import Path
 from alignment_pipelines.data.validate.engine import validate_file_to_parquet
 from alignment_pipelines.data.validate.gate import run_expectation_suite_on_file
 from alignment_pipelines.data.validate.rules import ValidationRules, defect_count
 source, out = Path(sys.argv[1]), Path(sys.argv[2])
 rules = ValidationRules()
+started = time.perf_counter()
 summary = validate_file_to_parquet(source, out / "accepted.parquet", out / "quarantine.parquet", rules,
                                    keys_path=out / "keys.parquet")
+validated = time.perf_counter()
 report = run_expectation_suite_on_file(out / "accepted.parquet", rules, defect_count(summary["by_reason"]),
                                        keys_path=out / "keys.parquet")
 print(json.dumps({"rows": summary["rows"], "accepted": summary["accepted"], "quarantined": summary["quarantined"],
-                  "by_reason": summary["by_reason"], "gate": report.success}))
+                  "by_reason": summary["by_reason"], "gate": report.success, "validate_s": validated - started,
+                  "gate_s": time.perf_counter() - validated}))
 """
 
 
@@ -69,8 +73,8 @@ def tree_rss_mib(pid: int) -> float:
         try:
             with open(f"/proc/{current}/status") as fh:
                 total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-            with open(f"/proc/{current}/task/{current}/children") as fh:
-                todo.extend(int(c) for c in fh.read().split())
+            for task in Path(f"/proc/{current}/task").iterdir():  # children of every thread
+                todo.extend(int(c) for c in (task / "children").read_text().split())
         except (OSError, StopIteration):
             continue
     return total / 1024
@@ -116,7 +120,13 @@ def run_asset_engine(source: Path, out: Path) -> dict:
         raise RuntimeError(result["stderr"][-3000:])
     summary = json.loads(result["stdout"])
     return result | {"counts": (summary["accepted"], summary["quarantined"]), "by_reason": summary["by_reason"],
-                     "gate": summary["gate"], "rows": summary["rows"]}
+                     "gate": summary["gate"], "rows": summary["rows"],
+                     "split": (summary["validate_s"], summary["gate_s"])}
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return head.stdout.strip()
 
 
 def main() -> None:
@@ -156,7 +166,8 @@ def main() -> None:
         "included); both validate and then run the blocking check's GX suite on the accepted rows. The rows show "
         "the median run by seconds; `rows/s of each run` in their order.",
         f"Machine: {os.cpu_count()} CPU cores shared with other work (load average before -> after each run), "
-        f"Python {platform.python_version()}, {platform.machine()}.",
+        f"Python {platform.python_version()}, {platform.machine()}; commit {commit()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| path | seconds | rows/s | rows/s of each run | CPU s | peak RSS MiB (largest process) | "
         "peak RSS MiB (process tree) | accepted | quarantined | gate passed | load before -> after |",
@@ -169,6 +180,9 @@ def main() -> None:
             f"| {name} | {median['seconds']:.1f} | {args.rows / median['seconds']:,.0f} | {each} | "
             f"{median['cpu_seconds']:.0f} | {median['peak_mib']:,.0f} | {median['tree_peak_mib']:,.0f} | "
             f"{median['counts'][0]:,} | {median['counts'][1]:,} | {median['gate']} | {median['load']} |")
+    splits = ", ".join(f"{v:.1f} + {g:.1f}" for v, g in (r["split"] for r in runs["asset engine"]))
+    lines += ["", f"Inside the asset engine's process, seconds validating + seconds in the GX gate, each run: {splits} "
+                  "(the rest of its wall time is Python's start and the imports)."]
     lines += ["", f"Quarantine by reason (cli): {runs['cli'][0]['by_reason']}; asset engine: "
                   f"{runs['asset engine'][0]['by_reason']}. Same accepted/quarantined counts in every run: {same}.",
               f"Median of each: {statistics.median(r['seconds'] for r in runs['cli']):.1f} s (cli), "
