@@ -671,6 +671,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An expected error prints one line on stderr (its traceback only with --debug)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not progress_wanted():  # no library's bars (model shards, tokenizing) in a pipe, a log file or CI either
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)

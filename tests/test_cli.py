@@ -85,6 +85,7 @@ def test_train_from_the_command_line_with_the_tiny_model(tmp_path):
     assert metrics["method"] == "sft"
     saved = json.loads((output / "alignment_config.json").read_text())
     assert (saved["max_steps"], saved["learning_rate"], saved["lora_output"]) == (3, 1e-3, "merged")
+    assert saved["disable_tqdm"] is True and "it/s]" not in completed.stderr  # no bars in a pipe
     with safe_open(str(output / "model.safetensors"), "pt") as weights:
         assert not any("lora" in k for k in weights.keys())  # merged: loads without PEFT
 
