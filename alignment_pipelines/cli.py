@@ -285,10 +285,15 @@ class _PipesLogHandler(logging.Handler):
             self.handleError(record)
 
 
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the data root's SQLite store."""
+    return args.tracking_uri or DataRoot(default_data_root()).ensure().tracking_uri
+
+
 def _registry(args: argparse.Namespace):
     from mlflow import MlflowClient
 
-    uri = args.tracking_uri or DataRoot(default_data_root()).ensure().tracking_uri
+    uri = _tracking_uri(args)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # a new store's table creation: not news
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -395,8 +400,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     held-out pairs and prompts, judged in both orders; the same report (report.md, plots, evaluation.json)."""
     import tempfile
 
-    from mlflow import MlflowClient
-
     from alignment_pipelines.data.records import head_records
     from alignment_pipelines.evaluation.compare import BASELINE, evaluate_models
     from alignment_pipelines.evaluation.report import REPORT_FILE, comparison_table, evaluation_plots, render_report
@@ -406,8 +409,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from alignment_pipelines.judges.reward_model import RewardModelJudge
     from alignment_pipelines.models.registry import fetch_model
 
-    tracking_uri = args.tracking_uri or DataRoot(default_data_root()).tracking_uri
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    tracking_uri, client = _tracking_uri(args), _registry(args)
     named = {"baseline": args.baseline} | _named_models(args.models)
     refs, models = {}, []
     for name, spec in named.items():
