@@ -14,6 +14,7 @@ from pathlib import Path
 from alignment_pipelines.layout import DataRoot, default_data_root
 from alignment_pipelines.progress import progress_wanted
 from alignment_pipelines.promotion import GateConfig
+from alignment_pipelines.serving import add_serve_command
 from alignment_pipelines.tracking import WORKER_MLFLOW_RUN_ENV, WORKER_MLFLOW_URI_ENV, Tracker, step_callback
 
 
@@ -626,6 +627,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--tracking-uri", help="for models:/ URIs; default: MLFLOW_TRACKING_URI, else the SQLite "
                                                  "store under the data root")
     evaluate.set_defaults(func=_evaluate)
+
+    add_serve_command(commands, parents=[debug])
 
     where = commands.add_parser("where", parents=[debug], help="print a path of the data-root layout",
                                 description="Print where the data root keeps a thing (ALIGNMENT_PIPELINES_HOME).")

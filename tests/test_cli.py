@@ -66,7 +66,7 @@ def test_validate_takes_the_layout(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [[], ["validate"], ["evaluate"], ["submit"], ["train"], ["promote"], ["rollback"],
-                                     ["export"], ["where"], ["demo"]])
+                                     ["export"], ["serve"], ["where"], ["demo"]])
 def test_every_command_explains_itself(command):
     out = subprocess.run([sys.executable, "-m", "alignment_pipelines.cli", *command, "--help"],
                          capture_output=True, text=True, check=True).stdout
