@@ -487,6 +487,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def _validation_defaults() -> dict:
     """ValidationRules' defaults: the flags default to what the asset applies."""
     from alignment_pipelines.data.validate.rules import ValidationRules
@@ -532,15 +540,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                "(default: %(default)s)")
     validate.add_argument("--tokenizer", help="a local tokenizer folder (or tokenizer.json): token-length "
                                               "statistics with it, as the asset measures with the base model's")
-    validate.add_argument("--max-prompt-tokens", type=int, default=rule_defaults["max_prompt_tokens"],
+    validate.add_argument("--max-prompt-tokens", type=positive_int, default=rule_defaults["max_prompt_tokens"],
                           help="with --tokenizer (default: %(default)s)")
-    validate.add_argument("--max-completion-tokens", type=int, default=rule_defaults["max_completion_tokens"],
+    validate.add_argument("--max-completion-tokens", type=positive_int, default=rule_defaults["max_completion_tokens"],
                           help="with --tokenizer (default: %(default)s)")
     validate.add_argument("--quarantine-over-length", action="store_true",
                           help="with --tokenizer: quarantine rows over the limits instead of counting them")
     validate.add_argument("--max-quarantine-fraction", type=float, default=rule_defaults["max_quarantine_fraction"],
                           help="the gate: more defective rows than this blocks the batch (default: %(default)s)")
-    validate.add_argument("--chunk-rows", type=int, default=50_000, help="rows per chunk (default: %(default)s)")
+    validate.add_argument("--chunk-rows", type=positive_int, default=50_000, help="rows per chunk (default: %(default)s)")
     validate.set_defaults(func=_validate)
 
     submit = commands.add_parser(
@@ -622,7 +630,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for flag, default, text in (("--max-pairs", 64, "held-out pairs scored for preference accuracy"),
                                 ("--max-prompts", 64, "held-out prompts every model answers"),
                                 ("--max-new-tokens", 64, "tokens per answer"), ("--batch-size", 8, "per forward")):
-        evaluate.add_argument(flag, type=int, default=default, help=f"{text} (default: %(default)s)")
+        evaluate.add_argument(flag, type=positive_int, default=default, help=f"{text} (default: %(default)s)")
     evaluate.add_argument("--beta", type=float, default=0.1, help="scale of the implicit reward (default: %(default)s)")
     evaluate.add_argument("--tracking-uri", help="for models:/ URIs; default: MLFLOW_TRACKING_URI, else the SQLite "
                                                  "store under the data root")
