@@ -690,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"alignment-pipelines {args.command}: interrupted", file=sys.stderr)
+        return 130  # as a shell reports a command ended by Ctrl-C
     except Exception as error:
         status = exit_status(error)
         if status is None or args.debug:

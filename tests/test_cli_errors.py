@@ -104,3 +104,14 @@ def test_a_defect_keeps_its_traceback():
 
     assert exit_status(KeyError("y")) is None and exit_status(json.JSONDecodeError("x", "", 0)) is None
     assert exit_status(UsageError("z")) == 2 and exit_status(ConfigError("max_steps", 0, "must be >= 1")) == 2
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch, capsys):
+    import alignment_pipelines.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "default_data_root", interrupted)  # Ctrl-C while the command works
+    assert main(["where", "root"]) == 130
+    assert one_line_error(capsys, "where") == "alignment-pipelines where: interrupted"
