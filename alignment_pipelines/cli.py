@@ -548,7 +548,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                           help="with --tokenizer: quarantine rows over the limits instead of counting them")
     validate.add_argument("--max-quarantine-fraction", type=float, default=rule_defaults["max_quarantine_fraction"],
                           help="the gate: more defective rows than this blocks the batch (default: %(default)s)")
-    validate.add_argument("--chunk-rows", type=positive_int, default=50_000, help="rows per chunk (default: %(default)s)")
+    validate.add_argument("--chunk-rows", type=positive_int, default=50_000,
+                          help="rows per chunk (default: %(default)s)")
     validate.set_defaults(func=_validate)
 
     submit = commands.add_parser(

@@ -15,7 +15,7 @@ def progress_wanted_in_child(stderr_is_terminal: bool, ci: str | None) -> bool:
     leader, follower = pty.openpty()
     try:
         completed = subprocess.run(
-            [sys.executable, "-c", "from alignment_pipelines.progress import progress_wanted; print(progress_wanted())"],
+            [sys.executable, "-c", "from alignment_pipelines.progress import progress_wanted as w; print(w())"],
             stdout=subprocess.PIPE, stderr=follower if stderr_is_terminal else subprocess.PIPE, env=env, text=True,
             check=True)
     finally:
