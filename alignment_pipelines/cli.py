@@ -50,6 +50,9 @@ def _validate(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-quarantine-fraction {args.max_quarantine_fraction}: must be between 0 and 1")
     if args.tokenizer and not Path(args.tokenizer).exists():
         raise UsageError(f"--tokenizer {args.tokenizer}: no such tokenizer folder or tokenizer.json")
+    if not args.output_dir and source.parent.resolve() == DataRoot(default_data_root()).inbox.resolve():
+        raise UsageError(f"{source} is in the inbox, where outputs written beside it would be ingested as new "
+                         "batches: give --output-dir")
     rules = _rules(args)
     out_dir = Path(args.output_dir) if args.output_dir else source.parent
     out_dir.mkdir(parents=True, exist_ok=True)

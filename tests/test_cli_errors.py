@@ -115,3 +115,13 @@ def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "default_data_root", interrupted)  # Ctrl-C while the command works
     assert main(["where", "root"]) == 130
     assert one_line_error(capsys, "where") == "alignment-pipelines where: interrupted"
+
+
+def test_validate_writes_nothing_into_the_inbox(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ALIGNMENT_PIPELINES_HOME", str(tmp_path))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "batch.jsonl").write_bytes(demo_feedback_path().read_bytes())
+    assert main(["validate", str(inbox / "batch.jsonl")]) == 2
+    assert "give --output-dir" in one_line_error(capsys, "validate")
+    assert [p.name for p in inbox.iterdir()] == ["batch.jsonl"]  # the sensor would take any output as a batch
