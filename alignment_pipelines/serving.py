@@ -191,6 +191,10 @@ def answer_of(trace) -> str:
     return outputs["choices"][0]["message"]["content"]
 
 
+class RefusedBinding(ValueError):
+    """An address the server will not listen on as configured."""
+
+
 def _refuse_open_binding(host: str, api_key: str | None) -> None:
     """Anything but loopback is reachable from the network: only with an API key."""
     try:
@@ -198,8 +202,8 @@ def _refuse_open_binding(host: str, api_key: str | None) -> None:
     except ValueError:
         loopback = host == "localhost"
     if not loopback and not api_key:
-        raise ValueError(f"refusing to serve on {host} without {API_KEY_ENV}: anyone who reaches the port could use "
-                         "the model and write feedback; set the key, or bind 127.0.0.1")
+        raise RefusedBinding(f"refusing to serve on {host} without {API_KEY_ENV}: anyone who reaches the port could "
+                             "use the model and write feedback; set the key, or bind 127.0.0.1")
 
 
 class ChampionHandler(BaseHTTPRequestHandler):
@@ -277,12 +281,14 @@ def build_server(tracking_uri: str | None = None, host: str = "127.0.0.1", port:
     from alignment_pipelines.layout import DataRoot, default_data_root
     from alignment_pipelines.tracking import Tracker
 
+    api_key = os.environ.get(API_KEY_ENV) or None
+    _refuse_open_binding(host, api_key)  # before minutes of loading a model
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DataRoot(default_data_root()).ensure().tracking_uri
     experiment_id = Tracker(uri, experiment=experiment).experiment_id
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=experiment_id)
     served = load_champion(uri, name, alias)
-    return ChampionServer((host, port), served, uri, experiment_id, api_key=os.environ.get(API_KEY_ENV) or None)
+    return ChampionServer((host, port), served, uri, experiment_id, api_key=api_key)
 
 
 SERVE_HELP = "serve aligned_policy@champion over HTTP, each answer an MLflow trace"
@@ -307,7 +313,10 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    server = build_server(args.tracking_uri, host=args.host, port=args.port, alias=args.alias)
+    try:
+        server = build_server(args.tracking_uri, host=args.host, port=args.port, alias=args.alias)
+    except RefusedBinding as error:
+        raise SystemExit(f"alignment-pipelines serve: {error}") from None
     print(json.dumps({"serving": f"models:/{server.served.name}/{server.served.version}", "url": server.url}),
           flush=True)
     try:

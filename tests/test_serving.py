@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from alignment_pipelines.flywheel import MODEL_NAME_TAG, MODEL_SOURCE_TAG, MODEL_VERSION_TAG, SERVED_TAG
 from alignment_pipelines.layout import DataRoot
-from alignment_pipelines.serving import ServedModel, ChampionServer
+from alignment_pipelines.serving import ChampionServer, RefusedBinding, ServedModel
 from served_champion import ServedChampion, register_champion
 
 KEY = "test-serving-key"
@@ -90,5 +90,13 @@ def test_a_request_without_the_key_is_refused(served):
 
 def test_an_open_address_needs_a_key():
     model = ServedModel(name="aligned_policy", version="1", source_uri=None, backend=None)
-    with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0 without ALIGNMENT_PIPELINES_SERVE_API_KEY"):
+    with pytest.raises(RefusedBinding, match="refusing to serve on 0.0.0.0 without ALIGNMENT_PIPELINES_SERVE_API_KEY"):
         ChampionServer(("0.0.0.0", 0), model, "sqlite:///unused.db", "0")
+
+
+def test_the_command_refuses_an_open_address_before_loading_anything(monkeypatch):
+    from alignment_pipelines.serving import main
+
+    monkeypatch.delenv("ALIGNMENT_PIPELINES_SERVE_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match="alignment-pipelines serve: refusing to serve on 0.0.0.0 without"):
+        main(["--host", "0.0.0.0", "--tracking-uri", "http://127.0.0.1:9"])  # nothing listens there: never asked
