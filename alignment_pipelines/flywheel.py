@@ -82,16 +82,22 @@ def _source(assessment) -> str:
     return f"{source.source_type}:{source.source_id}" if source else "unknown"
 
 
+def served_exchange(trace) -> tuple[list[dict], str] | None:
+    """The conversation and the answer a served trace recorded (its root span's inputs and outputs), or None."""
+    span = trace.data.spans[0] if trace.data.spans else None
+    try:
+        messages, answer = span.inputs["messages"], span.outputs["choices"][0]["message"]["content"]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+    return (messages, answer) if messages and isinstance(answer, str) else None
+
+
 def _row(trace, assessment) -> FeedbackRow | None:
     """The feedback row an assessment on a served trace makes, or None for another kind of assessment."""
-    span = trace.data.spans[0] if trace.data.spans else None
-    messages = (span.inputs or {}).get("messages") if span else None
-    try:
-        answer = span.outputs["choices"][0]["message"]["content"]
-    except (AttributeError, KeyError, IndexError, TypeError):
-        answer = None
-    if not messages or answer is None:
+    exchange = served_exchange(trace)
+    if exchange is None:
         return None
+    messages, answer = exchange
     tags = trace.info.tags
     updated = _updated_ms(assessment)
     provenance = {"trace_id": trace.info.trace_id, "model_name": tags.get(MODEL_NAME_TAG),

@@ -5,7 +5,7 @@ once, answers ``POST /v1/chat/completions`` with it, and records each request an
 project's experiment, tagged with the registered model's name and version (and the version it was promoted from),
 so feedback on an answer reaches the model that gave it. The response carries the trace id (``trace_id`` in the
 body, ``X-MLflow-Trace-Id`` as a header). Feedback comes back through ``mlflow.log_feedback`` on that trace id, or
-``POST /v1/feedback`` for an application without MLflow (``FeedbackRequest``); the flywheel sensor turns it into a
+``POST /v1/feedback`` for an application without MLflow (``ChampionServer.feedback``); the flywheel sensor turns it into a
 batch (``alignment_pipelines.flywheel``).
 
 Secure by default: it binds 127.0.0.1; when ``ALIGNMENT_PIPELINES_SERVE_API_KEY`` is set every request must carry
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from alignment_pipelines.flywheel import (MODEL_NAME_TAG, MODEL_SOURCE_TAG, MODEL_VERSION_TAG, PREFERRED_FEEDBACK,
-                                          SERVED_TAG, THUMBS_FEEDBACK)
+                                          SERVED_TAG, THUMBS_FEEDBACK, served_exchange)
 
 API_KEY_ENV = "ALIGNMENT_PIPELINES_SERVE_API_KEY"
 DEFAULT_PORT = 8080
@@ -162,33 +162,27 @@ class ChampionServer(ThreadingHTTPServer):
                     raise RequestError(400, "'preferred' must be a non-empty answer")
             else:
                 other = self._served_trace(body["preferred_trace_id"])
-                if _messages_of(other) != _messages_of(trace):
+                (messages, answer), (own_messages, _) = served_exchange(other), served_exchange(trace)
+                if messages != own_messages:
                     raise RequestError(400, "'preferred_trace_id' answered another conversation")
-                preferred, metadata = answer_of(other), {"preferred_trace_id": other.info.trace_id}
+                preferred, metadata = answer, {"preferred_trace_id": other.info.trace_id}
+            if preferred.strip() == served_exchange(trace)[1].strip():
+                raise RequestError(400, "the preferred answer is the served answer itself: no preference to learn")
             assessment = mlflow.log_feedback(trace_id=trace.info.trace_id, name=PREFERRED_FEEDBACK, value=preferred,
                                              source=source, rationale=rationale, metadata=metadata)
         return {"trace_id": trace.info.trace_id, "assessment_id": assessment.assessment_id}
 
     def _served_trace(self, trace_id):
+        """The trace of an answer this server gave (its conversation and answer recorded), else a 404."""
         import mlflow
 
         if not isinstance(trace_id, str) or not trace_id:
             raise RequestError(400, "'trace_id' must be the trace id a chat response returned")
         trace = mlflow.get_trace(trace_id)
         if trace is None or trace.info.tags.get(SERVED_TAG) != "true" or \
-                trace.info.experiment_id != self.experiment_id:
+                trace.info.experiment_id != self.experiment_id or served_exchange(trace) is None:
             raise RequestError(404, f"no answer served here has trace id {trace_id!r}")
         return trace
-
-
-def _messages_of(trace) -> list:
-    return (trace.data.spans[0].inputs or {}).get("messages") if trace.data.spans else None
-
-
-def answer_of(trace) -> str:
-    """The served answer a trace recorded."""
-    outputs = trace.data.spans[0].outputs if trace.data.spans else None
-    return outputs["choices"][0]["message"]["content"]
 
 
 class RefusedBinding(ValueError):

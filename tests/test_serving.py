@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from alignment_pipelines.flywheel import MODEL_NAME_TAG, MODEL_SOURCE_TAG, MODEL_VERSION_TAG, SERVED_TAG
 from alignment_pipelines.layout import DataRoot
 from alignment_pipelines.serving import ChampionServer, RefusedBinding, ServedModel
-from served_champion import ServedChampion, register_champion
+from served_champion import ServedChampion, register_champion, talkative_copy
 
 KEY = "test-serving-key"
 
@@ -19,7 +19,7 @@ KEY = "test-serving-key"
 def registry(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("serving")
     uri = DataRoot(root).ensure().local_tracking_uri
-    return uri, register_champion(uri, tiny_model_dir), root
+    return uri, register_champion(uri, talkative_copy(tiny_model_dir, root / "champion")), root
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def test_each_answer_is_a_trace_of_the_served_version(served, registry):
 def test_feedback_through_the_endpoint_lands_on_the_trace(served, registry):
     uri = registry[0]
     first = served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Owls?"}]}, AUTH)[1]
-    second = served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Owls?"}]}, AUTH)[1]
+    second = served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Owls?"}],
+                                                  "max_tokens": 3}, AUTH)[1]  # greedy: a shorter answer differs
     other = served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Salt?"}]}, AUTH)[1]
     assert served.post("/v1/feedback", {"trace_id": first["trace_id"], "thumbs": "down", "user": "ana"}, AUTH)[0] == 200
     assert served.post("/v1/feedback", {"trace_id": first["trace_id"], "preferred": "Owls hunt at night."},
@@ -65,6 +66,9 @@ def test_feedback_through_the_endpoint_lands_on_the_trace(served, registry):
     status, reply = served.post("/v1/feedback",
                                 {"trace_id": first["trace_id"], "preferred_trace_id": other["trace_id"]}, AUTH)
     assert status == 400 and "another conversation" in reply["error"]["message"]
+    status, reply = served.post("/v1/feedback", {"trace_id": first["trace_id"],
+                                                 "preferred": first["choices"][0]["message"]["content"]}, AUTH)
+    assert status == 400 and "the served answer itself" in reply["error"]["message"]
 
 
 @pytest.mark.parametrize("path, body, status, message", [
