@@ -359,15 +359,16 @@ def _export(args: argparse.Namespace) -> int:
 
 def _model_under_test(name: str, spec: str, client, tracking_uri: str):
     """(ModelRef, ModelUnderTest) of a model folder or a registered version (``models:/name/3``, ``models:/name@a``):
-    the folder, the start model its card names (the reference for implicit reward and KL) and the reward models its
-    training optimised (its registry tags and saved config), as the evaluation asset reads them."""
+    the folder, the start model its card names (the reference for implicit reward and KL), the reward models its
+    training optimised (its registry tags and saved config), as the evaluation asset reads them, and, registered,
+    the run that trained it (its training curve)."""
     from alignment_pipelines.evaluation.compare import ModelUnderTest
     from alignment_pipelines.evaluation.schema import optimisation_targets
     from alignment_pipelines.models.loading import read_model_card
     from alignment_pipelines.models.registry import fetch_model, parse_models_uri
     from alignment_pipelines.refs import ModelRef
 
-    registered, tags = (None, None), {}
+    registered, tags, run_id = (None, None), {}, None
     if spec.startswith("models:/"):
         try:
             registered_name, version, alias = parse_models_uri(spec)
@@ -375,14 +376,14 @@ def _model_under_test(name: str, spec: str, client, tracking_uri: str):
             raise UsageError(str(error)) from None
         entry = (client.get_model_version_by_alias(registered_name, alias) if alias
                  else client.get_model_version(registered_name, version))
-        registered, tags = (registered_name, str(entry.version)), dict(entry.tags)
+        registered, tags, run_id = (registered_name, str(entry.version)), dict(entry.tags), entry.run_id
     folder = fetch_model(spec, tracking_uri)
     if not folder.is_dir():
         raise UsageError(f"{name}: {spec} is not a model folder or a models:/ URI")
     card = read_model_card(folder)
     ref = ModelRef(path=str(folder), method=card.get("method", "unknown"), base_model=card.get("parent", str(folder)),
                    role=card.get("role", "policy"), start_path=card.get("parent"), registered_name=registered[0],
-                   registered_version=registered[1])
+                   registered_version=registered[1], mlflow_run_id=run_id)
     return ref, ModelUnderTest(name, str(folder), ref.start_path, optimisation_targets(str(folder), tags))
 
 
@@ -405,12 +406,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
     from alignment_pipelines.data.records import head_records
-    from alignment_pipelines.evaluation.compare import BASELINE, evaluate_models
-    from alignment_pipelines.evaluation.report import REPORT_FILE, comparison_table, evaluation_plots, render_report
-    from alignment_pipelines.evaluation.schema import (EvaluationReport, Evidence, JudgeIdentity, ModelEvaluation,
-                                                       WinRate)
+    from alignment_pipelines.evaluation.compare import evaluate_models
+    from alignment_pipelines.evaluation.judge_choice import evaluation_judge
+    from alignment_pipelines.evaluation.report import (REPORT_FILE, build_report, comparison_table,
+                                                       training_history, write_report)
+    from alignment_pipelines.evaluation.schema import Evidence
     from alignment_pipelines.judges.factory import build_judge, judge_spec_from_environment
-    from alignment_pipelines.judges.reward_model import RewardModelJudge
     from alignment_pipelines.models.registry import fetch_model
 
     tracking_uri, client = _tracking_uri(args), _registry(args)
@@ -419,13 +420,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name, spec in named.items():
         refs[name], model = _model_under_test(name, spec, client, tracking_uri)
         models.append(model)
-    if args.judge_model:
-        judge = RewardModelJudge(fetch_model(args.judge_model, tracking_uri), args.judge_model
-                                 if args.judge_model.startswith("models:/") else None, args.batch_size)
-        identity = JudgeIdentity.of(judge, "explicit")
-    else:
-        judge = build_judge(judge_spec_from_environment())
-        identity = JudgeIdentity.of(judge, "resource")
+    judge_model = _model_under_test("--judge-model", args.judge_model, client, tracking_uri)[0] \
+        if args.judge_model else None
+    judge, identity, _ = evaluation_judge("explicit" if judge_model else "resource", judge_model,
+                                          lambda: build_judge(judge_spec_from_environment()), args.batch_size)
     out = Path(args.output_dir)
     with tempfile.TemporaryDirectory(prefix="alignment-pipelines-evaluate-") as work:
         pairs_file = _training_data(args.data, Path(work))  # a feedback file through the assets' validation
@@ -435,22 +433,12 @@ def _evaluate(args: argparse.Namespace) -> int:
                                  reward_model_path=str(reward_model) if reward_model else None,
                                  max_new_tokens=args.max_new_tokens, beta=args.beta, batch_size=args.batch_size,
                                  judge_identity=identity)
-    plots = evaluation_plots(evaluation, {})
-    markdown = render_report(evaluation, plots, notes=[f"Models: {', '.join(f'{n} = {s}' for n, s in named.items())}",
-                                                       f"Held-out data: {args.data}"])
-    report = EvaluationReport(
-        judge=identity, baseline="baseline", champion=None, candidates=tuple(n for n in named if n != "baseline"),
-        models={name: ModelEvaluation(refs[name].to_dict(), result.metrics, win_rates={
-            BASELINE: rate} if (rate := WinRate.from_metrics(result.metrics, BASELINE)) else {},
-            optimised_against=next(m.optimised_against for m in models if m.name == name))
-            for name, result in evaluation.results.items()},
-        evidence=Evidence(mlflow_run_id="", dagster_run_id="", path=str(out.resolve())),
-        training_reward_model=None if reward_model is None else {"uri": args.reward_model,
-                                                                 **(evaluation.reward_model or {})})
-    out.mkdir(parents=True, exist_ok=True)
-    for name, png in plots.items():
-        (out / f"{name}.png").write_bytes(png)
-    (out / "report.md").write_text(markdown)
+    write_report(out, evaluation, {name: training_history(client, ref.mlflow_run_id) for name, ref in refs.items()},
+                 notes=[f"Models: {', '.join(f'{n} = {s}' for n, s in named.items())}", f"Held-out data: {args.data}"])
+    report = build_report(evaluation, models, {name: ref.to_dict() for name, ref in refs.items()},
+                               Evidence(mlflow_run_id="", dagster_run_id="", path=str(out.resolve())),
+                               candidates=[name for name in named if name != "baseline"],
+                               training_reward_model=None if reward_model is None else {"uri": args.reward_model})
     (out / REPORT_FILE).write_text(report.to_json())
     print("\n".join([identity.headline(), "", comparison_table(evaluation), "",  # the plots stay in report.md
                       f"Report: {out / 'report.md'} (plots, samples); for `promote --report`: {out / REPORT_FILE}"]))

@@ -18,11 +18,11 @@ from alignment_pipelines.assets.training import (SFT_ASSET, TRAINING_POOL, TRAIN
                                                  train_and_register)
 from alignment_pipelines.data.datasets.sql import judge_path_beside
 from alignment_pipelines.data.records import head_records
-from alignment_pipelines.evaluation.compare import BASELINE, CHAMPION, ModelUnderTest, evaluate_models
-from alignment_pipelines.evaluation.report import REPORT_FILE, comparison_table, evaluation_plots, render_report
-from alignment_pipelines.evaluation.schema import (ChampionRef, EvaluationReport, Evidence, JudgeIdentity,
-                                                   ModelEvaluation, WinRate, optimisation_targets)
-from alignment_pipelines.judges.reward_model import RewardModelJudge
+from alignment_pipelines.evaluation.compare import CHAMPION, ModelUnderTest, evaluate_models
+from alignment_pipelines.evaluation.judge_choice import EVALUATION_REWARD_MODEL, evaluation_judge
+from alignment_pipelines.evaluation.report import (REPORT_FILE, build_report, comparison_table, training_history,
+                                                   write_report)
+from alignment_pipelines.evaluation.schema import ChampionRef, Evidence, optimisation_targets
 from alignment_pipelines.methods import METHODS
 from alignment_pipelines.promotion import ALIGNED_MODEL, current_champion
 from alignment_pipelines.refs import DatasetRef, ModelRef
@@ -36,8 +36,6 @@ from alignment_pipelines.resources.storage import StorageResource
 # one method that fails does not hold back the evaluation of the others.
 ON_ANY_NEW_MODEL = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing()).replace(
     "any_deps_updated", dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed()))
-TRAINING_CURVE_METRIC = "loss"
-EVALUATION_REWARD_MODEL = "evaluation_reward_model"
 JUDGE_TAG = "alignment.judge"  # "evaluation" on every version of evaluation_reward_model: a judge, never a reward
 
 
@@ -117,30 +115,6 @@ def build_evaluation_judge_assets() -> list[dg.AssetsDefinition]:
     return [build_evaluation_reward_model_asset(reward_method)] if reward_method else []
 
 
-def training_history(tracker, run_id: str | None) -> list[dict]:
-    """The per-step training loss a model's MLflow run recorded, for the training-curve plot."""
-    if not run_id:
-        return []
-    return [{"step": m.step, TRAINING_CURVE_METRIC: m.value}
-            for m in tracker.client.get_metric_history(run_id, TRAINING_CURVE_METRIC)]
-
-
-def evaluation_judge(choice: str, judge_model: ModelRef | None, resource: JudgeResource,
-                     batch_size: int) -> tuple[object, JudgeIdentity, list[str]]:
-    """The judge, its identity and a note on the choice: the evaluation reward model when asked for and trained,
-    else the judge resource."""
-    if choice == EVALUATION_REWARD_MODEL and judge_model is not None:
-        judge = RewardModelJudge(judge_model.path, judge_model.uri, batch_size)
-        accuracy = {k: v for k, v in judge_model.metrics.items()
-                    if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return judge, JudgeIdentity.of(judge, EVALUATION_REWARD_MODEL, accuracy), []
-    judge = resource.build()
-    notes = [] if choice == "resource" else [
-        f"No {EVALUATION_REWARD_MODEL} has been trained yet (it trains on the judge split of preference_pairs): "
-        "the judge resource judged."]
-    return judge, JudgeIdentity.of(judge, "resource"), notes
-
-
 def version_tags(client, name: str | None, version: str | None) -> dict[str, str]:
     """A registered version's tags (lineage among them); none for a model that is not registered."""
     return dict(client.get_model_version(name, version).tags) if name and version else {}
@@ -188,7 +162,7 @@ def build_evaluation_asset(policy_names: list[str], reward_names: list[str] | No
         models = [ModelUnderTest(name, entry["path"], starts[name], targets[name]) for name, entry in entries.items()]
 
         judge_model = latest_model_refs(context.instance, [EVALUATION_REWARD_MODEL]).get(EVALUATION_REWARD_MODEL)
-        the_judge, judge_identity, notes = evaluation_judge(config.judge, judge_model, judge, config.batch_size)
+        the_judge, judge_identity, notes = evaluation_judge(config.judge, judge_model, judge.build, config.batch_size)
         # the eval split only, its first max_pairs rows only, and only the columns scored
         pairs = head_records(preference_pairs.eval_path, config.max_pairs, columns=["prompt", "chosen", "rejected"])
         evaluation = evaluate_models(
@@ -197,37 +171,27 @@ def build_evaluation_asset(policy_names: list[str], reward_names: list[str] | No
             max_new_tokens=config.max_new_tokens, beta=config.beta, batch_size=config.batch_size,
             judge_identity=judge_identity)
 
-        histories = {name: training_history(tracker, ref.mlflow_run_id) for name, ref in found.items()}
-        plots = evaluation_plots(evaluation, histories)
+        histories = {name: training_history(tracker.client, ref.mlflow_run_id) for name, ref in found.items()}
         notes += [f"Not evaluated (never trained): {', '.join(missing)}"] if missing else []
         if reward_name:
             notes.append(f"Training reward model: `{reward_name}` ({reward_models[reward_name].uri})")
         if champion is not None:
             notes.append(f"Champion: {champion_name}, `{ALIGNED_MODEL}` version {champion['version']} "
                          f"({champion['source_uri']})")
-        markdown = render_report(evaluation, plots, notes=notes)
         report_dir = storage.layout.training_dir("evaluation_report", context.run_id)
-        report_dir.mkdir(parents=True, exist_ok=True)
-        for name, png in plots.items():
-            (report_dir / f"{name}.png").write_bytes(png)
-        (report_dir / "report.md").write_text(markdown)
+        markdown = write_report(report_dir, evaluation, histories, notes)
 
         run_id = tracker.start_run(f"evaluation-{context.run_id[:8]}",
                                    tags={"dagster_run_id": context.run_id, "alignment.kind": "evaluation",
                                          "evaluation.judge": judge_identity.id[:5000],
                                          "evaluation.judge_heuristic": str(judge_identity.heuristic).lower()})
-        report = EvaluationReport(
-            judge=judge_identity, baseline=SFT_ASSET,
+        report = build_report(
+            evaluation, models, entries, Evidence(mlflow_run_id=run_id, dagster_run_id=context.run_id,
+                                                  path=str(report_dir)), candidates=sorted(found),
             champion=None if champion is None else ChampionRef(champion_name, champion["version"],
                                                                champion["source_uri"]),
-            candidates=tuple(sorted(found)),
-            models={name: ModelEvaluation(entries[name], result.metrics, win_rates={
-                label: rate for label in (BASELINE, CHAMPION) if (rate := WinRate.from_metrics(result.metrics, label))},
-                optimised_against=targets[name]) for name, result in evaluation.results.items()},
-            evidence=Evidence(mlflow_run_id=run_id, dagster_run_id=context.run_id, path=str(report_dir)),
-            not_evaluated=tuple(missing),
-            training_reward_model=None if reward_name is None else {
-                "asset": reward_name, "uri": reward_models[reward_name].uri, **(evaluation.reward_model or {})})
+            not_evaluated=missing, training_reward_model=None if reward_name is None else {
+                "asset": reward_name, "uri": reward_models[reward_name].uri})
         try:
             tracker.log_metrics(run_id, {f"{name}/{key}": value for name, result in evaluation.results.items()
                                          for key, value in result.metrics.items()})

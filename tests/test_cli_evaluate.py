@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from alignment_pipelines.cli import main
 from alignment_pipelines.data.demo import demo_feedback_path
+from alignment_pipelines.evaluation.plots import training_curves
+from alignment_pipelines.evaluation.report import TRAINING_CURVE_KEYS
 from alignment_pipelines.evaluation.schema import EvaluationReport
 from alignment_pipelines.tracking import Lineage, Tracker
 
@@ -12,6 +14,8 @@ def test_evaluate_a_folder_and_a_registered_version_against_a_baseline(tmp_path,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, artifact_root=tmp_path / "artifacts")
     run_id = tracker.start_run("sft")
+    for step, loss in enumerate([2.0, 1.5, 1.2], start=1):
+        tracker.log_metrics(run_id, {"loss": loss}, step=step)
     registered = tracker.register_model(run_id, tiny_model_dir, "sft_model",
                                         Lineage(method="sft", base_model="tiny", dataset_version="v1"))
     tracker.end_run(run_id, succeeded=True)
@@ -31,3 +35,5 @@ def test_evaluate_a_folder_and_a_registered_version_against_a_baseline(tmp_path,
     assert entry.model["registered_name"] == "sft_model" and entry.model["registered_version"] == registered.version
     assert entry.metrics["answers"] == 2 and entry.win_rates["sft"].judged == 2  # both prompts, judged vs the baseline
     assert (tmp_path / "report" / "report.md").read_text().startswith("**Judged by a heuristic judge")
+    # the registered version's training run drew its curve: not the empty plot of models without a run
+    assert (tmp_path / "report" / "training_curves.png").read_bytes() != training_curves({}, keys=TRAINING_CURVE_KEYS)

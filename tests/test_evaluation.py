@@ -241,22 +241,29 @@ def test_the_evaluation_refuses_a_judge_that_a_policy_optimised(lineage, tmp_pat
 
 
 def test_the_evaluation_reward_model_judges_when_it_exists_else_the_judge_resource():
-    from alignment_pipelines.assets.evaluation import evaluation_judge
+    from alignment_pipelines.evaluation.judge_choice import evaluation_judge
+    from alignment_pipelines.judges.factory import build_judge
     from alignment_pipelines.judges.reward_model import RewardModelJudge
     from alignment_pipelines.refs import ModelRef
-    from alignment_pipelines.resources.judge import JudgeResource
 
     trained = ModelRef(path="/models/erm", method="reward", base_model="tiny", role="reward",
                        registered_name="evaluation_reward_model", registered_version="2",
                        metrics={"eval_accuracy": 0.8, "eval_pairs_scored": 17, "train_loss": 0.4})
-    judge, identity, notes = evaluation_judge("evaluation_reward_model", trained, JudgeResource(), batch_size=4)
+    judge, identity, notes = evaluation_judge("evaluation_reward_model", trained, lambda: build_judge("rule"),
+                                              batch_size=4)
     assert isinstance(judge, RewardModelJudge) and judge.model_dir == "/models/erm" and notes == []
     assert (identity.source, identity.model_uri, identity.heuristic) == \
         ("evaluation_reward_model", "models:/evaluation_reward_model/2", False)
     assert identity.metrics == {"eval_accuracy": 0.8, "eval_pairs_scored": 17}  # its accuracy on held-out pairs
-    judge, identity, notes = evaluation_judge("evaluation_reward_model", None, JudgeResource(), batch_size=4)
+    judge, identity, notes = evaluation_judge("evaluation_reward_model", None, lambda: build_judge("rule"),
+                                              batch_size=4)
     assert isinstance(judge, RuleJudge) and identity.heuristic and identity.source == "resource"
     assert "No evaluation_reward_model has been trained yet" in notes[0]
     assert identity.headline().startswith("**Judged by a heuristic judge (`rule`)**")
-    judge, identity, notes = evaluation_judge("resource", trained, JudgeResource(kind="shorter"), batch_size=4)
+    judge, identity, notes = evaluation_judge("resource", trained, lambda: build_judge("shorter"), batch_size=4)
     assert identity.kind == "shorter" and identity.heuristic and notes == []
+    # the command line's --judge-model: the reward model given by hand judges; without it, the deployment's judge
+    judge, identity, notes = evaluation_judge("explicit", trained, lambda: build_judge("rule"), batch_size=4)
+    assert isinstance(judge, RewardModelJudge) and identity.source == "explicit" and notes == []
+    judge, identity, notes = evaluation_judge("resource", None, lambda: build_judge("rule"), batch_size=4)
+    assert identity.kind == "rule" and notes == []

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from alignment_pipelines.data.schemas import render_prompt
-from alignment_pipelines.evaluation.compare import BASELINE, CHAMPION, Evaluation
+from alignment_pipelines.evaluation.compare import BASELINE, CHAMPION, Evaluation, ModelUnderTest
 from alignment_pipelines.evaluation.plots import (length_distributions, markdown_image, reward_vs_kl, score_histogram,
                                                   training_curves, win_rate_bars)
+from alignment_pipelines.evaluation.schema import ChampionRef, EvaluationReport, Evidence, ModelEvaluation, WinRate
 
 TRAINING_CURVE_KEYS = ("loss",)
 REPORT_FILE = "evaluation.json"  # the gate's input; an evaluation writes it last, only when it succeeded
@@ -24,6 +25,49 @@ def newest_report(evaluations_dir: str | Path) -> Path | None:
     """The most recent evaluation's ``evaluation.json`` under ``evaluations_dir`` (one folder per run)."""
     reports = sorted(Path(evaluations_dir).glob(f"*/{REPORT_FILE}"), key=lambda path: path.stat().st_mtime)
     return reports[-1] if reports else None
+
+
+def training_history(client, run_id: str | None) -> list[dict]:
+    """The per-step training curves (``TRAINING_CURVE_KEYS``) a model's MLflow run recorded, for the report's plot;
+    none for a model without a run (a folder trained elsewhere)."""
+    if not run_id:
+        return []
+    steps: dict[int, dict] = {}
+    for key in TRAINING_CURVE_KEYS:
+        for metric in client.get_metric_history(run_id, key):
+            steps.setdefault(metric.step, {"step": metric.step})[key] = metric.value
+    return [steps[step] for step in sorted(steps)]
+
+
+def write_report(folder: Path, evaluation: Evaluation, histories: dict[str, Sequence[dict]],
+                 notes: Sequence[str] = ()) -> str:
+    """report.md and its plots (PNG files) in ``folder``; returns the markdown. ``evaluation.json`` is not among
+    them: the caller writes it last, once the evaluation is recorded, so that promotion never reads a partial one."""
+    plots = evaluation_plots(evaluation, histories)
+    markdown = render_report(evaluation, plots, notes=notes)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, png in plots.items():
+        (folder / f"{name}.png").write_bytes(png)
+    (folder / "report.md").write_text(markdown)
+    return markdown
+
+
+def build_report(evaluation: Evaluation, models: Sequence[ModelUnderTest], entries: dict[str, dict],
+                      evidence: Evidence, candidates: Sequence[str], *, champion: ChampionRef | None = None,
+                      not_evaluated: Sequence[str] = (),
+                      training_reward_model: dict[str, Any] | None = None) -> EvaluationReport:
+    """What ``evaluation.json`` holds: each model's entry (``entries``: its ModelRef as a dict), numbers, win-rates
+    and the reward models it optimised; the evaluation's judge and baseline; ``training_reward_model`` (where it
+    came from) with its accuracy on the held-out pairs."""
+    optimised_against = {m.name: m.optimised_against for m in models}
+    return EvaluationReport(
+        judge=evaluation.judge, baseline=evaluation.baseline, champion=champion, candidates=tuple(candidates),
+        models={name: ModelEvaluation(entries[name], result.metrics, win_rates={
+            label: rate for label in (BASELINE, CHAMPION) if (rate := WinRate.from_metrics(result.metrics, label))},
+            optimised_against=optimised_against[name]) for name, result in evaluation.results.items()},
+        evidence=evidence, not_evaluated=tuple(not_evaluated),
+        training_reward_model=None if training_reward_model is None else {
+            **training_reward_model, **(evaluation.reward_model or {})})
 
 
 def evaluation_plots(evaluation: Evaluation, histories: dict[str, Sequence[dict]]) -> dict[str, bytes]:
