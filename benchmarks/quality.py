@@ -20,8 +20,9 @@ reading written by hand below them.
 
     OMP_NUM_THREADS=1 python benchmarks/quality.py --work /tmp/quality
 
-At scale on a GPU (vLLM generation where it runs): the same command with larger budgets, e.g.
-``--steps 500 --rl-steps 200 --batch 16 --eval-prompts 500 --max-length 1024 --max-new-tokens 128``.
+At scale on a GPU (the evaluation generates with vLLM where it runs): the same command with larger budgets, e.g.
+``--steps 500 --rl-steps 200 --batch 16 --max-length 1024 --max-new-tokens 128 --eval-prompts 205 --eval-pairs 205
+--eval-new-tokens 128``. ``--report-only`` rewrites the tables from what ``--work`` holds so far.
 """
 
 import argparse
@@ -162,8 +163,8 @@ def child(name: str, args):
     """Start ``name`` (a training run or the evaluation) in a fresh process: (process, stdout file, stderr file)."""
     import tempfile
 
-    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("one", "runs")
-                 and v is not None]
+    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k not in ("one", "runs", "report_only") and v is not None]
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # a full pipe nobody reads would stall
     process = subprocess.Popen([sys.executable, str(HERE), "--one", name, *forwarded], stdout=out, stderr=err,
                                env=os.environ | {"TQDM_DISABLE": "1"})
@@ -203,6 +204,8 @@ def main() -> None:
     parser.add_argument("--eval-new-tokens", type=int, default=48, help="tokens per greedy evaluation answer")
     parser.add_argument("--runs", nargs="+", default=list(RUN_ORDER), choices=RUN_ORDER,
                         help="training runs to do (default: all); the evaluation takes every trained model")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables from the runs --work holds so far; train and evaluate nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -213,12 +216,14 @@ def main() -> None:
 
     args.model_dir = args.model_dir or str(resolve_model(args.model, default_data_root() / "models"))
     work = Path(args.work)
-    started = time.perf_counter()
     counts = prepare_data(args, work)
-    rows = {name: row for name in RUN_ORDER if name in args.runs and (row := run_checkpointed(name, args, work))}
-    if "sft" in rows and JUDGE_RM in rows:
-        rows[EVALUATION] = run_checkpointed(EVALUATION, args, work)
-    write_tables(rows, args, counts, time.perf_counter() - started)
+    if args.report_only:
+        rows = {path.stem: json.loads(path.read_text()) for path in sorted((work / "runs").glob("*.json"))}
+    else:
+        rows = {name: row for name in RUN_ORDER if name in args.runs and (row := run_checkpointed(name, args, work))}
+        if "sft" in rows and JUDGE_RM in rows and (evaluation := run_checkpointed(EVALUATION, args, work)):
+            rows[EVALUATION] = evaluation
+    write_tables(rows, args, counts)
 
 
 def interval(rate: float, n: int) -> str:
@@ -228,7 +233,7 @@ def interval(rate: float, n: int) -> str:
     return f"{low:.3f}–{high:.3f}"
 
 
-def write_tables(rows: dict, args, counts: dict, total_s: float) -> None:
+def write_tables(rows: dict, args, counts: dict) -> None:
     """benchmarks/results/quality.md: the tables (a hand-written reading below them is kept)."""
     evaluation = rows.get(EVALUATION) or {}
     lines = [
@@ -239,11 +244,10 @@ def write_tables(rows: dict, args, counts: dict, total_s: float) -> None:
         f"split by a seeded hash of each prompt into {counts['train']} train / {counts['judge']} judge / "
         f"{counts['eval']} eval pairs (eval 10%, judge 20%, as `preference_pairs` splits them). "
         f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other work, no GPU, `OMP_NUM_THREADS=1`, "
-        f"`nice 15`; Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. This invocation took "
-        f"{total_s / 60:.0f} minutes (runs finished by an earlier invocation with the same `--work` are not counted; "
-        "each run's own wall time is in the tables).",
+        f"`nice 10`; Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. The finished runs' own wall "
+        f"times (process start to end) add up to {sum(row['wall_s'] for row in rows.values()) / 60:.0f} minutes.",
         "",
-        f"Command: `OMP_NUM_THREADS=1 nice -n 15 python benchmarks/quality.py --work <folder> --steps {args.steps} "
+        f"Command: `OMP_NUM_THREADS=1 nice -n 10 python benchmarks/quality.py --work <folder> --steps {args.steps} "
         f"--rl-steps {args.rl_steps} --batch {args.batch} --max-length {args.max_length} --max-new-tokens "
         f"{args.max_new_tokens} --eval-prompts {args.eval_prompts} --eval-pairs {args.eval_pairs} --eval-new-tokens "
         f"{args.eval_new_tokens}`.",
@@ -304,11 +308,11 @@ def write_tables(rows: dict, args, counts: dict, total_s: float) -> None:
     for name in ("sft", *POLICIES):
         m = evaluation.get("metrics", {}).get(name)
         if m is None:
-            lines.append(f"| {name} | {'not trained' if name not in rows else 'not evaluated'} |" + " |" * 11)
+            lines.append(f"| {name} | {'not trained' if name not in rows else 'not evaluated'} |" + " |" * 10)
             continue
         accuracy = m.get("preference_accuracy")
         pairs = int(m.get("pairs", 0))
-        acc = f"{accuracy:.3f} | {interval(accuracy, pairs)}" if accuracy is not None else "n/a | "
+        acc = f"{accuracy:.3f} | {interval(accuracy, pairs)}" if pairs else "n/a | "
         win = (f"{m['win_rate_vs_sft']:.3f} | {m['win_rate_vs_sft_ci_low']:.3f}–{m['win_rate_vs_sft_ci_high']:.3f} | "
                f"{m['wins_vs_sft']:.0f} / {m['ties_vs_sft']:.0f} / {m['losses_vs_sft']:.0f}"
                if "win_rate_vs_sft" in m else "baseline | | ")
