@@ -26,6 +26,19 @@ class CommandFailed(Exception):
     """Work that could not be done for a reason the user can act on: exit 1."""
 
 
+def _bars_wanted() -> bool:
+    """Progress bars for a person at a terminal outside CI (`progress_wanted`), never for a run under Pipes."""
+    return progress_wanted() and not os.environ.get("DAGSTER_PIPES_CONTEXT")
+
+
+def _progress_bar(description: str, unit: str, shown: bool = True):
+    """A bar on stderr where `_bars_wanted` (and ``shown``); elsewhere a disabled one, whose updates draw nothing."""
+    from tqdm import tqdm
+
+    return tqdm(desc=description, unit=unit, unit_scale=True, file=sys.stderr,
+                disable=not (shown and _bars_wanted()))
+
+
 def _rules(args: argparse.Namespace):
     """The validation rules of the flags, as the asset's ValidationConfig sets them."""
     from alignment_pipelines.data.validate.rules import ValidationRules
@@ -61,9 +74,10 @@ def _validate(args: argparse.Namespace) -> int:
         scratch = Path(scratch)
         parquet = {side: (targets[side] if args.format == "parquet" else scratch / f"{side}.parquet")
                    for side in targets}
-        summary = validate_file_to_parquet(source, parquet["accepted"], parquet["quarantine"], rules,
-                                           layout=args.layout, chunk_rows=args.chunk_rows,
-                                           keys_path=scratch / "keys.parquet")
+        with _progress_bar(f"validating {source.name}", "rows") as bar:
+            summary = validate_file_to_parquet(source, parquet["accepted"], parquet["quarantine"], rules,
+                                               layout=args.layout, chunk_rows=args.chunk_rows,
+                                               keys_path=scratch / "keys.parquet", on_chunk=bar.update)
         report = run_expectation_suite_on_file(parquet["accepted"], rules,
                                                quarantined_count=defect_count(summary["by_reason"]),
                                                keys_path=scratch / "keys.parquet")
@@ -147,7 +161,9 @@ def _training_data(path: str, work_dir: Path) -> str:
 
     rank = f".rank{process_rank()}" if process_rank() else ""  # ranks of one run never write the same file
     stem = work_dir / f"{Path(path).name}{rank}"
-    summary = validate_file_to_parquet(path, f"{stem}.accepted.parquet", f"{stem}.quarantine.parquet")
+    with _progress_bar(f"validating {Path(path).name}", "rows", shown=is_main_process()) as bar:
+        summary = validate_file_to_parquet(path, f"{stem}.accepted.parquet", f"{stem}.quarantine.parquet",
+                                           on_chunk=bar.update)
     if summary["quarantined"] and is_main_process():
         print(f"{path}: {summary['quarantined']} of {summary['rows']} rows quarantined {summary['by_reason']} "
               f"(listed in {stem}.quarantine.parquet); training on the {summary['accepted']} accepted rows",
@@ -186,7 +202,7 @@ def _train(args: argparse.Namespace) -> int:
             values[name] = _training_data(values[name], work_dir)
 
     main = is_main_process()
-    if main and "disable_tqdm" not in values and progress_wanted() and not os.environ.get("DAGSTER_PIPES_CONTEXT"):
+    if main and "disable_tqdm" not in values and _bars_wanted():
         values["disable_tqdm"] = False  # a person at a terminal sees the steps go by
     with _WorkerReporting(report=main) as report:  # opened first: validation's warnings (a vLLM fallback) reach it
         config = config_from_dict(args.method, values)
@@ -429,10 +445,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         pairs_file = _training_data(args.data, Path(work))  # a feedback file through the assets' validation
         pairs = head_records(pairs_file, args.max_pairs, columns=["prompt", "chosen", "rejected"])
     reward_model = fetch_model(args.reward_model, tracking_uri) if args.reward_model else None
-    evaluation = evaluate_models(models, "baseline", pairs, list(pairs["prompt"].head(args.max_prompts)), judge,
-                                 reward_model_path=str(reward_model) if reward_model else None,
-                                 max_new_tokens=args.max_new_tokens, beta=args.beta, batch_size=args.batch_size,
-                                 judge_identity=identity)
+    with _progress_bar("evaluating", "step") as bar:
+        def advance(done: int, total: int, what: str) -> None:
+            bar.total = total
+            bar.set_postfix_str(what, refresh=False)
+            bar.update(done - bar.n)
+
+        evaluation = evaluate_models(models, "baseline", pairs, list(pairs["prompt"].head(args.max_prompts)), judge,
+                                     reward_model_path=str(reward_model) if reward_model else None,
+                                     max_new_tokens=args.max_new_tokens, beta=args.beta, batch_size=args.batch_size,
+                                     judge_identity=identity, progress=advance)
     write_report(out, evaluation, {name: training_history(client, ref.mlflow_run_id) for name, ref in refs.items()},
                  notes=[f"Models: {', '.join(f'{n} = {s}' for n, s in named.items())}", f"Held-out data: {args.data}"])
     report = build_report(evaluation, models, {name: ref.to_dict() for name, ref in refs.items()},

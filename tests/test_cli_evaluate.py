@@ -27,7 +27,8 @@ def test_evaluate_a_folder_and_a_registered_version_against_a_baseline(tmp_path,
                    "--max-pairs", "4", "--max-prompts", "2", "--max-new-tokens", "4", "--batch-size", "2"])
 
     assert status == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "evaluating" not in err  # stderr is no terminal here: no bar
     assert out.startswith("**Judged by a heuristic judge (`rule`)**") and "| registered |" in out
     report = EvaluationReport.read(tmp_path / "report" / "evaluation.json")  # what `promote --report` reads
     assert (report.baseline, report.candidates, report.judge.source) == ("baseline", ("registered",), "resource")

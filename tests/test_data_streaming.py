@@ -37,8 +37,10 @@ def test_chunked_equals_whole_and_duplicates_span_chunks(tmp_path):
     rows[8] = "{broken"
     rows[9] = {**rows[3], "chosen": "Same.", "rejected": "Same."}
     path = write(tmp_path / "b.jsonl", rows)
-    summary, accepted, quarantine = run(tmp_path, path, chunk_rows=3)
+    chunks = []
+    summary, accepted, quarantine = run(tmp_path, path, chunk_rows=3, on_chunk=chunks.append)
     assert summary["chunks"] == 4 and summary["chunk_rows"] == 3
+    assert chunks == [3, 3, 3, 1]  # each chunk's rows, as a progress bar counts them
     assert (summary["rows"], summary["accepted"], summary["quarantined"]) == (10, 7, 3)
     assert summary["by_reason"] == {"duplicate": 1, "identical_pair": 1, "invalid_json": 1}
     assert accepted["row"].tolist() == [1, 2, 3, 4, 5, 6, 7]

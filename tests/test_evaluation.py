@@ -147,11 +147,20 @@ def test_each_model_is_loaded_once_and_serves_every_role(lineage, monkeypatch):
     models = [ModelUnderTest("sft_model", lineage["sft"], lineage["base"]),
               ModelUnderTest("policy_dpo", lineage["dpo"], lineage["sft"]),
               ModelUnderTest("policy_kto", lineage["kto"], lineage["sft"])]
+    steps = []
     evaluation = evaluate_models(models, "sft_model", PAIRS, list(PAIRS["prompt"]), RuleJudge(),
-                                 champion="policy_dpo", max_new_tokens=6, batch_size=2)
+                                 champion="policy_dpo", max_new_tokens=6, batch_size=2,
+                                 progress=lambda done, total, what: steps.append((done, total, what)))
 
     # four models, four loads: sft served as policy and reference
     assert sorted(loads) == sorted(lineage[k] for k in ("base", "sft", "dpo", "kto"))
+    # a step a load, and one a model judged against each of the baseline and the champion (two each): 8 in all
+    assert [(done, total) for done, total, _ in steps] == [(n, 8) for n in range(1, 9)]
+    assert [what for _, _, what in steps][:4] == ["policy_dpo measured", "policy_kto measured", "sft_model measured",
+                                                  "base measured"]
+    assert sorted(what for _, _, what in steps[4:]) == [
+        "policy_dpo judged against sft_model", "policy_kto judged against policy_dpo",
+        "policy_kto judged against sft_model", "sft_model judged against policy_dpo"]
     assert loads.index(lineage["dpo"]) < loads.index(lineage["sft"]) < loads.index(lineage["base"])
     dpo, kto, sft = (evaluation.results[name].metrics for name in ("policy_dpo", "policy_kto", "sft_model"))
     # kto's weights equal its reference's: zero implicit reward, zero log-ratio, same greedy answers as sft

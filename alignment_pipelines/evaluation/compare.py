@@ -16,7 +16,9 @@ from __future__ import annotations
 import gc
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -71,28 +73,34 @@ def load_for_evaluation(path: str, role: str = "policy"):
 def evaluate_models(models: list[ModelUnderTest], baseline: str, pairs: pd.DataFrame, prompts: list, judge, *,
                     champion: str | None = None, reward_model_path: str | None = None, max_new_tokens: int = 64,
                     beta: float = 0.1, batch_size: int = 8, max_length: int = 512,
-                    judge_identity: JudgeIdentity | None = None) -> Evaluation:
+                    judge_identity: JudgeIdentity | None = None,
+                    progress: Callable[[int, int, str], None] | None = None) -> Evaluation:
     """Measure every model in ``models`` on ``pairs`` and ``prompts``, and judge each one's answers against
     the ``baseline``'s and the ``champion``'s (names of entries in ``models``), in both orders. ``reward_model_path``
     (the training reward model) scores every answer; ``judge_identity`` says where the judge came from (default:
     passed explicitly). Refuses, before loading anything, a judge that is a reward model one of ``models``
-    optimised (:class:`~alignment_pipelines.evaluation.schema.JudgeIsOptimisationTarget`)."""
+    optimised (:class:`~alignment_pipelines.evaluation.schema.JudgeIsOptimisationTarget`). ``progress(done, total,
+    what)`` hears of each step as it ends: a model measured (loaded once: answers, log-probabilities), the answers
+    scored by the reward model, a model judged against the baseline or the champion."""
     judge_identity = judge_identity or JudgeIdentity.of(judge)
     check_judge_independent(judge_identity, {m.name: m.optimised_against for m in models})
     by_name = {m.name: m for m in models}
     for label, name in ((BASELINE, baseline), (CHAMPION, champion)):
         if name is not None and name not in by_name:
             raise ValueError(f"the {label} {name!r} is not among the models under test {sorted(by_name)}")
-    answers, pair_logps, answer_logps = _measure(models, pairs, prompts, max_new_tokens, batch_size, max_length)
+    against = {label: by_name[name] for label, name in ((BASELINE, baseline), (CHAMPION, champion)) if name is not None}
+    judged = sum(m.path != other.path for other in against.values() for m in models)
+    step = _step_counter(len(_children_first(models)) + bool(reward_model_path) + judged, progress)
+    answers, pair_logps, answer_logps = _measure(models, pairs, prompts, max_new_tokens, batch_size, max_length, step)
     results = {m.name: ModelResult(m.name, _own_metrics(m, answers, pair_logps, answer_logps, beta), answers[m.path])
                for m in models}
     reward_model, reward_model_scores = None, {}
     if reward_model_path:
         reward_model, reward_model_scores = _score_with_reward_model(reward_model_path, prompts, pairs, answers,
                                                                      models, results, batch_size)
-    for label, against in ((BASELINE, baseline), (CHAMPION, champion)):
-        if against is not None:
-            _judge_against(label, by_name[against], models, results, answers, prompts, judge)
+        step("answers scored by the reward model")
+    for label, other in against.items():
+        _judge_against(label, other, models, results, answers, prompts, judge, step)
     if callable(getattr(judge, "release", None)):  # a model judge frees its model once every verdict is in
         judge.release()
     return Evaluation(prompts=list(prompts), results=results, baseline=baseline, champion=champion,
@@ -100,13 +108,28 @@ def evaluate_models(models: list[ModelUnderTest], baseline: str, pairs: pd.DataF
                       reward_model_scores=reward_model_scores)
 
 
-def _measure(models: list[ModelUnderTest], pairs, prompts, max_new_tokens: int, batch_size: int, max_length: int):
+def _step_counter(total: int, progress: Callable[[int, int, str], None] | None) -> Callable[[str], None]:
+    """``step(what)``: one more of ``total`` steps done, told to ``progress``."""
+    done = 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+    return step
+
+
+def _measure(models: list[ModelUnderTest], pairs, prompts, max_new_tokens: int, batch_size: int, max_length: int,
+             step: Callable[[str], None]):
     """Answers by policy path; sequence log-probabilities of the pairs by model path; and of each policy's
-    answers under itself and under its reference, by (policy path, scoring path). One load per model."""
+    answers under itself and under its reference, by (policy path, scoring path). One load per model, one
+    ``step`` each."""
     answers: dict[str, list[Answer]] = {}
     pair_logps: dict[str, tuple[list, list]] = {}
     answer_logps: dict[tuple[str, str], list[float]] = {}
     policy_paths = {m.path for m in models}
+    names = {m.path: m.name for m in models}
     for path in _children_first(models):
         model, tokenizer = load_for_evaluation(path)
         if path in policy_paths:
@@ -122,11 +145,14 @@ def _measure(models: list[ModelUnderTest], pairs, prompts, max_new_tokens: int, 
                                                           max_length, batch_size)
         del model
         gc.collect()
+        step(f"{names.get(path, Path(path).name)} measured")
     return answers, pair_logps, answer_logps
 
 
-def _judge_against(label: str, against: ModelUnderTest, models, results, answers, prompts, judge) -> None:
-    """Each model's win-rate against ``against`` (a 95% interval, ties counted) and its per-prompt outcomes."""
+def _judge_against(label: str, against: ModelUnderTest, models, results, answers, prompts, judge,
+                   step: Callable[[str], None]) -> None:
+    """Each model's win-rate against ``against`` (a 95% interval, ties counted) and its per-prompt outcomes; a
+    ``step`` a model."""
     theirs = [a.text for a in answers[against.path]]
     for m in models:
         if m.path == against.path:  # a model against itself says nothing
@@ -139,6 +165,7 @@ def _judge_against(label: str, against: ModelUnderTest, models, results, answers
             f"losses_vs_{label}": summary["losses"], f"ties_vs_{label}": summary["ties"],
             f"judged_vs_{label}": summary["judged"], f"judge_agreement_vs_{label}": summary["judge_agreement_rate"]})
         results[m.name].outcomes[label] = [OUTCOME_NAMES[v.score_a] for v in verdicts]
+        step(f"{m.name} judged against {against.name}")
 
 
 def _children_first(models: list[ModelUnderTest]) -> list[str]:

@@ -29,7 +29,7 @@ import json
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,7 +363,7 @@ class _JsonlSink(_ParquetSink):
 def _stream(sink_of, path: str | Path, accepted_path: str | Path, quarantine_path: str | Path,
             rules: ValidationRules = ValidationRules(), layout: str | None = None, known_keys: set[str] | None = None,
             chunk_rows: int = 50_000, keys_path: str | Path | None = None, known_index: Any = None,
-            workers: int | None = None) -> dict:
+            workers: int | None = None, on_chunk: Callable[[int], None] | None = None) -> dict:
     """Validate `path` through the engine into a sink's files (see `validate_file_to_parquet`)."""
     outputs = _Outputs([Path(accepted_path), Path(quarantine_path)] + ([Path(keys_path)] if keys_path else []))
     sink = sink_of(outputs.partial)
@@ -372,6 +372,8 @@ def _stream(sink_of, path: str | Path, accepted_path: str | Path, quarantine_pat
         for chunk, routed, q in _validated(path, rules, layout, _known(known_keys, known_index), chunk_rows, workers):
             sink.write(chunk.kind, routed, q)
             tally.add(chunk, routed, q)
+            if on_chunk is not None:
+                on_chunk(chunk.rows)
         sink.close()
         tally.check(path)
     except BaseException:
@@ -393,6 +395,7 @@ def validate_file_to_parquet(
     keys_path: str | Path | None = None,
     known_index: Any = None,
     workers: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> dict:
     """Validate a file chunk by chunk, streaming accepted rows (`write_records` format) and quarantined rows
     (QUARANTINE_COLUMNS) to Parquet (see the module doc).
@@ -401,7 +404,8 @@ def validate_file_to_parquet(
     `known_index` (an object whose `lookup(key64)` answers, e.g. `key_index.KeyIndex`). With
     `keys_path` the accepted rows' keys are written there too (`key_index.KEYS_SCHEMA`): the batch's
     entry in the key index. A large JSON Lines file is assessed by `workers` processes (default: one per CPU;
-    1: none), with the same outcome.
+    1: none), with the same outcome. `on_chunk(rows)` hears of each chunk once its rows are written: a
+    progress bar's step.
 
     Returns the summary: rows, accepted, quarantined, by_reason, kind, layout, truncation, pii,
     over_length_policy, suite_success (the row rules hold on the accepted rows by construction; this is
@@ -409,7 +413,7 @@ def validate_file_to_parquet(
     suite (failed expectations), samples (<= 5 quarantined rows), chunks.
     """
     return _stream(_ParquetSink, path, accepted_path, quarantine_path, rules, layout, known_keys, chunk_rows,
-                   keys_path, known_index, workers)
+                   keys_path, known_index, workers, on_chunk)
 
 
 def validate_file_to_jsonl(path: str | Path, accepted_path: str | Path, quarantine_path: str | Path,
