@@ -35,6 +35,7 @@ from alignment_pipelines.promotion import (
     rollback,
 )
 from alignment_pipelines.tracking import Tracker
+from test_cli_errors import one_line_error
 
 CHAMPION = {"preference_accuracy": 0.70, "degenerate_rate": 0.05}
 
@@ -447,13 +448,13 @@ def test_a_broken_baseline_is_not_seated(tracker, versions):
     assert champions(tracker.client) == []
 
 
-def test_when_no_candidate_passes_and_the_baseline_is_not_seated_nothing_is_created(tracker, versions):
+def test_when_no_candidate_passes_and_the_baseline_is_not_seated_nothing_is_created(tracker, versions, capsys):
     ties = {name: candidate(vs_champion=None, vs_sft=(0.5, 0.3, 0.7)) for name in POLICIES}
     outcome = promote_from_report(tracker.client, report(versions, ties), actor="alice", seat_baseline=False)
     assert outcome["chosen"] is None and outcome["action"] == "none passed the gate"
     assert champions(tracker.client) == [] and current_champion(tracker.client) is None
-    with pytest.raises(SystemExit, match="no 'champion' to roll back"):
-        main(["rollback", "--tracking-uri", tracker.tracking_uri])
+    assert main(["rollback", "--tracking-uri", tracker.tracking_uri]) == 1  # a refusal: one line, exit 1
+    assert "no 'champion' to roll back" in one_line_error(capsys, "rollback")
     assert tags(tracker.client, "policy_dpo", "1")["evaluation.gate_reason"].startswith("refused:")
 
 
@@ -485,8 +486,9 @@ def test_promote_rollback_promote_through_the_command_line(tracker, versions, tm
     assert len(tracker.client.search_model_versions(f"name='{ALIGNED_MODEL}'")) == 2
     assert cli("rollback", "--actor", "erin")["restored"]["version"] == "1"
     assert champions(tracker.client) == [(ALIGNED_MODEL, "1")]
-    with pytest.raises(SystemExit, match="no previous"):
-        main(["rollback", "--tracking-uri", uri])
+    capsys.readouterr()
+    assert main(["rollback", "--tracking-uri", uri]) == 1
+    assert "no previous" in one_line_error(capsys, "rollback")
 
 
 class StoredReport(dg.Config):
