@@ -18,7 +18,8 @@ from alignment_pipelines.methods import METHODS
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {"raw_feedback", "validated_feedback", "quarantine", "preference_pairs", "binary_feedback", "prompts",
-            "evaluation_reward_model", "evaluation_report", "model_promotion", "ai_feedback", "storage_retention"} | {
+            "evaluation_reward_model", "evaluation_report", "model_promotion", "ai_feedback", "storage_retention",
+            "champion_watch"} | {
                 spec.asset for spec in METHODS.values()}
 QUERY = "{ assetNodes { assetKey { path } } }"
 

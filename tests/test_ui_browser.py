@@ -32,7 +32,8 @@ DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 # (online DPO's judgements) and storage_retention (a daily schedule) are not part of it.
 WINDOW = (1600, 1000)
 ALL_ASSETS = {"raw_feedback", "validated_feedback", "quarantine", "preference_pairs", "binary_feedback", "prompts",
-              "sft_model", "policy_dpo", "evaluation_report", "model_promotion", "ai_feedback", "storage_retention"}
+              "sft_model", "policy_dpo", "evaluation_report", "model_promotion", "ai_feedback", "storage_retention",
+              "champion_watch"}
 LOOP_ASSETS = ["raw_feedback", "validated_feedback", "quarantine", "preference_pairs", "binary_feedback", "prompts",
                "sft_model", "policy_dpo", "evaluation_report", "model_promotion"]
 
