@@ -100,7 +100,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _parquet_to_jsonl(parquet: Path, target: Path, accepted: bool) -> None:
-    """One JSON object a row, a record batch at a time; accepted rows as `validate_file_to_jsonl` writes them."""
+    """One JSON object a row, a record batch at a time: accepted rows as `records_jsonl` writes them (a prompt as
+    its list of messages), quarantined rows with their columns. The engine writes Parquet only: the gate reads the
+    accepted rows from it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from alignment_pipelines.data.records import read_records
-from alignment_pipelines.data.validate.engine import (row_key, row_keys, validate_file, validate_file_to_jsonl,
-                                                      validate_file_to_parquet)
+from alignment_pipelines.data.validate.engine import row_key, row_keys, validate_file, validate_file_to_parquet
 from alignment_pipelines.data.validate.rules import ValidationRules
 
 HH_FILE = Path(__file__).parents[1].parent / "shared/data/hh-rlhf-harmless-base.jsonl.gz"
@@ -65,17 +64,19 @@ def test_chunked_equals_whole_and_duplicates_span_chunks(tmp_path):
                 {"prompt": "S?", "completion": "Maybe.", "label": "maybe"}]),
     ("prompts", [{"prompt": "Q?"}, {"prompt": "   "}, {"prompt": [{"role": "user", "content": "Z?"}]}]),
 ])
-def test_jsonl_outputs_hold_the_rows_of_the_parquet_outputs(tmp_path, kind, rows):
+def test_jsonl_outputs_hold_the_rows_of_the_parquet_outputs(tmp_path, kind, rows, capsys):
+    from alignment_pipelines.cli import main
+
     path = write(tmp_path / "b.jsonl", rows)
-    summary, accepted, quarantine = run(tmp_path, path, keys_path=tmp_path / "keys.parquet")
-    a, q = tmp_path / "b.accepted.jsonl", tmp_path / "b.quarantine.jsonl"
-    streamed = validate_file_to_jsonl(path, a, q, keys_path=tmp_path / "keys2.parquet")
-    assert streamed == summary and summary["kind"] == kind and summary["accepted"] == 2
-    lines = a.read_text(encoding="utf-8").splitlines()
+    summary, accepted, quarantine = run(tmp_path, path)
+    assert summary["kind"] == kind and summary["accepted"] == 2
+    main(["validate", str(path), "--format", "jsonl", "--output-dir", str(tmp_path / "cli")])  # the gate may block
+    assert json.loads(capsys.readouterr().out)["accepted"] == 2
+    lines = (tmp_path / "cli" / "b.jsonl.accepted.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == json.loads(accepted.to_json(orient="records", force_ascii=False))
     assert lines == [json.dumps(r, ensure_ascii=False) for r in json.loads(accepted.to_json(orient="records"))]
-    assert [json.loads(line) for line in q.read_text(encoding="utf-8").splitlines()] == quarantine.to_dict("records")
-    assert pd.read_parquet(tmp_path / "keys2.parquet").equals(pd.read_parquet(tmp_path / "keys.parquet"))
+    quarantined = (tmp_path / "cli" / "b.jsonl.quarantine.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in quarantined] == quarantine.to_dict("records")
 
 
 def test_known_keys_quarantine_rows_of_earlier_batches(tmp_path):

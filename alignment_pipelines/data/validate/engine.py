@@ -2,10 +2,11 @@
 not) read chunk by chunk (`ingest`), every row routed to accepted or quarantined (`router`), the outputs
 streamed as they come. One engine for every caller: the assets, the command line, training's data loading.
 
-- `validate_file_to_parquet` / `validate_file_to_jsonl`: accepted rows, quarantined rows (and the batch's
-  key file) written chunk by chunk; memory bounded by the chunk size (plus 16 bytes per accepted row for
-  duplicate detection). The outputs appear only when the whole file was read (written to temporary names,
-  then renamed); a FeedbackFileError leaves none.
+- `validate_file_to_parquet`: accepted rows, quarantined rows (and the batch's key file) written to Parquet
+  chunk by chunk (the gate reads them; the command line turns them into JSON Lines on request); memory
+  bounded by the chunk size (plus 16 bytes per accepted row for duplicate detection). The outputs appear
+  only when the whole file was read (written to temporary names, then renamed); a FeedbackFileError leaves
+  none.
 - `validate_file`: the same chunks gathered in memory (`ValidationResult`), for files that fit in it.
 
 Every input row ends up accepted or quarantined with a ReasonCode: importer rejects as they are, then
@@ -25,7 +26,6 @@ containing any to the quarantine with reason PII.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from collections import Counter
@@ -328,62 +328,6 @@ class _ParquetSink:
             w.close()
 
 
-class _JsonlSink(_ParquetSink):
-    """Accepted and quarantined rows as JSON Lines (one object a row, the columns of the Parquet outputs); the
-    keys, when asked, as Parquet (the key index reads them)."""
-
-    def __init__(self, partial: list[Path]):
-        super().__init__(partial[2:])
-        self.accepted, self.quarantined = (open(p, "w", encoding="utf-8") for p in partial[:2])
-
-    def write(self, kind: str, routed: Routed, quarantined: pd.DataFrame) -> None:
-        from alignment_pipelines.data.records import records_jsonl
-
-        if routed.accepted.num_rows:
-            self.accepted.writelines(records_jsonl(routed.accepted))
-        for rec in quarantined.to_dict("records"):
-            rec = {"row": int(rec["row"]), "reason": str(rec["reason"]), "detail": rec["detail"], "raw": rec["raw"]}
-            self.quarantined.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        if self.partial:
-            import pyarrow.parquet as pq
-
-            from alignment_pipelines.data.datasets.key_index import KEYS_SCHEMA
-
-            if not self.writers:
-                self.writers = [pq.ParquetWriter(self.partial[0], KEYS_SCHEMA, use_dictionary=False)]
-            if routed.accepted.num_rows:
-                self.writers[0].write_table(routed.keys.cast(KEYS_SCHEMA))
-
-    def close(self) -> None:
-        self.accepted.close()
-        self.quarantined.close()
-        super().close()
-
-
-def _stream(sink_of, path: str | Path, accepted_path: str | Path, quarantine_path: str | Path,
-            rules: ValidationRules = ValidationRules(), layout: str | None = None, known_keys: set[str] | None = None,
-            chunk_rows: int = 50_000, keys_path: str | Path | None = None, known_index: Any = None,
-            workers: int | None = None, on_chunk: Callable[[int], None] | None = None) -> dict:
-    """Validate `path` through the engine into a sink's files (see `validate_file_to_parquet`)."""
-    outputs = _Outputs([Path(accepted_path), Path(quarantine_path)] + ([Path(keys_path)] if keys_path else []))
-    sink = sink_of(outputs.partial)
-    tally = _Tally()
-    try:
-        for chunk, routed, q in _validated(path, rules, layout, _known(known_keys, known_index), chunk_rows, workers):
-            sink.write(chunk.kind, routed, q)
-            tally.add(chunk, routed, q)
-            if on_chunk is not None:
-                on_chunk(chunk.rows)
-        sink.close()
-        tally.check(path)
-    except BaseException:
-        sink.close()
-        outputs.discard()
-        raise
-    outputs.publish()
-    return tally.summary(path, rules, chunk_rows)
-
-
 def validate_file_to_parquet(
     path: str | Path,
     accepted_path: str | Path,
@@ -412,12 +356,20 @@ def validate_file_to_parquet(
     the batch quarantine-fraction gate, recorded as data: the batch gate is `gate.run_expectation_suite`),
     suite (failed expectations), samples (<= 5 quarantined rows), chunks.
     """
-    return _stream(_ParquetSink, path, accepted_path, quarantine_path, rules, layout, known_keys, chunk_rows,
-                   keys_path, known_index, workers, on_chunk)
-
-
-def validate_file_to_jsonl(path: str | Path, accepted_path: str | Path, quarantine_path: str | Path,
-                           **options: Any) -> dict:
-    """`validate_file_to_parquet` (the same options and summary) with the accepted and quarantined rows written
-    as JSON Lines: one object a row, with the same columns (a prompt as its list of messages)."""
-    return _stream(_JsonlSink, path, accepted_path, quarantine_path, **options)
+    outputs = _Outputs([Path(accepted_path), Path(quarantine_path)] + ([Path(keys_path)] if keys_path else []))
+    sink = _ParquetSink(outputs.partial)
+    tally = _Tally()
+    try:
+        for chunk, routed, q in _validated(path, rules, layout, _known(known_keys, known_index), chunk_rows, workers):
+            sink.write(chunk.kind, routed, q)
+            tally.add(chunk, routed, q)
+            if on_chunk is not None:
+                on_chunk(chunk.rows)
+        sink.close()
+        tally.check(path)
+    except BaseException:
+        sink.close()
+        outputs.discard()
+        raise
+    outputs.publish()
+    return tally.summary(path, rules, chunk_rows)
