@@ -208,3 +208,16 @@ def test_config_validation_reads_no_data(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr("pyarrow.parquet.read_table", no_reading)
     config = config_from_dict("dpo", {"model": str(tiny_model_dir), "data": str(pairs), "output_dir": str(tmp_path / "o")})
     assert config.data == str(pairs)
+
+
+@pytest.mark.parametrize("method", ["ppo", "online_dpo"])
+def test_own_loop_methods_refuse_epoch_sized_runs(method, tmp_path, tiny_model_dir):
+    """PPO's and online DPO's own loops count steps: max_steps -1 (num_train_epochs) is refused, naming the fix."""
+    from alignment_pipelines.methods.config import ConfigError
+
+    values = {"model": str(tiny_model_dir), "data": str(demo_feedback_path()), "output_dir": str(tmp_path / "o"),
+              "reward_model": str(tiny_model_dir), "judge": "rule"}
+    values = {k: v for k, v in values.items() if k in {f.name for f, _ in METHODS[method].config_cls.field_specs()}}
+    assert config_from_dict(method, values).max_steps >= 1  # the default is a step count
+    with pytest.raises(ConfigError, match=r"max_steps=-1: .*own training loop counts steps: give max_steps >= 1"):
+        config_from_dict(method, {**values, "max_steps": -1})

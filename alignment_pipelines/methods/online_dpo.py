@@ -100,6 +100,7 @@ class OnlineDPOMethodConfig(MethodConfig):
         "(default: ai_feedback/ in the output model folder)", kind="store")
 
     required_columns: ClassVar[tuple[str, ...]] = ("prompt",)
+    steps_only: ClassVar[bool] = True  # its own loop counts steps: no epochs over the prompts
     # Both answers of a prompt go through the model together, every logit at once (this loop has no chunked head).
     memory_profile: ClassVar[MemoryProfile] = MemoryProfile(sequences_per_example=2, reference=True, logits="full",
                                                          frozen_models=("judge_model",))

@@ -138,6 +138,7 @@ class PPOMethodConfig(OnlineMethodConfig):
         "see values that fit the returns", minimum=0)
     max_grad_norm: float = max_grad_norm_option()
 
+    steps_only: ClassVar[bool] = True  # its own loop counts rollout steps: no epochs over the prompts
     # a frozen reference in full training; the trainer takes every logit of the answer tokens at once; the critic
     # is a trained copy of the reward model (of the start model without one)
     memory_profile: ClassVar[MemoryProfile] = MemoryProfile(
