@@ -1,6 +1,6 @@
 """Training datasets built from the accepted rows of every batch whose blocking check passed.
 
-Each dataset is one SQL query over the batches' Parquet files (`data/dataset_sql.py`, DuckDB): the
+Each dataset is one SQL query over the batches' Parquet files (`data/datasets/sql.py`, DuckDB): the
 deduplication by content key, the split by prompt hash and the content-hash version happen in the engine,
 in bounded memory; a version that already exists is not written again.
 
@@ -61,7 +61,7 @@ class AcceptedBatches:
 def publish(name: str, dataset: str, batches: list[str], accepted: AcceptedBatches, config: SplitConfig,
             layout: DataRoot, extra_metadata=None) -> dg.Output[DatasetRef]:
     """Deduplicate, version by content hash, split by prompt, write train/eval Parquet: one SQL query over
-    the batches' Parquet files (`dataset_sql.build_dataset`); an unchanged version is not rewritten."""
+    the batches' Parquet files (`datasets.sql.build_dataset`); an unchanged version is not rewritten."""
     gate = {"batches_blocked_by_checks": dg.MetadataValue.json(accepted.gated),
             "batches_awaiting_checks": dg.MetadataValue.json(accepted.pending)}
     build = build_dataset(name, dataset, accepted.files, layout.datasets / name,
