@@ -6,8 +6,7 @@
    `inbox` (the inbox scan).
 2. `validate`: every row accepted or quarantined with a reason. `rules` (the rules as data), `router` (the
    rules over Arrow columns, duplicates), `tokens` (token lengths), `pii` (personal-data screening), `engine`
-   (the streaming engine every caller uses: `validate_file_to_parquet`, `validate_file_to_jsonl`,
-   `validate_file`), `parallel` (worker processes for large files), `gate` (the batch gate: the same rules as a
+   (the streaming engine every caller uses: `validate_file_to_parquet`, `validate_file`), `parallel` (worker processes for large files), `gate` (the batch gate: the same rules as a
    Great Expectations suite).
 3. `datasets`: the training datasets built from accepted batches. `key_index` (row keys of every batch),
    `sql` (datasets built with SQL over the batches' Parquet files), `splits` (content keys, dataset

@@ -57,7 +57,7 @@ def assign_splits(units: dict[str, float], eval_fraction: float, judge_fraction:
     next ``judge_fraction``, train above. The eval band does not depend on ``judge_fraction``: the judge split is
     carved out of what was train. With two or more prompts eval and train are never empty (the lowest prompt moves
     to eval, the highest to train); with ``judge_fraction > 0`` and two or more train prompts, neither is judge (the
-    lowest train prompt moves there). ``dataset_sql.build_dataset`` applies the same rules in SQL."""
+    lowest train prompt moves there). ``sql.build_dataset`` applies the same rules in SQL."""
     check_fractions(eval_fraction, judge_fraction)
     side = {k: "eval" if u < eval_fraction else "judge" if u < eval_fraction + judge_fraction else "train"
             for k, u in units.items()}
