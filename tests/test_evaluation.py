@@ -276,3 +276,30 @@ def test_the_evaluation_reward_model_judges_when_it_exists_else_the_judge_resour
     assert isinstance(judge, RewardModelJudge) and identity.source == "explicit" and notes == []
     judge, identity, notes = evaluation_judge("resource", None, lambda: build_judge("rule"), batch_size=4)
     assert identity.kind == "rule" and notes == []
+
+
+def test_an_online_dpo_annotated_by_a_reward_model_never_has_it_as_judge(tiny_model_dir, tmp_path):
+    """Online DPO may take a reward model as its annotator; that model is then what the policy optimised."""
+    import json
+
+    from alignment_pipelines.evaluation.schema import optimisation_targets
+    from alignment_pipelines.judges import build_judge
+    from alignment_pipelines.judges.reward_model import RewardModelJudge
+    from alignment_pipelines.methods import config_from_dict
+    from alignment_pipelines.methods.config import ConfigError
+    from alignment_pipelines.methods.training import CONFIG_FILE
+
+    import pandas as pd
+
+    pd.DataFrame({"prompt": ["How do I make green tea?"]}).to_parquet(tmp_path / "prompts.parquet")
+    where = {"model": str(tiny_model_dir), "data": str(tmp_path / "prompts.parquet"), "output_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match="judge_model"):
+        config_from_dict("online_dpo", where | {"judge": "reward_model"})
+    config = config_from_dict("online_dpo", where | {"judge": "reward_model", "judge_model": str(tmp_path / "rm")})
+    judge = build_judge(config.judge_spec())
+    assert isinstance(judge, RewardModelJudge) and judge.model_dir == str(tmp_path / "rm")
+
+    folder = tmp_path / "online_dpo"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text(json.dumps({"judge": "reward_model", "judge_model": str(tmp_path / "rm")}))
+    assert optimisation_targets(str(folder), {}) == (str(tmp_path / "rm"),)

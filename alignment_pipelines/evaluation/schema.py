@@ -243,9 +243,11 @@ def optimisation_targets(model_path: str | None, tags: dict[str, str]) -> tuple[
     targets = [value for key, value in sorted(tags.items()) if key.startswith("lineage.uses.") and value]
     config = Path(model_path) / CONFIG_FILE if model_path else None
     if config is not None and config.is_file():
-        reward_model = json.loads(config.read_text()).get("reward_model")
-        if reward_model:
-            targets.append(str(reward_model))
+        saved = json.loads(config.read_text())
+        if saved.get("reward_model"):
+            targets.append(str(saved["reward_model"]))
+        if saved.get("judge") == "reward_model" and saved.get("judge_model"):  # online DPO's annotator
+            targets.append(str(saved["judge_model"]))
     return tuple(dict.fromkeys(targets))
 
 

@@ -11,6 +11,7 @@ from alignment_pipelines.judges.base import PairwiseJudge
 from alignment_pipelines.judges.endpoints import JUDGE_API_KEY_ENV
 from alignment_pipelines.judges.local_llm import LocalLLMJudge
 from alignment_pipelines.judges.openai_compatible import OpenAICompatibleJudge
+from alignment_pipelines.judges.reward_model import RewardModelJudge
 from alignment_pipelines.judges.rule import ContainsCodeJudge, PositionJudge, RegexJudge, RuleJudge, ShorterJudge
 
 JUDGE_KINDS: dict[str, type[PairwiseJudge]] = {
@@ -21,6 +22,7 @@ JUDGE_KINDS: dict[str, type[PairwiseJudge]] = {
     "position": PositionJudge,
     "llm": LocalLLMJudge,
     "openai": OpenAICompatibleJudge,
+    "reward_model": RewardModelJudge,
 }
 
 JUDGE_ENV = "ALIGNMENT_PIPELINES_JUDGE"

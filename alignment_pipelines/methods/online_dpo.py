@@ -41,7 +41,7 @@ from alignment_pipelines.methods.config import ConfigError, MemoryProfile, Metho
 from alignment_pipelines.methods.own_loop import OwnLoop, max_grad_norm_option
 from alignment_pipelines.methods.training import TrainResult
 
-JudgeKind = Literal["llm", "openai", "rule", "shorter", "contains_code", "regex", "position"]
+JudgeKind = Literal["llm", "openai", "reward_model", "rule", "shorter", "contains_code", "regex", "position"]
 TieHandling = Literal["drop", "downweight", "average"]
 LossType = Literal["sigmoid", "ipo"]
 
@@ -59,7 +59,8 @@ class OnlineDPOMethodConfig(MethodConfig):
     loss_type: LossType = option("sigmoid", "DPO loss variant (sigmoid is the paper's)")
     judge: JudgeKind = option(
         "llm", "the annotator: 'llm' (a local model folder, judge_model), 'openai' (an OpenAI-compatible endpoint, "
-        "judge_base_url + judge_model), or a rule judge ('rule', 'shorter', 'contains_code', 'regex', 'position')")
+        "judge_base_url + judge_model), 'reward_model' (a reward-model folder, judge_model: the higher score wins), "
+        "or a rule judge ('rule', 'shorter', 'contains_code', 'regex', 'position')")
     instruction: str = option("helpful", "the annotator's criterion, e.g. 'helpful and very short': it steers what "
                                          "the policy learns (LLM judges)")
     judge_model: str | None = option(
@@ -124,6 +125,8 @@ class OnlineDPOMethodConfig(MethodConfig):
             raise ConfigError("judge_pattern", self.judge_pattern, "judge 'regex' needs a pattern")
         if self.judge == "llm":
             self._validate_annotator_model()
+        if self.judge == "reward_model" and not self.judge_model:
+            raise ConfigError("judge_model", self.judge_model, "judge 'reward_model' needs the reward model's folder")
 
     def _validate_annotator_model(self) -> None:
         from alignment_pipelines.models.loading import ModelFolderError, validate_model_folder
@@ -168,6 +171,8 @@ class OnlineDPOMethodConfig(MethodConfig):
                     "max_concurrency": self.judge_max_concurrency}
         if self.judge == "regex":
             return {"kind": "regex", "pattern": self.judge_pattern}
+        if self.judge == "reward_model":
+            return {"kind": "reward_model", "model_dir": self.judge_model, "batch_size": self.judge_batch_size}
         return {"kind": self.judge}
 
 
