@@ -45,7 +45,7 @@ def result(name: str, index: int, against: tuple[str, ...] = ("sft",), reward: b
 RULE = JudgeIdentity.of(RuleJudge(), source="resource")
 EVALUATION_RM = JudgeIdentity.of(RewardModelJudge("/models/evaluation_reward_model/3",
                                                   model_uri="models:/evaluation_reward_model/3"),
-                                 source="evaluation_reward_model", metrics={"eval_accuracy": 0.9})
+                                 source="evaluation_reward_model", metrics={"eval_accuracy": 0.9, "eval_pairs_scored": 20.0})
 
 
 def evaluation_of(policies: list[str], champion: str | None = None, reward: bool = False,
@@ -103,7 +103,7 @@ def test_the_report_for_every_method_with_a_champion_and_a_reward_model():
     first = markdown.splitlines()[0]
     assert first.startswith("**Judged by `reward_model` models:/evaluation_reward_model/3**, the evaluation reward "
                             "model trained on the judge split") and "heuristic" not in first
-    assert "The judge prefers the human-chosen answer on 0.9 of the held-out pairs" in markdown
+    assert "The judge prefers the human-chosen answer on 18 of the 20 held-out pairs it was scored on after training (accuracy 0.90" in markdown
     table = comparison_table(evaluation).splitlines()
     assert len(table) == 2 + 1 + len(ALL_METHODS)
     assert "win-rate vs. policy_dpo [CI] W/L/T" in table[0]

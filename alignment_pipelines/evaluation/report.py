@@ -139,8 +139,10 @@ def render_report(evaluation: Evaluation, plots: dict[str, bytes], *, title: str
               f"tie; ties count half). {evaluation.pairs} held-out pairs, {len(evaluation.prompts)} prompts. "
               "KL: mean log-ratio of each model's own answers to its reference.", ""]
     if "eval_accuracy" in judge.metrics:
-        lines += [f"The judge prefers the human-chosen answer on {_fmt(judge.metrics['eval_accuracy'])} of the "
-                  "held-out pairs it was scored on after training.", ""]
+        accuracy, scored = judge.metrics["eval_accuracy"], judge.metrics.get("eval_pairs_scored")
+        share = f"{accuracy * scored:g} of the {scored:g}" if scored else "a share of the"
+        lines += [f"The judge prefers the human-chosen answer on {share} held-out pairs it was scored on after "
+                  f"training (accuracy {accuracy:.2f}; a tie counts half).", ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     if evaluation.reward_model is not None:
         lines += [f"Training reward model (what PPO and RLOO optimised; its score is shown, it never judges): "
