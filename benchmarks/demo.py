@@ -75,7 +75,7 @@ def table(summary: dict, seconds: dict[str, float]) -> str:
         f"| **whole demo (wall)** | **{wall / 60:.2f}** |" if wall else "",
         "", f"Peak RSS: {summary['peak_rss_gb']:.1f} GB. Failed methods: {summary['failed_methods'] or 'none'}. "
             f"Gate: {summary['gate']}; champion: {(summary['champion'] or {}).get('source_uri')}.",
-        "", "Win-rate against the SFT model on the held-out prompts (rule judge, ties count half):", "",
+        "", "Win-rate against the SFT model on the held-out prompts (judged by the evaluation reward model, trained on the judge split; ties count half):", "",
         "| model | win-rate | 95% lower bound |", "|---|---|---|",
         *[f"| `{key.split('/')[0]}` | {value:.2f} | {summary['evaluation'][key + '_ci_low']:.2f} |"
           for key, value in summary["evaluation"].items() if key.endswith("/win_rate_vs_sft")],
