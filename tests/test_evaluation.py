@@ -206,7 +206,12 @@ def test_a_reward_model_judges_by_its_scores_in_both_orders_in_one_batch(lineage
     prompts, firsts, seconds = list(PAIRS["prompt"]), list(PAIRS["chosen"]), list(PAIRS["rejected"])
     verdicts = judge.judge(prompts, firsts, seconds)
     assert Counting.batches == [6]  # 3 pairs in both orders: 6 distinct answers scored in one call
-    scores = judge.score_batch(prompts * 2, firsts + seconds)
+    # the reward model's own scores, read without the judge: a judge that inverted them would disagree
+    from alignment_pipelines.methods.rewards import reward_model_reward
+    from alignment_pipelines.models.loading import load_model
+
+    model, tokenizer = load_model(lineage["reward"], "reward", padding_side="right")
+    scores = reward_model_reward(model, tokenizer, 2, max_length=1024)(prompts * 2, firsts + seconds)
     for i, verdict in enumerate(verdicts):
         assert verdict.agrees and not verdict.position_biased
         assert verdict.preferred == ("a" if scores[i] > scores[3 + i] else "b" if scores[i] < scores[3 + i] else "tie")
