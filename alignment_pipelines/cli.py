@@ -675,7 +675,7 @@ EXIT_STATUS = {
     "UsageError": 2, "ModelSpecError": 2, "ConfigError": 2,
     "CommandFailed": 1, "FeedbackFileError": 1, "ModelFolderError": 1, "MlflowException": 1, "ReportSchemaError": 1,
     "PromotionRefused": 1, "DagsterHomeNotSetError": 1, "FileNotFoundError": 1, "IsADirectoryError": 1,
-    "PermissionError": 1,
+    "PermissionError": 1, "TrainingDiverged": 1,
 }
 BLOCKED = 3  # `validate`: the file was read, and the gate would block the batch
 

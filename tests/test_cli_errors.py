@@ -101,9 +101,11 @@ def test_usage_errors_exit_2_and_version_prints_the_version():
 def test_a_defect_keeps_its_traceback():
     from alignment_pipelines.cli import UsageError, exit_status
     from alignment_pipelines.methods import ConfigError
+    from alignment_pipelines.methods.training import TrainingDiverged
 
     assert exit_status(KeyError("y")) is None and exit_status(json.JSONDecodeError("x", "", 0)) is None
     assert exit_status(UsageError("z")) == 2 and exit_status(ConfigError("max_steps", 0, "must be >= 1")) == 2
+    assert exit_status(TrainingDiverged("orpo: training left non-finite values in w")) == 1  # the data's or the rate's
 
 
 def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import statistics
@@ -77,6 +78,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
     paths["pairs"] = root / "pairs.parquet"
     pairs.to_parquet(paths["pairs"])
     dirty = pd.concat([pairs, pd.DataFrame([
+        # a prompt that fills max_length alone: TRL's ORPO would cut both answers to nothing (a NaN loss)
+        {"row": 99, "prompt": [{"role": "user", "content": "tea " * 600}], "chosen": "marker tea.",
+         "rejected": "rice."},
         {"row": 100, "prompt": _prompt("tea", "rice"), "chosen": " same answer ", "rejected": "same answer\n"},
         {"row": 101, "prompt": _prompt("tea", "rice"), "chosen": "", "rejected": "an answer"},
         {"row": 102, "prompt": _prompt("tea", "rice"), "chosen": "an answer", "rejected": "   "},
@@ -137,7 +141,7 @@ def test_filter_pairs(data):
     from alignment_pipelines.methods.data import load_pairs
 
     kept, removed = filter_pairs(load_pairs(data["pairs_dirty"]))
-    assert removed == 3 and len(kept) == 32
+    assert removed == 3 and len(kept) == 33  # the long-prompt pair is ORPO's to drop (by tokens)
 
 
 @pytest.fixture
@@ -278,6 +282,8 @@ def test_orpo_from_base_filters_pairs_and_grows_margin(tmp_path, tiny_model_dir,
                               max_steps=30, learning_rate=5e-3)
     result = run_training("orpo", config)
     assert result.metrics["filtered_pairs"] == 3 and result.metrics["train_pairs"] == 32
+    assert result.metrics["pairs_too_long"] == 1
+    assert all(math.isfinite(h["loss"]) for h in result.history if "loss" in h)
     assert json.loads((out / "metrics.json").read_text())["metrics"]["filtered_pairs"] == 3
     margins, lor = series(result.history, "rewards/margins"), series(result.history, "log_odds_ratio")
     assert len(margins) == 30 == len(lor)
@@ -288,6 +294,21 @@ def test_orpo_from_base_filters_pairs_and_grows_margin(tmp_path, tiny_model_dir,
     assert statistics.fmean(lor[-5:]) > statistics.fmean(lor[:5]) + 0.15
     assert result.metrics["rewards/accuracies"] >= 0.9
     assert_no_leftovers(out)
+
+
+def test_a_diverged_run_fails_and_saves_nothing(tmp_path, tiny_model_dir, data, monkeypatch):
+    """Without the long-prompt filter, ORPO's loss on the pair with no answer token is NaN and so is every weight
+    after the step: the run must fail by name, not save (and later register) a NaN model."""
+    from alignment_pipelines.methods import orpo
+    from alignment_pipelines.methods.training import TrainingDiverged
+
+    monkeypatch.setattr(orpo, "drop_prompts_that_fill", lambda pairs, config, field: (pairs, 0))
+    out = tmp_path / "orpo"
+    config = ORPOMethodConfig(model=str(tiny_model_dir), data=str(data["pairs_dirty"]), output_dir=str(out),
+                              max_steps=6, per_device_batch_size=8, learning_rate=5e-3)
+    with pytest.raises(TrainingDiverged, match="non-finite values in .*lora"):
+        run_training("orpo", config)
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------

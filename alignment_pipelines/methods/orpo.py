@@ -3,7 +3,10 @@
 Reference-free: one model in memory, no SFT step (the registry says it starts from the base model).
 Pairs whose chosen and rejected answers are equal after stripping whitespace, or where either is
 empty, carry no preference and are removed before training; ``metrics["filtered_pairs"]`` says how
-many. Data with nothing left is a :class:`ConfigError`.
+many. Pairs whose prompt alone fills ``max_length`` are removed too (``pairs_too_long``): TRL's ORPO
+keeps the whole prompt and cuts the answers, so such a pair has no answer token left, and its mean
+log-probability, 0/0, turns the loss and then every weight into NaN. Data with nothing left is a
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,23 @@ def load_orpo_pairs(path: str | os.PathLike, field: str = "data") -> tuple[pd.Da
     return df, removed
 
 
+def drop_prompts_that_fill(pairs: pd.DataFrame, config: "ORPOMethodConfig", field: str) -> tuple[pd.DataFrame, int]:
+    """(pairs whose chat-rendered prompt leaves room for an answer token within ``max_length``, number removed).
+
+    The room counts the BOS token TRL may add in front."""
+    from alignment_pipelines.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    texts = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
+             for p in pairs["prompt"]]
+    fits = [len(ids) + 2 <= config.max_length for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    kept = pairs.loc[fits].reset_index(drop=True)
+    if len(kept) == 0:
+        raise ConfigError("max_length", config.max_length, f"every prompt of {getattr(config, field)} fills "
+                          "max_length on its own, leaving no answer token to train on; raise --max-length")
+    return kept, len(pairs) - len(kept)
+
+
 @dataclass
 class ORPOMethodConfig(MethodConfig):
     learning_rate: float = option(1e-4, "peak learning rate (constant schedule)", minimum=0, exclusive_minimum=True)
@@ -51,9 +71,15 @@ class ORPO(TRLMethod):
 
     def datasets(self, config: ORPOMethodConfig) -> Datasets:
         pairs, removed = load_orpo_pairs(config.data)
-        eval_ds = to_preference_dataset(load_orpo_pairs(config.eval_data, "eval_data")[0]) if config.eval_data else None
+        pairs, too_long = drop_prompts_that_fill(pairs, config, "data")
+        eval_ds = None
+        if config.eval_data:
+            eval_pairs, _ = drop_prompts_that_fill(load_orpo_pairs(config.eval_data, "eval_data")[0], config,
+                                                   "eval_data")
+            eval_ds = to_preference_dataset(eval_pairs)
         return Datasets(to_preference_dataset(pairs), eval_ds,
-                        {"filtered_pairs": float(removed), "train_pairs": float(len(pairs))})
+                        {"filtered_pairs": float(removed), "pairs_too_long": float(too_long),
+                         "train_pairs": float(len(pairs))})
 
     def trl_classes(self):
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer

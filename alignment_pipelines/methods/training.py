@@ -146,15 +146,33 @@ class StagingDir:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+class TrainingDiverged(RuntimeError):
+    """Training left a non-finite weight: the run fails and nothing is saved or registered."""
+
+
+def refuse_non_finite(named_tensors, method: str) -> None:
+    """Raise :class:`TrainingDiverged` naming the first trained tensor holding a NaN or an infinity."""
+    import torch
+
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingDiverged(f"{method}: training left non-finite values in {name}; nothing was saved "
+                                   "(a loss that went NaN: lower the learning rate, or look for examples that "
+                                   "leave no answer token within max_length)")
+
+
 def save_trained(model, tokenizer, config: MethodConfig, target: Path, role: str, method: str,
                  state_dict: dict | None = None) -> None:
     """Save what was trained: the LoRA adapter alone (pointing at its start model) or full safetensors weights.
 
     ``alignment_model.json`` records the role, the format and the start model, so loading needs no other input.
     ``state_dict``: the weights gathered from every process (DeepSpeed shards them; see :func:`gathered_state_dict`).
+    Non-finite trained weights raise :class:`TrainingDiverged` before anything is written.
     """
     from alignment_pipelines.models.loading import ADAPTER_CONFIG, MODEL_CARD
 
+    refuse_non_finite(state_dict.items() if state_dict is not None else
+                      ((n, p) for n, p in model.named_parameters() if p.requires_grad), method)
     target.mkdir(parents=True, exist_ok=True)
     start = str(Path(config.model).resolve())
     is_peft = hasattr(model, "peft_config")
