@@ -64,7 +64,8 @@ def run_specs(args, work: Path) -> dict[str, tuple[str, dict]]:
         "RLOO full": ("rloo", online | {"lora": False, "num_generations": args.num_generations}),
         CRITIC_RUNS[0]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps}),
         CRITIC_RUNS[1]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps,
-                                          "value_warmup_steps": args.value_warmup_steps}),
+                                          "value_warmup_steps": args.value_warmup_steps,
+                                          "value_learning_rate": args.value_learning_rate}),
     }
 
 
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--before-tree", help="--critic: a checkout of the code before the separate critic")
     parser.add_argument("--critic-steps", type=int, default=8, help="--critic: PPO steps of each run")
     parser.add_argument("--value-warmup-steps", type=int, default=0, help="--critic: critic-only steps (after)")
+    parser.add_argument("--value-learning-rate", type=float, default=5e-4, help="--critic: the critic's (after)")
     parser.add_argument("--work", help="--critic: a folder kept between runs (the data and the LoRA reward model)")
     parser.add_argument("--runs", nargs="+", default=[*RM_RUNS, *RL_RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
