@@ -243,11 +243,11 @@ def write_tables(rows: dict, args, counts: dict) -> None:
         f"{counts['accepted']} accepted by the project's validation, {counts['deduplicated']} after deduplication, "
         f"split by a seeded hash of each prompt into {counts['train']} train / {counts['judge']} judge / "
         f"{counts['eval']} eval pairs (eval 10%, judge 20%, as `preference_pairs` splits them). "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other work, no GPU, `OMP_NUM_THREADS=1`, "
-        f"`nice 10`; Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. The finished runs' own wall "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other work, no GPU, one torch thread per "
+        f"run (`OMP_NUM_THREADS=1`); Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. The finished runs' own wall "
         f"times (process start to end) add up to {sum(row['wall_s'] for row in rows.values()) / 60:.0f} minutes.",
         "",
-        f"Command: `OMP_NUM_THREADS=1 nice -n 10 python benchmarks/quality.py --work <folder> --steps {args.steps} "
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/quality.py --work <folder> --steps {args.steps} "
         f"--rl-steps {args.rl_steps} --batch {args.batch} --max-length {args.max_length} --max-new-tokens "
         f"{args.max_new_tokens} --eval-prompts {args.eval_prompts} --eval-pairs {args.eval_pairs} --eval-new-tokens "
         f"{args.eval_new_tokens}`.",
@@ -257,9 +257,11 @@ def write_tables(rows: dict, args, counts: dict) -> None:
         f"(beta 0.1) and ORPO (from the base) {args.steps} steps at {LORA_LEARNING_RATE:g}; KTO on the "
         f"{counts['binary']} binary rows derived from the train pairs (chosen: desirable, rejected: undesirable). "
         f"Reward models {args.steps} steps at {LORA_LEARNING_RATE:g} from SFT: the training one on the train split, "
-        f"the evaluation one (the judge) on the judge split. PPO, RLOO ({args.num_generations} answers per prompt) "
-        f"and online DPO {args.rl_steps} steps of {args.batch} prompts at {RL_LEARNING_RATE:g}, answers of at most "
-        f"{args.max_new_tokens} sampled tokens, rewarded (online DPO: annotated) by the training reward model.",
+        f"the evaluation one (the judge) on the judge split. PPO, RLOO and online DPO {args.rl_steps} steps at "
+        f"{RL_LEARNING_RATE:g}, each step {args.batch} sampled answers for PPO (one per prompt) and RLOO "
+        f"({max(1, args.batch // args.num_generations)} prompt(s) x {args.num_generations}), {args.batch} pairs of "
+        f"answers for online DPO; answers of at most {args.max_new_tokens} sampled tokens, rewarded (online DPO: "
+        "annotated, both orders) by the training reward model.",
         "",
         "## Reward models: pairwise accuracy on every eval pair",
         "",
