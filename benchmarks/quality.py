@@ -244,8 +244,9 @@ def write_tables(rows: dict, args, counts: dict) -> None:
         f"split by a seeded hash of each prompt into {counts['train']} train / {counts['judge']} judge / "
         f"{counts['eval']} eval pairs (eval 10%, judge 20%, as `preference_pairs` splits them). "
         f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other work, no GPU, one torch thread per "
-        f"run (`OMP_NUM_THREADS=1`); Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. The finished runs' own wall "
-        f"times (process start to end) add up to {sum(row['wall_s'] for row in rows.values()) / 60:.0f} minutes.",
+        f"run (`OMP_NUM_THREADS=1`); Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. The "
+        f"finished runs' own wall times (process start to end) add up to "
+        f"{sum(row['wall_s'] for row in rows.values()) / 60:.0f} minutes.",
         "",
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/quality.py --work <folder> --steps {args.steps} "
         f"--rl-steps {args.rl_steps} --batch {args.batch} --max-length {args.max_length} --max-new-tokens "

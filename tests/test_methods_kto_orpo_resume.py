@@ -302,7 +302,7 @@ def test_a_diverged_run_fails_and_saves_nothing(tmp_path, tiny_model_dir, data, 
     from alignment_pipelines.methods import orpo
     from alignment_pipelines.methods.training import TrainingDiverged
 
-    monkeypatch.setattr(orpo, "drop_prompts_that_fill", lambda pairs, config, field: (pairs, 0))
+    monkeypatch.setattr(orpo, "drop_prompts_that_fill", lambda pairs, *rest: (pairs, 0))
     out = tmp_path / "orpo"
     config = ORPOMethodConfig(model=str(tiny_model_dir), data=str(data["pairs_dirty"]), output_dir=str(out),
                               max_steps=6, per_device_batch_size=8, learning_rate=5e-3)

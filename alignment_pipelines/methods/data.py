@@ -108,6 +108,12 @@ def load_binary(path: str | os.PathLike, field: str = "data") -> pd.DataFrame:
     return df
 
 
+def rendered_prompt_lengths(tokenizer, prompts) -> list[int]:
+    """Tokens of each prompt rendered by the chat template up to the assistant's turn (what a trainer feeds)."""
+    texts = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def load_prompts(path: str | os.PathLike, field: str = "data") -> pd.DataFrame:
     """Prompts for online methods: any file with a ``prompt`` column (a pairs file works too), deduplicated."""
     df = load_table(path, PROMPT_COLUMNS, field)

@@ -18,7 +18,7 @@ from typing import ClassVar
 import pandas as pd
 
 from alignment_pipelines.methods.config import ConfigError, MemoryProfile, MethodConfig, option
-from alignment_pipelines.methods.data import load_pairs, to_preference_dataset
+from alignment_pipelines.methods.data import load_pairs, rendered_prompt_lengths, to_preference_dataset
 from alignment_pipelines.methods.training import Datasets, TRLMethod
 
 
@@ -38,20 +38,15 @@ def load_orpo_pairs(path: str | os.PathLike, field: str = "data") -> tuple[pd.Da
     return df, removed
 
 
-def drop_prompts_that_fill(pairs: pd.DataFrame, config: "ORPOMethodConfig", field: str) -> tuple[pd.DataFrame, int]:
+def drop_prompts_that_fill(pairs: pd.DataFrame, tokenizer, max_length: int, source) -> tuple[pd.DataFrame, int]:
     """(pairs whose chat-rendered prompt leaves room for an answer token within ``max_length``, number removed).
 
     The room counts the BOS token TRL may add in front."""
-    from alignment_pipelines.models.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    texts = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
-             for p in pairs["prompt"]]
-    fits = [len(ids) + 2 <= config.max_length for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    fits = [length + 2 <= max_length for length in rendered_prompt_lengths(tokenizer, pairs["prompt"])]
     kept = pairs.loc[fits].reset_index(drop=True)
     if len(kept) == 0:
-        raise ConfigError("max_length", config.max_length, f"every prompt of {getattr(config, field)} fills "
-                          "max_length on its own, leaving no answer token to train on; raise --max-length")
+        raise ConfigError("max_length", max_length, f"every prompt of {source} fills max_length on its own, "
+                          "leaving no answer token to train on; raise --max-length")
     return kept, len(pairs) - len(kept)
 
 
@@ -70,12 +65,15 @@ class ORPO(TRLMethod):
     token_keys = ("chosen_input_ids", "rejected_input_ids")  # each includes the prompt
 
     def datasets(self, config: ORPOMethodConfig) -> Datasets:
-        pairs, removed = load_orpo_pairs(config.data)
-        pairs, too_long = drop_prompts_that_fill(pairs, config, "data")
+        from alignment_pipelines.models.loading import load_tokenizer
+
+        pairs, removed = load_orpo_pairs(config.data)  # the data's own errors first, before any loading
+        eval_pairs = load_orpo_pairs(config.eval_data, "eval_data")[0] if config.eval_data else None
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        pairs, too_long = drop_prompts_that_fill(pairs, tokenizer, config.max_length, config.data)
         eval_ds = None
-        if config.eval_data:
-            eval_pairs, _ = drop_prompts_that_fill(load_orpo_pairs(config.eval_data, "eval_data")[0], config,
-                                                   "eval_data")
+        if eval_pairs is not None:
+            eval_pairs, _ = drop_prompts_that_fill(eval_pairs, tokenizer, config.max_length, config.eval_data)
             eval_ds = to_preference_dataset(eval_pairs)
         return Datasets(to_preference_dataset(pairs), eval_ds,
                         {"filtered_pairs": float(removed), "pairs_too_long": float(too_long),

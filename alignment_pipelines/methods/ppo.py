@@ -96,12 +96,11 @@ class OnlineMethodConfig(MethodConfig):
 def fitting_prompts(config: OnlineMethodConfig, tokenizer):
     """The training prompts (deduplicated) whose chat rendering leaves ``max_new_tokens`` of room within
     ``max_length``, and metrics saying how many were used and left out."""
-    from alignment_pipelines.methods.data import load_prompts
+    from alignment_pipelines.methods.data import load_prompts, rendered_prompt_lengths
 
     prompts = load_prompts(config.data)
     budget = config.max_length - config.max_new_tokens
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts["prompt"]]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    lengths = rendered_prompt_lengths(tokenizer, prompts["prompt"])
     fits = [length <= budget for length in lengths]
     if not any(fits):
         raise ConfigError("max_length", config.max_length, f"leaves no prompt room for max_new_tokens="
