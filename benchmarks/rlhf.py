@@ -65,7 +65,9 @@ def run_specs(args, work: Path) -> dict[str, tuple[str, dict]]:
         CRITIC_RUNS[0]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps}),
         CRITIC_RUNS[1]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps,
                                           "value_warmup_steps": args.value_warmup_steps,
-                                          "value_learning_rate": args.value_learning_rate}),
+                                          "value_learning_rate": args.value_learning_rate,
+                                          "value_model_start": args.value_model_start,
+                                          "temperature": args.temperature}),
     }
 
 
@@ -118,6 +120,8 @@ def main() -> None:
     parser.add_argument("--critic-steps", type=int, default=8, help="--critic: PPO steps of each run")
     parser.add_argument("--value-warmup-steps", type=int, default=0, help="--critic: critic-only steps (after)")
     parser.add_argument("--value-learning-rate", type=float, default=5e-4, help="--critic: the critic's (after)")
+    parser.add_argument("--value-model-start", default="reward_model", help="--critic: the critic's start (after)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="--critic: sampling temperature (after)")
     parser.add_argument("--work", help="--critic: a folder kept between runs (the data and the LoRA reward model)")
     parser.add_argument("--runs", nargs="+", default=[*RM_RUNS, *RL_RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -243,6 +243,9 @@ def test_the_critic_starts_from_the_reward_model(tmp_path, tiny_model_dir):
     assert torch.equal(critic.get_base_model().score.original_module.weight, reward_head)
     from_start = value_model_for(ppo_config(tiny_model_dir, lora=False), tokenizer)
     assert float(from_start.score.weight.abs().max()) == 0.0  # a fresh head predicts 0, not noise
+    asked = value_model_for(ppo_config(tiny_model_dir, lora=False, reward_model=str(reward_dir),
+                                       value_model_start="start_model"), tokenizer)
+    assert float(asked.score.weight.abs().max()) == 0.0  # the reward model is there, but not taken
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from alignment_pipelines.methods import memory
 from alignment_pipelines.methods.config import ConfigError, MemoryProfile, MethodConfig, option, wiring
@@ -41,6 +41,7 @@ from alignment_pipelines.methods.training import (
 )
 
 MODEL_REWARD = "model"  # the reward_funcs entry that stands for the reward model
+CriticStart = Literal["reward_model", "start_model"]
 
 
 @dataclass
@@ -132,6 +133,10 @@ class PPOMethodConfig(OnlineMethodConfig):
     value_learning_rate: float = option(
         5e-4, "the critic's learning rate (its own optimizer group): values must follow the returns faster than "
         "the policy moves", minimum=0, exclusive_minimum=True)
+    value_model_start: CriticStart = option(
+        "reward_model", "what the critic starts from: 'reward_model' (TRL's choice: a trunk and score head that "
+        "already read answers) or 'start_model' (the policy's start weights with a zeroed score head: flat values "
+        "at first, and none of the reward model's token-to-token swings on a half-written answer to unlearn)")
     value_warmup_steps: int = option(
         0, "steps at the start that train the critic alone (the policy stays put), so the first policy updates "
         "see values that fit the returns", minimum=0)
@@ -161,11 +166,11 @@ class PPOMethodConfig(OnlineMethodConfig):
 def value_model_for(config: PPOMethodConfig, tokenizer):
     """The critic: a sequence classifier whose score head gives every position's value, started from the reward
     model (TRL's choice: it already reads answers for quality), or from the start model with a zeroed head when
-    there is no reward model or it reads another vocabulary than the policy (the critic reads the policy's
-    tokens). With LoRA it trains its own adapter and score head; otherwise every weight."""
+    ``value_model_start`` asks for it, there is no reward model, or it reads another vocabulary than the policy (the
+    critic reads the policy's tokens). With LoRA it trains its own adapter and score head; otherwise every weight."""
     from alignment_pipelines.models.loading import load_tokenizer, load_weights
 
-    source = config.reward_model
+    source = config.reward_model if config.value_model_start == "reward_model" else None
     if not source or load_tokenizer(source).get_vocab() != tokenizer.get_vocab():
         source = config.model
     model = load_weights(source, "value", trust_remote_code=config.trust_remote_code, dtype=training_dtype())

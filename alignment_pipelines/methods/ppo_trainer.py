@@ -23,10 +23,11 @@ Models in memory:
 - reference: with a ``PeftModel`` and no ``ref_policy``, the same model with its adapter disabled (PERL: memory
   stays close to one model); otherwise ``ref_policy``, or a frozen copy of the policy made at construction;
 - critic: ``value_model``, a ``AutoModelForSequenceClassification(num_labels=1)``-style model (``ppo.py`` starts it
-  from the reward model, as TRL does, with its own LoRA adapter when the policy has one), its score head applied to
-  every position's last hidden state. It is a separate module in its own optimizer group at
-  ``value_learning_rate``: the value loss never reaches the policy's weights. The first ``value_warmup_steps``
-  steps train the critic alone, so the advantages of the first policy updates come from values that fit;
+  from the reward model, as TRL does, or from the start model with ``value_model_start``, with its own LoRA
+  adapter when the policy has one), its score head applied to every position's last hidden state. It is a
+  separate module in its own optimizer group at ``value_learning_rate``: the value loss never reaches the policy's
+  weights. The first ``value_warmup_steps`` steps train the critic alone, so the advantages of the first policy
+  updates come from values that fit;
 - rewards: whatever the reward functions hold (e.g. a reward model, see ``rewards.py``).
 
 Log-probs of the policy and of the reference are taken at the sampling temperature, as TRL's old PPO did.
