@@ -37,7 +37,10 @@ RESULTS = HERE.parent / "results" / "critic_ceiling.md"
 
 
 def sample_scores(args, work: Path) -> dict:
-    """Per prompt: the sampled answer's length, the positions probed, and each position's continuation scores."""
+    """Per prompt: the sampled answer's length, the positions probed, each position's continuation scores, and
+    the values PPO's critic starts with (``value_model_for``: the reward model's head) along the answer."""
+    from types import SimpleNamespace
+
     import torch
 
     from alignment_pipelines.methods import config_from_dict
@@ -48,7 +51,8 @@ def sample_scores(args, work: Path) -> dict:
         left_pad,
         sampling_config,
     )
-    from alignment_pipelines.methods.ppo import fitting_prompts, load_reward_model
+    from alignment_pipelines.methods.ppo import fitting_prompts, load_reward_model, value_model_for
+    from alignment_pipelines.methods.ppo_trainer import PPOTrainer
     from alignment_pipelines.methods.rewards import build_reward_funcs
     from alignment_pipelines.methods.training import load_start_model
 
@@ -62,6 +66,7 @@ def sample_scores(args, work: Path) -> dict:
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
     prompts = [prompts[i] for i in order[: args.prompts].tolist()]
     reward = build_reward_funcs(["model"], *load_reward_model(config), args.continuations)[0]
+    critic = SimpleNamespace(value_model=value_model_for(config, tokenizer).eval())  # what PPOTrainer._values reads
     eos = eos_token_ids(tokenizer, policy)
     pad = tokenizer.pad_token_id
     torch.manual_seed(args.seed)
@@ -87,7 +92,10 @@ def sample_scores(args, work: Path) -> dict:
         _, mask, _ = cut_after_eos(answer, eos, pad)
         length = int(mask.sum())
         positions = sorted({*range(0, length, args.every), length - 1})
-        rows.append({"length": length, "positions": positions, "scores": [
+        whole = torch.tensor([prompt_ids + answer[0, :length].tolist()])
+        with torch.no_grad():
+            values = PPOTrainer._values(critic, whole, torch.ones_like(whole), len(prompt_ids))[0].tolist()
+        rows.append({"length": length, "positions": positions, "start_critic_values": values, "scores": [
             scores(prompt, answers_from(prompt_ids, answer[0, :t], args.continuations)) for t in positions]})
         print(f"prompt {number}/{len(prompts)}: {length} tokens", flush=True)
     return {"rows": rows, "temperature": config.temperature, "lam": config.lam,
@@ -133,7 +141,8 @@ def write_table(sampled: dict, args, seconds: float) -> str:
         f"model minus the missing-EOS penalty {sampled['missing_eos_penalty']:g}. {platform.processor() or 'CPU'}, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} minutes. Command: "
         f"`python benchmarks/critic_ceiling.py --work <folder> --prompts {args.prompts} --continuations "
-        f"{args.continuations} --every {args.every} --temperature {args.temperature:g}`. Intervals: 95% bootstrap "
+        f"{args.continuations} --every {args.every} --temperature {args.temperature:g} --seed {args.seed}`. "
+        "Intervals: 95% bootstrap "
         "over prompts.",
         "",
         f"Variance of the score over fresh answers (all prompts): {score_var:.3f}; mean answer length "
@@ -154,7 +163,26 @@ def write_table(sampled: dict, args, seconds: float) -> str:
         low, high = bootstrap_interval(everyone, lambda idx, v=value: ceiling([rows[int(i)] for i in idx], v),
                                        n_resamples=1000)
         lines.append(f"| {name} | {ceiling(rows, value):.3f} | {low:.3f}–{high:.3f} |")
+    perfect, start = value_steps(rows)
+    lines += [
+        "",
+        "| how much a critic's value moves from one answer token to the next (variance over answers of "
+        "V_{t+1} - V_t, mean over the answer's positions but the last) | |",
+        "|---|---|",
+        f"| the perfect critic (c_t - c_{{t+1}}) | {perfect:.3f} |",
+        f"| the critic PPO starts with (the reward model's head on every prefix) | {start:.3f} |",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def value_steps(rows: list[dict]) -> tuple[float, float]:
+    """Mean variance of one token's value change: the perfect critic's, and the starting critic's over the answers
+    long enough to have it. A critic that moves more than the perfect one must unlearn it before it can fit."""
+    perfect = np.mean([np.mean(-np.diff(residual_profile(row))[:-1]) for row in rows])
+    longest = max(row["length"] for row in rows)
+    start = [np.var([row["start_critic_values"][t + 1] - row["start_critic_values"][t] for row in rows
+                     if row["length"] > t + 1], ddof=1) for t in range(longest - 1)]
+    return float(perfect), float(np.nanmean(start))
 
 
 def main() -> None:
