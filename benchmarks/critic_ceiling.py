@@ -208,7 +208,7 @@ def main() -> None:
     (work / "ceiling.json").write_text(json.dumps(sampled))
     table = write_table(sampled, args, time.perf_counter() - started)
     kept = RESULTS.read_text().partition("\n## Reading")[1:] if RESULTS.exists() else ("", "")
-    RESULTS.write_text(table + ("\n" + "".join(kept) if kept[0] else ""))
+    RESULTS.write_text(table + "".join(kept))
     print(table)
 
 

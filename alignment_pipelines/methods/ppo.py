@@ -136,7 +136,8 @@ class PPOMethodConfig(OnlineMethodConfig):
     value_model_start: CriticStart = option(
         "reward_model", "what the critic starts from: 'reward_model' (TRL's choice: a trunk and score head that "
         "already read answers) or 'start_model' (the policy's start weights with a zeroed score head: flat values "
-        "at first, and none of the reward model's token-to-token swings on a half-written answer to unlearn)")
+        "at first, none of the reward model's token-to-token swings on a half-written answer to unlearn; it "
+        "explained less of the returns on HH with SmolLM2, benchmarks/results/rlhf.md)")
     value_warmup_steps: int = option(
         0, "steps at the start that train the critic alone (the policy stays put), so the first policy updates "
         "see values that fit the returns", minimum=0)
