@@ -39,8 +39,6 @@ RESULTS = HERE.parent / "results" / "critic_ceiling.md"
 def sample_scores(args, work: Path) -> dict:
     """Per prompt: the sampled answer's length, the positions probed, each position's continuation scores, and
     the values PPO's critic starts with (``value_model_for``: the reward model's head) along the answer."""
-    from types import SimpleNamespace
-
     import torch
 
     from alignment_pipelines.methods import config_from_dict
@@ -52,7 +50,7 @@ def sample_scores(args, work: Path) -> dict:
         sampling_config,
     )
     from alignment_pipelines.methods.ppo import fitting_prompts, load_reward_model, value_model_for
-    from alignment_pipelines.methods.ppo_trainer import PPOTrainer
+    from alignment_pipelines.methods.ppo_trainer import critic_values
     from alignment_pipelines.methods.rewards import build_reward_funcs
     from alignment_pipelines.methods.training import load_start_model
 
@@ -66,7 +64,7 @@ def sample_scores(args, work: Path) -> dict:
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
     prompts = [prompts[i] for i in order[: args.prompts].tolist()]
     reward = build_reward_funcs(["model"], *load_reward_model(config), args.continuations)[0]
-    critic = SimpleNamespace(value_model=value_model_for(config, tokenizer).eval())  # what PPOTrainer._values reads
+    critic = value_model_for(config, tokenizer).eval()
     eos = eos_token_ids(tokenizer, policy)
     pad = tokenizer.pad_token_id
     torch.manual_seed(args.seed)
@@ -94,7 +92,7 @@ def sample_scores(args, work: Path) -> dict:
         positions = sorted({*range(0, length, args.every), length - 1})
         whole = torch.tensor([prompt_ids + answer[0, :length].tolist()])
         with torch.no_grad():
-            values = PPOTrainer._values(critic, whole, torch.ones_like(whole), len(prompt_ids))[0].tolist()
+            values = critic_values(critic, whole, torch.ones_like(whole), len(prompt_ids))[0].tolist()
         rows.append({"length": length, "positions": positions, "start_critic_values": values, "scores": [
             scores(prompt, answers_from(prompt_ids, answer[0, :t], args.continuations)) for t in positions]})
         print(f"prompt {number}/{len(prompts)}: {length} tokens", flush=True)

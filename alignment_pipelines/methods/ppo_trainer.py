@@ -120,6 +120,18 @@ class Rollout:
     has_eos: torch.Tensor  # [B] bool
 
 
+def critic_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  context_length: int) -> torch.Tensor:
+    """The critic's score head on the last hidden state before each response token (TRL's old ``get_reward``)."""
+    model = value_model.get_base_model() if is_peft_model(value_model) else value_model
+    backbone = getattr(model, model.base_model_prefix)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return model.score(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
+
+
 class PPOTrainer(OwnLoop):
     """PPO with a per-token KL penalty, GAE and clipped policy/value losses (see the module docstring).
 
@@ -207,16 +219,6 @@ class PPOTrainer(OwnLoop):
         """The policy's logits for each response token at the sampling temperature: the distribution sampled."""
         return answer_logits(self.policy, input_ids, attention_mask, context_length, self.config.temperature)[0]
 
-    def _values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
-        """The critic's score head on the last hidden state before each response token (TRL's old ``get_reward``)."""
-        model = self.value_model.get_base_model() if is_peft_model(self.value_model) else self.value_model
-        backbone = getattr(model, model.base_model_prefix)
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        return model.score(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
-
     def _score(self, prompts: list, completions: list[str], completion_ids: list[list[int]]):
         """Weighted sum of the reward functions (a ``None`` reward counts as absent) and each one's mean."""
         columns = []
@@ -255,7 +257,8 @@ class PPOTrainer(OwnLoop):
             logits = self._policy_logits(query_responses[rows], attention_mask[rows], context_length)
             logprobs.append(logprobs_from_logits(logits, response_ids[rows]))
             entropy.append(entropy_from_logits(logits))
-            values.append(self._values(query_responses[rows], attention_mask[rows], context_length))
+            values.append(critic_values(self.value_model, query_responses[rows], attention_mask[rows],
+                                        context_length))
             with reference_model(self.policy, self.ref_policy) as reference:
                 ref_logits = answer_logits(reference, query_responses[rows], attention_mask[rows], context_length,
                                            self.config.temperature)[0]
@@ -307,7 +310,7 @@ class PPOTrainer(OwnLoop):
                     policy_loss, policy_clipfrac, approx_kl = clipped_policy_loss(
                         logprobs, rollout.logprobs[rows], advantages[rows], mask, config.clip_range
                     )
-                values = self._values(ids, attention, context_length)
+                values = critic_values(self.value_model, ids, attention, context_length)
                 value_loss, value_clipfrac = clipped_value_loss(
                     values, rollout.values[rows], returns[rows], mask, config.clip_range_value
                 )
