@@ -132,7 +132,7 @@ def write_table(sampled: dict, args, seconds: float) -> str:
     lines = [
         "# The critic's ceiling: how much of PPO's return variance any critic can explain",
         "",
-        f"Setting of rlhf.py's critic runs: SmolLM2-135M-Instruct at its start (no update yet), {len(rows)} training "
+        f"Setting of rlhf.py's critic runs: `{args.model}` at its start (no update yet), {len(rows)} training "
         f"prompts of at most {args.rl_max_length - args.max_new_tokens} tokens (seeded sample), one answer each of at "
         f"most {args.max_new_tokens} new tokens at temperature {sampled['temperature']:g}; from every "
         f"{args.every}th prefix of it (and the last) {args.continuations} completions, scored by the LoRA HH reward "
