@@ -108,9 +108,14 @@ def residual_profile(row: dict) -> np.ndarray:
     return np.interp(np.arange(row["length"] + 1), positions, [*probed, 0.0])
 
 
+def fresh_score_variance(rows: list[dict]) -> float:
+    """Var(score): the variance of the answers sampled from the empty prefix, over all prompts."""
+    return float(np.var(np.concatenate([row["scores"][0] for row in rows]), ddof=1))
+
+
 def ceiling(rows: list[dict], lam: float) -> float:
     """The perfect critic's pooled explained variance on GAE(lambda) returns (see the module docstring)."""
-    score_var = float(np.var(np.concatenate([row["scores"][0] for row in rows]), ddof=1))
+    score_var = fresh_score_variance(rows)
     unexplained = total = 0.0
     for row in rows:
         c = residual_profile(row)
@@ -127,7 +132,7 @@ def write_table(sampled: dict, args, seconds: float) -> str:
 
     rows, lam = sampled["rows"], sampled["lam"]
     everyone = np.arange(len(rows), dtype=float)
-    score_var = float(np.var(np.concatenate([row["scores"][0] for row in rows]), ddof=1))
+    score_var = fresh_score_variance(rows)
     shown = sorted({*range(0, args.max_new_tokens, args.every), args.max_new_tokens - 1})
     lines = [
         "# The critic's ceiling: how much of PPO's return variance any critic can explain",
