@@ -80,7 +80,8 @@ def sample_scores(args, work: Path) -> dict:
         answers, mask, has_eos = cut_after_eos(answers, eos, pad)
         ids = [row[keep.bool()].tolist() for row, keep in zip(answers, mask)]
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        raw = torch.tensor(reward(prompts=[prompt] * len(ids), completions=texts, completion_ids=ids))
+        raw = torch.tensor(reward(prompts=[prompt] * len(ids), completions=texts, completion_ids=ids,
+                                    finished=has_eos.tolist()))
         return (raw - config.missing_eos_penalty * (~has_eos).float()).tolist()
 
     rows = []

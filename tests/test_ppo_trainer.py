@@ -175,6 +175,38 @@ def test_log_probs_are_taken_at_the_sampling_temperature(tiny_model_dir):
 # ---------------------------------------------------------------------------------------------- model setups
 
 
+def test_the_reward_functions_hear_which_answers_the_policy_ended(tiny_model_dir):
+    """The trainer tells every reward function which answers ended by the policy's own end ids, so the reward model
+    reads an answer that stopped on a second end id (not its tokenizer's EOS) as finished, not as cut off."""
+    from alignment_pipelines.methods.rewards import answers_finished
+
+    heard = []
+
+    def listener(prompts, completions, completion_ids=None, finished=None, **kwargs):
+        heard.append((completion_ids, finished))
+        return [0.0] * len(completions)
+
+    config = ppo_config(tiny_model_dir, max_new_tokens=8)
+
+    def first_rollout(end_ids=None):
+        torch.manual_seed(config.seed)
+        policy, tokenizer = load_policy(tiny_model_dir, lora=config.lora)
+        if end_ids:
+            policy.generation_config.eos_token_id = end_ids
+        trainer = PPOTrainer(config, policy, tokenizer, PROMPTS, [listener], value_model_for(config, tokenizer))
+        torch.manual_seed(0)
+        rollout = trainer._rollout(step=1)
+        assert heard[-1][1] == rollout.has_eos.tolist()
+        return heard[-1][0], heard[-1][1], tokenizer
+
+    ids, _, tokenizer = first_rollout()
+    stop = ids[0][1]  # a token the policy samples anyway, made an end id of its generation config
+    ids_with_stop, finished, _ = first_rollout([tokenizer.eos_token_id, stop])
+    assert ids_with_stop[0] == ids[0][: ids[0].index(stop) + 1] and finished[0] is True
+    # by the reward tokenizer's EOS alone, the same answer would read as cut off
+    assert answers_finished(ids_with_stop[:1], 1, [tokenizer.eos_token_id]) == [False]
+
+
 def test_value_loss_never_moves_the_policy(tiny_model_dir):
     """During the value warm-up only the value loss has a gradient: the critic learns, the policy's adapter stays
     bit-identical (the critic is a model of its own, not a head on the policy's trunk)."""

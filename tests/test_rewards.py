@@ -8,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from alignment_pipelines.methods import config_from_dict
+from alignment_pipelines.methods.own_loop import eos_token_ids
 from alignment_pipelines.methods.rewards import (
     EMPTY_ANSWER_REWARD,
     build_reward_funcs,
-    end_token_ids,
     length_reward,
     missing_eos_reward,
     reward_model_text,
@@ -78,7 +78,7 @@ def test_a_cut_off_answer_reaches_the_reward_model_without_an_end_of_turn_and_sc
     eos = tokenizer.eos_token_id
     answer_ids = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
     finished, cut_off = answer_ids + [eos], answer_ids  # as sampled: EOS is the last token only when emitted
-    score = build_reward_funcs(["model"], model, tokenizer, end_ids=end_token_ids(model, tokenizer))[0]
+    score = build_reward_funcs(["model"], model, tokenizer, end_ids=eos_token_ids(tokenizer, model))[0]
     try:
         scores = score(prompts=[PROMPT, PROMPT], completions=[ANSWER, ANSWER], completion_ids=[finished, cut_off])
     finally:
@@ -109,13 +109,13 @@ def test_the_missing_eos_penalty_needs_the_sampled_ids():
                                         completion_ids=[[7, 2], [7, 8], []]) == [0.0, -0.5, -0.5]
 
 
-def test_end_token_ids_are_those_trl_stops_at(reward_model, tiny_model_dir):
+def test_the_end_ids_are_those_trl_stops_at(reward_model, tiny_model_dir):
     from alignment_pipelines.models.loading import load_causal_lm
 
     policy, tokenizer = load_causal_lm(tiny_model_dir, dtype="float32", device="cpu")
-    assert end_token_ids(policy, tokenizer) == [tokenizer.eos_token_id] == [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    assert eos_token_ids(tokenizer, policy) == [tokenizer.eos_token_id] == [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     policy.generation_config.eos_token_id = [5, tokenizer.eos_token_id]
-    assert end_token_ids(policy, tokenizer) == [5, tokenizer.eos_token_id]
+    assert eos_token_ids(tokenizer, policy) == sorted([5, tokenizer.eos_token_id])
 
 
 # ---------------------------------------------------------------------------------------------- weights

@@ -219,12 +219,14 @@ class PPOTrainer(OwnLoop):
         """The policy's logits for each response token at the sampling temperature: the distribution sampled."""
         return answer_logits(self.policy, input_ids, attention_mask, context_length, self.config.temperature)[0]
 
-    def _score(self, prompts: list, completions: list[str], completion_ids: list[list[int]]):
-        """Weighted sum of the reward functions (a ``None`` reward counts as absent) and each one's mean."""
+    def _score(self, prompts: list, completions: list[str], completion_ids: list[list[int]], finished: list[bool]):
+        """Weighted sum of the reward functions (a ``None`` reward counts as absent) and each one's mean. Each
+        function is told which answers ended (``finished``, by the policy's own end ids), so the reward model need
+        not guess it from its tokenizer's EOS."""
         columns = []
         for func, name in zip(self.reward_funcs, self.reward_names):
             rewards = func(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                           trainer_state=self.state)
+                           finished=finished, trainer_state=self.state)
             if len(rewards) != len(completions):
                 raise ValueError(f"reward function {name!r} returned {len(rewards)} rewards for {len(completions)} "
                                  "completions; it must return one per completion")
@@ -266,7 +268,7 @@ class PPOTrainer(OwnLoop):
 
         completion_ids = [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)]
         completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        scores, reward_means = self._score(prompts, completions, completion_ids)
+        scores, reward_means = self._score(prompts, completions, completion_ids, has_eos.tolist())
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~has_eos).float()
 

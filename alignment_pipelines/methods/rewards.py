@@ -16,7 +16,8 @@ Config strings (``build_reward_funcs``)::
 
 Trainers also pass ``completion_ids``: each answer's token ids as sampled, ending in an end-of-sequence token only
 when the policy emitted one. The reward model reads them to keep a cut-off answer cut off, and
-``missing_eos_reward`` (the RLOO side of ``missing_eos_penalty``) to penalise it.
+``missing_eos_reward`` (the RLOO side of ``missing_eos_penalty``) to penalise it. The PPO trainer, which cuts the
+answers itself, passes its verdict as ``finished`` flags, which the reward model takes over the ids.
 """
 
 from __future__ import annotations
@@ -89,16 +90,6 @@ def contains_code_reward() -> RewardFunc:
 
     contains_code.__name__ = "contains_code"
     return contains_code
-
-
-def end_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The token ids that end a sampled answer, as TRL's RLOO trainer takes them: the generation config's EOS ids and
-    the tokenizer's EOS."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.insert(0, tokenizer.eos_token_id)
-    return ids
 
 
 def answers_finished(completion_ids: Sequence[Sequence[int]] | None, count: int,

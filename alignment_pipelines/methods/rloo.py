@@ -112,9 +112,10 @@ class RLOO(TRLMethod):
                 "vllm_server_base_url": config.vllm_server_base_url, "trust_remote_code": config.trust_remote_code}
 
     def trainer_kwargs(self, config: RLOOMethodConfig, models: Models) -> dict:
-        from alignment_pipelines.methods.rewards import build_reward_funcs, end_token_ids, missing_eos_reward
+        from alignment_pipelines.methods.own_loop import eos_token_ids
+        from alignment_pipelines.methods.rewards import build_reward_funcs, missing_eos_reward
 
-        ends = end_token_ids(models.policy, models.tokenizer)
+        ends = eos_token_ids(models.tokenizer, models.policy)
         funcs = build_reward_funcs(config.reward_funcs, models.reward, models.reward_tokenizer,
                                    config.per_device_batch_size, ends)
         if config.missing_eos_penalty is not None:
