@@ -67,7 +67,7 @@ def run_specs(args, work: Path) -> dict[str, tuple[str, dict]]:
                                           "value_warmup_steps": args.value_warmup_steps,
                                           "value_learning_rate": args.value_learning_rate,
                                           "value_model_start": args.value_model_start,
-                                          "temperature": args.temperature}),
+                                          "temperature": args.temperature, "ppo_epochs": args.ppo_epochs}),
     }
 
 
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--value-learning-rate", type=float, default=5e-4, help="--critic: the critic's (after)")
     parser.add_argument("--value-model-start", default="reward_model", help="--critic: the critic's start (after)")
     parser.add_argument("--temperature", type=float, default=1.0, help="--critic: sampling temperature (after)")
+    parser.add_argument("--ppo-epochs", type=int, default=4, help="--critic: passes over each rollout (after)")
     parser.add_argument("--work", help="--critic: a folder kept between runs (the data and the LoRA reward model)")
     parser.add_argument("--runs", nargs="+", default=[*RM_RUNS, *RL_RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
