@@ -67,7 +67,8 @@ def run_specs(args, work: Path) -> dict[str, tuple[str, dict]]:
                                           "value_warmup_steps": args.value_warmup_steps,
                                           "value_learning_rate": args.value_learning_rate,
                                           "value_model_start": args.value_model_start,
-                                          "temperature": args.temperature, "ppo_epochs": args.ppo_epochs}),
+                                          "temperature": args.temperature, "ppo_epochs": args.ppo_epochs,
+                                          "num_mini_batches": args.num_mini_batches}),
     }
 
 
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--value-model-start", default="reward_model", help="--critic: the critic's start (after)")
     parser.add_argument("--temperature", type=float, default=1.0, help="--critic: sampling temperature (after)")
     parser.add_argument("--ppo-epochs", type=int, default=4, help="--critic: passes over each rollout (after)")
+    parser.add_argument("--num-mini-batches", type=int, default=1, help="--critic: optimizer steps a pass (after)")
     parser.add_argument("--work", help="--critic: a folder kept between runs (the data and the LoRA reward model)")
     parser.add_argument("--runs", nargs="+", default=[*RM_RUNS, *RL_RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
