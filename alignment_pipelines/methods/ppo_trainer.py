@@ -139,7 +139,8 @@ class PPOTrainer(OwnLoop):
     are lists of chat messages (a plain string is one user turn), each short enough to leave ``max_new_tokens`` of
     room (``ppo.fitting_prompts``). ``reward_fn`` is one reward function in TRL's convention,
     ``reward_fn(prompts=..., completions=list[str], **kwargs) -> list[float]``, or a list of them (their weighted
-    sum, ``config.reward_weights``); they also receive ``completion_ids`` and ``trainer_state``. ``callbacks`` are
+    sum, ``config.reward_weights``); they also receive ``completion_ids``, ``finished`` (which answers ended, by the
+    policy's end ids) and ``trainer_state``. ``callbacks`` are
     ``transformers.TrainerCallback`` objects; they receive the method config as their ``args``.
     """
 
