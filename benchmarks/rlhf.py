@@ -63,13 +63,17 @@ def run_specs(args, work: Path) -> dict[str, tuple[str, dict]]:
         "RLOO LoRA": ("rloo", online | {"lora": True, "num_generations": args.num_generations}),
         "RLOO full": ("rloo", online | {"lora": False, "num_generations": args.num_generations}),
         CRITIC_RUNS[0]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps}),
-        CRITIC_RUNS[1]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps,
-                                          "value_warmup_steps": args.value_warmup_steps,
-                                          "value_learning_rate": args.value_learning_rate,
-                                          "value_model_start": args.value_model_start,
-                                          "temperature": args.temperature, "ppo_epochs": args.ppo_epochs,
-                                          "num_mini_batches": args.num_mini_batches}),
+        CRITIC_RUNS[1]: ("ppo", online | {"lora": True, "max_steps": args.critic_steps} | critic_overrides(args)),
     }
+
+
+CRITIC_OPTIONS = ("value_warmup_steps", "value_learning_rate", "value_model_start", "temperature", "ppo_epochs",
+                  "num_mini_batches")
+
+
+def critic_overrides(args) -> dict:
+    """The PPO options the critic run was given on the command line; the rest keep PPO's own defaults."""
+    return {name: getattr(args, name) for name in CRITIC_OPTIONS if getattr(args, name) is not None}
 
 
 def run_one(name: str, args) -> None:
@@ -119,12 +123,13 @@ def main() -> None:
     parser.add_argument("--critic", action="store_true", help="only the critic comparison (see above)")
     parser.add_argument("--before-tree", help="--critic: a checkout of the code before the separate critic")
     parser.add_argument("--critic-steps", type=int, default=8, help="--critic: PPO steps of each run")
-    parser.add_argument("--value-warmup-steps", type=int, default=0, help="--critic: critic-only steps (after)")
-    parser.add_argument("--value-learning-rate", type=float, default=5e-4, help="--critic: the critic's (after)")
-    parser.add_argument("--value-model-start", default="reward_model", help="--critic: the critic's start (after)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="--critic: sampling temperature (after)")
-    parser.add_argument("--ppo-epochs", type=int, default=4, help="--critic: passes over each rollout (after)")
-    parser.add_argument("--num-mini-batches", type=int, default=1, help="--critic: optimizer steps a pass (after)")
+    # --critic, the run after the change; each left out keeps PPO's default (PPOMethodConfig)
+    parser.add_argument("--value-warmup-steps", type=int, help="--critic: critic-only steps (after)")
+    parser.add_argument("--value-learning-rate", type=float, help="--critic: the critic's (after)")
+    parser.add_argument("--value-model-start", help="--critic: the critic's start (after)")
+    parser.add_argument("--temperature", type=float, help="--critic: sampling temperature (after)")
+    parser.add_argument("--ppo-epochs", type=int, help="--critic: passes over each rollout (after)")
+    parser.add_argument("--num-mini-batches", type=int, help="--critic: optimizer steps a pass (after)")
     parser.add_argument("--work", help="--critic: a folder kept between runs (the data and the LoRA reward model)")
     parser.add_argument("--runs", nargs="+", default=[*RM_RUNS, *RL_RUNS], help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
