@@ -140,8 +140,8 @@ class PPOTrainer(OwnLoop):
     room (``ppo.fitting_prompts``). ``reward_fn`` is one reward function in TRL's convention,
     ``reward_fn(prompts=..., completions=list[str], **kwargs) -> list[float]``, or a list of them (their weighted
     sum, ``config.reward_weights``); they also receive ``completion_ids``, ``finished`` (which answers ended, by the
-    policy's end ids) and ``trainer_state``. ``callbacks`` are
-    ``transformers.TrainerCallback`` objects; they receive the method config as their ``args``.
+    policy's end ids) and ``trainer_state``. ``callbacks`` are ``transformers.TrainerCallback`` objects; they
+    receive the method config as their ``args``.
     """
 
     def __init__(
